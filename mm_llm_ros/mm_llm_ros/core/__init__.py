@@ -1,0 +1,1 @@
+"""ROS-free core: preprocessing, models, fusion and generation. Nothing here imports rclpy."""

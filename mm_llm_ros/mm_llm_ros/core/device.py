@@ -1,0 +1,55 @@
+"""Device and dtype selection shared by the ImageBind encoder and the LLM."""
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEVICE_CHOICES = ('auto', 'cpu', 'cuda', 'cuda:N')
+DTYPE_CHOICES = ('auto', 'float32', 'float16', 'bfloat16')
+_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+class DeviceError(ValueError):
+    """A device or dtype setting that cannot be honoured on this machine."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map a `device` parameter (auto|cpu|cuda|cuda:N) to a torch device; auto picks CUDA when present."""
+    name = (name or 'auto').strip().lower()
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cpu':
+        return torch.device('cpu')
+    match = re.fullmatch(r'cuda(?::(\d+))?', name)
+    if match is None:
+        raise DeviceError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got '{name}'")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device '{name}' requested but CUDA is not available (torch {torch.__version__})")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return torch.device('cuda', index)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Map a `dtype` parameter to a torch dtype; auto is float16 on CUDA and float32 on CPU."""
+    name = (name or 'auto').strip().lower()
+    if name == 'auto':
+        return torch.float16 if device.type == 'cuda' else torch.float32
+    if name not in _DTYPES:
+        raise DeviceError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got '{name}'")
+    dtype = _DTYPES[name]
+    if device.type == 'cpu' and dtype == torch.float16:
+        logger.warning('float16 on CPU is slow and poorly supported; consider float32 or bfloat16')
+    return dtype
+
+
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """Human-readable device summary for logs and diagnostics, e.g. 'cuda:0 (NVIDIA H100) float16'."""
+    if device.type == 'cuda':
+        return f'{device} ({torch.cuda.get_device_name(device)}) {str(dtype).removeprefix("torch.")}'
+    return f'{device} {str(dtype).removeprefix("torch.")}'
