@@ -1,0 +1,259 @@
+"""Question answering as a service: validation, a bounded FIFO of requests and one generation worker.
+
+The node (`ros/llm_node.py`) only translates ROS requests into `AskRequest`s and `AskResult`s back. Everything that
+decides what happens to a request lives here and is unit-tested without ROS.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol, Sequence
+
+from mm_llm_ros.core.embedding_store import EmbeddingStore, StoredEmbedding
+from mm_llm_ros.core.scheduling import RollingStats
+
+logger = logging.getLogger(__name__)
+
+BUSY = 'busy'
+
+
+@dataclass
+class AskRequest:
+    question: str
+    modalities: Sequence[str] = ()
+    max_age_s: float = 0.0         # 0 = default
+    max_new_tokens: int = 0        # 0 = default
+
+
+@dataclass
+class AskResult:
+    success: bool
+    answer: str = ''
+    error: str = ''
+    note: str = ''
+    modalities_used: list[str] = field(default_factory=list)
+    source_stamps_ns: list[int] = field(default_factory=list)
+    latency_s: float = 0.0
+    n_tokens: int = 0
+    time_to_first_token_s: float = float('nan')
+    tokens_per_s: float = float('nan')
+    cancelled: bool = False
+
+
+@dataclass
+class Generated:
+    """What an Answerer returns for one question."""
+    text: str
+    n_tokens: int
+    time_to_first_token_s: float
+    tokens_per_s: float
+    stopped_reason: str
+
+
+class Answerer(Protocol):
+    """The model side: answers a question given the fresh embeddings (possibly none)."""
+
+    sensors_inform_answers: bool  # False while the bind network is untrained / zero-gated
+
+    def answer(self, question: str, embeddings: Sequence[StoredEmbedding], max_new_tokens: int,
+               on_text: Callable[[str], None], should_stop: Callable[[], bool]) -> Generated: ...
+
+
+@dataclass(frozen=True)
+class AskLimits:
+    known_modalities: tuple[str, ...]
+    max_queue: int = 4
+    max_question_chars: int = 2000
+    default_max_age_s: float = 5.0
+    default_max_new_tokens: int = 256
+    max_new_tokens_cap: int = 1024
+
+
+class AskJob:
+    """One accepted request; `wait()` returns its result. Stream callbacks run on the worker thread."""
+
+    def __init__(self, request: AskRequest, on_text: Optional[Callable[[str], None]],
+                 should_stop: Optional[Callable[[], bool]], background: bool = False):
+        self.request = request
+        self.on_text = on_text or (lambda _text: None)
+        self._external_stop = should_stop or (lambda: False)
+        self.background = background
+        self.received = time.monotonic()
+        self._cancelled = threading.Event()
+        self._done = threading.Event()
+        self.result: Optional[AskResult] = None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def should_stop(self) -> bool:
+        return self._cancelled.is_set() or self._external_stop()
+
+    def finish(self, result: AskResult) -> None:
+        result.latency_s = time.monotonic() - self.received
+        self.result = result
+        self._done.set()
+
+    def wait(self, timeout_s: Optional[float] = None) -> Optional[AskResult]:
+        self._done.wait(timeout_s)
+        return self.result
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+def validate_question(text: object, max_chars: int) -> Optional[str]:
+    """Reason the question is refused, or None."""
+    if not isinstance(text, str):
+        return 'question must be a string'
+    if not text.strip():
+        return 'question is empty'
+    if len(text) > max_chars:
+        return f'question too long ({len(text)} > {max_chars} characters)'
+    if any(unicodedata.category(ch) in ('Cc', 'Cs', 'Co', 'Cn') and ch not in '\n\t\r' for ch in text):
+        return 'question contains control or binary characters'
+    return None
+
+
+class AskEngine:
+    """Serves AskRequests in order from a bounded queue with one worker thread."""
+
+    def __init__(self, answerer: Answerer, store: EmbeddingStore, limits: AskLimits):
+        self.answerer = answerer
+        self.store = store
+        self.limits = limits
+        self._queue: queue.Queue[Optional[AskJob]] = queue.Queue()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._running: Optional[AskJob] = None
+        self._worker = threading.Thread(target=self._work, name='ask-worker', daemon=True)
+        self.time_to_first_token = RollingStats()
+        self.tokens_per_s = RollingStats()
+        self.counts = {'accepted': 0, 'busy': 0, 'invalid': 0, 'failed': 0, 'answered': 0, 'cancelled': 0}
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._lock:
+            running = self._running
+        if running is not None:
+            running.cancel()
+        self._queue.put(None)
+        self._worker.join(timeout_s)
+
+    @property
+    def queue_length(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    # ---- requests ---------------------------------------------------------------------------
+    def resolve(self, request: AskRequest) -> tuple[Optional[str], AskRequest]:
+        """Validate and fill defaults; returns (error, normalised request)."""
+        error = validate_question(request.question, self.limits.max_question_chars)
+        if error:
+            return error, request
+        modalities = list(dict.fromkeys(m.strip().lower() for m in request.modalities))
+        unknown = [m for m in modalities if m not in self.limits.known_modalities]
+        if unknown:
+            return (f"unknown modality '{unknown[0]}' (known: {', '.join(self.limits.known_modalities)})",
+                    request)
+        max_age = request.max_age_s
+        if not isinstance(max_age, (int, float)) or math.isnan(max_age) or max_age < 0:
+            return 'max_age_s must be a number >= 0 (0 means the node default)', request
+        max_age = max_age or self.limits.default_max_age_s
+        tokens = int(request.max_new_tokens) or self.limits.default_max_new_tokens
+        tokens = max(1, min(tokens, self.limits.max_new_tokens_cap))
+        return None, AskRequest(request.question.strip(), modalities, float(max_age), tokens)
+
+    def submit(self, request: AskRequest, on_text: Optional[Callable[[str], None]] = None,
+               should_stop: Optional[Callable[[], bool]] = None, background: bool = False) -> AskJob:
+        """Queue a request. Invalid or over-capacity requests come back already finished with a reason.
+
+        A background job (scene description) is only queued when nothing else waits, so it never makes a
+        user's question busy.
+        """
+        error, resolved = self.resolve(request)
+        job = AskJob(resolved, on_text, should_stop, background)
+        if error:
+            self.counts['invalid'] += 1
+            job.finish(AskResult(False, error=error))
+            return job
+        with self._lock:
+            limit = 1 if background else self.limits.max_queue
+            if self._in_flight >= limit:
+                self.counts['busy'] += 1
+                job.finish(AskResult(False, error=BUSY))
+                return job
+            self._in_flight += 1
+            self.counts['accepted'] += 1
+        self._queue.put(job)
+        return job
+
+    # ---- worker -----------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                self._running = job
+            try:
+                result = self._answer(job)
+            except Exception as exc:  # the worker must survive anything a model does, e.g. CUDA OOM
+                logger.exception('answering failed')
+                self.counts['failed'] += 1
+                result = AskResult(False, error=f'generation failed: {type(exc).__name__}: {exc}'[:500])
+                _release_accelerator_memory()
+            with self._lock:
+                self._running = None
+                self._in_flight -= 1
+            job.finish(result)
+
+    def _answer(self, job: AskJob) -> AskResult:
+        request = job.request
+        wanted = request.modalities or self.limits.known_modalities
+        fresh, missing = self.store.select(wanted, request.max_age_s)
+        if job.should_stop():
+            self.counts['cancelled'] += 1
+            return AskResult(False, error='cancelled', cancelled=True)
+        generated = self.answerer.answer(request.question, fresh, request.max_new_tokens, job.on_text,
+                                         job.should_stop)
+        cancelled = generated.stopped_reason == 'cancelled'
+        self.counts['cancelled' if cancelled else 'answered'] += 1
+        if generated.n_tokens:
+            self.time_to_first_token.add(generated.time_to_first_token_s)
+            self.tokens_per_s.add(generated.tokens_per_s)
+        return AskResult(
+            success=not cancelled, answer=generated.text.strip(), error='cancelled' if cancelled else '',
+            note=self._note(request, fresh, missing),
+            modalities_used=[e.modality for e in fresh], source_stamps_ns=[e.stamp_ns for e in fresh],
+            n_tokens=generated.n_tokens, time_to_first_token_s=generated.time_to_first_token_s,
+            tokens_per_s=generated.tokens_per_s, cancelled=cancelled)
+
+    def _note(self, request: AskRequest, fresh: Sequence[StoredEmbedding], missing: Sequence[str]) -> str:
+        notes = []
+        if not fresh:
+            notes.append(f'answered from text alone: no sensor data fresher than {request.max_age_s:g} s')
+        elif request.modalities and missing:
+            notes.append(f"no fresh data for {', '.join(missing)}; answered without it")
+        if fresh and not self.answerer.sensors_inform_answers:
+            notes.append('the bind network is untrained and zero-gated, so sensor embeddings do not inform '
+                         'this answer')
+        return '; '.join(notes)
+
+
+def _release_accelerator_memory() -> None:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

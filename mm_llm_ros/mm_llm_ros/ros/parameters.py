@@ -1,0 +1,24 @@
+"""Declare a node's parameters from `core.params` (with descriptions and allowed values) and read them once."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.node import Node
+
+from mm_llm_ros.core.params import Param
+
+
+def declare_parameters(node: Node, params: Iterable[Param]) -> dict[str, Any]:
+    """Declare every parameter with its descriptor and return {name: validated value}.
+
+    Raises ValueError with the parameter's name when a value is not among its allowed choices.
+    """
+    values = {}
+    for param in params:
+        descriptor = ParameterDescriptor(description=param.description, read_only=True)
+        if param.choices:
+            descriptor.additional_constraints = 'one of: ' + ', '.join(repr(c) for c in param.choices)
+        value = node.declare_parameter(param.name, param.default, descriptor).value
+        values[param.name] = param.validate(value)
+    return values

@@ -1,0 +1,68 @@
+"""Fixtures for integration tests: node processes and a test client over DDS, loopback only."""
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+from ros_harness import NodeGraph, TestNode, only_loopback
+
+HERE = pathlib.Path(__file__).resolve().parent
+CONFIG_DIR = HERE.parents[1] / 'config'
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if pathlib.Path(str(item.fspath)).parent == HERE:
+            item.add_marker(pytest.mark.ros)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def isolated_network():
+    """Refuse to run ROS processes unless every packet stays on loopback."""
+    if not only_loopback():
+        pytest.skip('integration tests run only inside the loopback-only namespace: use `make test` '
+                    '(or scripts/netns.sh python -m pytest)')
+    if os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE') != 'LOCALHOST':
+        pytest.skip('ROS_AUTOMATIC_DISCOVERY_RANGE must be LOCALHOST')
+    yield
+    _clean_shared_memory()
+
+
+def _clean_shared_memory() -> None:
+    """Remove Fast DDS shared-memory segments left by killed processes (live ones are kept)."""
+    fastdds = shutil.which('fastdds')
+    if fastdds:
+        subprocess.run([fastdds, 'shm', 'clean'], capture_output=True, timeout=30, check=False)
+
+
+@pytest.fixture(scope='session')
+def test_node(isolated_network):
+    node = TestNode()
+    yield node
+    node.close()
+
+
+@pytest.fixture
+def node_graph(request, tmp_path):
+    graph = NodeGraph(tmp_path)
+    yield graph
+    graph.stop_all()
+    failed = any(getattr(request.node, f'rep_{phase}', None) is not None
+                 and getattr(request.node, f'rep_{phase}').failed for phase in ('setup', 'call'))
+    if failed:
+        print(graph.logs())  # lands in the report's captured teardown output
+    _clean_shared_memory()
+
+
+@pytest.fixture(scope='session')
+def config_dir() -> pathlib.Path:
+    return CONFIG_DIR
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f'rep_{report.when}', report)

@@ -1,0 +1,223 @@
+"""Test harness: real node processes over real DDS, inside the loopback-only network namespace.
+
+`NodeGraph` starts installed executables as process groups, with parameters passed exactly as `ros2 run`/launch
+would (`--ros-args -p/--params-file/-r`). `TestNode` is the test process's own rclpy node, spun on a background
+executor, with waits on graph conditions (matched endpoints, services, messages) that always have timeouts.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+DEFAULT_TIMEOUT_S = 20.0
+POLL_S = 0.02
+
+
+def only_loopback() -> bool:
+    """True when this process sees no network interface but loopback (a private namespace)."""
+    return set(os.listdir('/sys/class/net')) <= {'lo'}
+
+
+def executable_path(name: str, package: str = 'mm_llm_ros') -> pathlib.Path:
+    from ament_index_python.packages import get_package_prefix
+    path = pathlib.Path(get_package_prefix(package)) / 'lib' / package / name
+    if not path.exists():
+        raise FileNotFoundError(f'{path} not found: run scripts/setup.sh to build the workspace')
+    return path
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float = DEFAULT_TIMEOUT_S, what: str = 'condition'):
+    """Poll `condition` until it returns a truthy value; raise TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'timed out after {timeout_s:.1f} s waiting for {what}')
+        time.sleep(POLL_S)
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    popen: subprocess.Popen
+    log_path: pathlib.Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors='replace') if self.log_path.exists() else ''
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout_s: float = 10.0) -> Optional[int]:
+        """SIGINT, then SIGKILL of the whole process group if it does not exit in time."""
+        if self.alive():
+            self.signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait(5.0)
+        return self.popen.returncode
+
+    def wait_for_log(self, text: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        wait_until(lambda: text in self.log() or not self.alive(), timeout_s, f"'{text}' in {self.name}'s log")
+        if text not in self.log():
+            raise RuntimeError(f'{self.name} exited ({self.popen.returncode}) before logging {text!r}:\n{self.log()}')
+
+
+@dataclass
+class NodeGraph:
+    """Starts node executables as separate process groups and tears them all down."""
+    log_dir: pathlib.Path
+    processes: list[NodeProcess] = field(default_factory=list)
+
+    def start(self, executable: str, *, name: Optional[str] = None, params: Optional[dict] = None,
+              params_files: Iterable[str | os.PathLike] = (), remap: Optional[dict] = None,
+              args: Iterable[str] = (), env: Optional[dict] = None, log_level: str = 'info') -> NodeProcess:
+        name = name or executable
+        cmd = [str(executable_path(executable)), *args, '--ros-args', '--log-level', log_level]
+        if name != executable:
+            cmd += ['-r', f'__node:={name}']
+        for params_file in params_files:
+            cmd += ['--params-file', str(params_file)]
+        for key, value in (params or {}).items():
+            cmd += ['-p', f'{key}:={_param_literal(value)}']
+        for src, dst in (remap or {}).items():
+            cmd += ['-r', f'{src}:={dst}']
+        log_path = self.log_dir / f'{name}-{len(self.processes)}.log'
+        proc_env = dict(os.environ, PYTHONUNBUFFERED='1', RCUTILS_LOGGING_BUFFERED_STREAM='0', **(env or {}))
+        with open(log_path, 'wb') as log_file:
+            popen = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=proc_env,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        process = NodeProcess(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    def logs(self) -> str:
+        return '\n'.join(f'----- {p.name} (pid {p.pid}, exit {p.popen.returncode}) -----\n{p.log()}'
+                         for p in self.processes)
+
+
+def _param_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, (list, tuple)):
+        return '[' + ','.join(_param_literal(v) for v in value) + ']'
+    return repr(value)
+
+
+class TestNode:
+    """The test process's rclpy node, spinning on a background executor thread."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, name: str = 'test_client'):
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import MultiThreadedExecutor
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    def close(self) -> None:
+        import rclpy
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(5.0)
+
+    # ---- graph waits -------------------------------------------------------------------------
+    def wait_for_service(self, client, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not client.wait_for_service(timeout_sec=timeout_s):
+            raise TimeoutError(f'service {client.srv_name} not available after {timeout_s} s')
+
+    def wait_for_action_server(self, client, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        if not client.wait_for_server(timeout_sec=timeout_s):
+            raise TimeoutError(f'action server not available after {timeout_s} s')
+
+    def wait_for_subscribers(self, publisher, count: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        wait_until(lambda: publisher.get_subscription_count() >= count, timeout_s,
+                   f'{count} subscriber(s) on {publisher.topic_name}')
+
+    def wait_for_publishers(self, subscription, count: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        wait_until(lambda: subscription.get_publisher_count() >= count, timeout_s,
+                   f'{count} publisher(s) on {subscription.topic_name}')
+
+    def result(self, future, timeout_s: float = DEFAULT_TIMEOUT_S):
+        """Wait for a future that the background executor completes."""
+        done = threading.Event()
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout_s):
+            raise TimeoutError(f'no result after {timeout_s} s')
+        return future.result()
+
+    def collect(self, msg_type, topic: str, qos=10) -> 'MessageCollector':
+        return MessageCollector(self, msg_type, topic, qos)
+
+
+class MessageCollector:
+    """Subscribes to a topic and records every message, with a waitable predicate."""
+
+    def __init__(self, test_node: TestNode, msg_type, topic: str, qos):
+        self._cond = threading.Condition()
+        self.messages: list = []
+        self.test_node = test_node
+        self.subscription = test_node.node.create_subscription(msg_type, topic, self._callback, qos)
+
+    def _callback(self, msg) -> None:
+        with self._cond:
+            self.messages.append(msg)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[list], Any] = bool, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 what: str = 'messages'):
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                value = predicate(self.messages)
+                if value:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f'timed out after {timeout_s:.1f} s waiting for {what} on '
+                                       f'{self.subscription.topic_name} (got {len(self.messages)})')
+                self._cond.wait(min(remaining, 0.5))
+
+    def wait_for_count(self, count: int, timeout_s: float = DEFAULT_TIMEOUT_S):
+        return self.wait_for(lambda msgs: len(msgs) >= count, timeout_s, f'{count} message(s)')
+
+    def close(self) -> None:
+        self.test_node.node.destroy_subscription(self.subscription)

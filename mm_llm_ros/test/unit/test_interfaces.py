@@ -1,0 +1,44 @@
+"""The interface package exposes every field the issue lists (the `ros2 interface show` equivalent)."""
+import pytest
+
+Ask = pytest.importorskip('mm_llm_ros_interfaces.srv').Ask
+msgs = pytest.importorskip('mm_llm_ros_interfaces.msg')
+AskStream = pytest.importorskip('mm_llm_ros_interfaces.action').AskStream
+
+ASK_GOAL = {'question': 'string', 'modalities': 'sequence<string>', 'max_age_s': 'float', 'max_new_tokens': 'uint32'}
+ASK_RESULT = {'success': 'boolean', 'answer': 'string', 'error': 'string', 'modalities_used': 'sequence<string>',
+              'source_stamps': 'sequence<builtin_interfaces/Time>', 'latency_s': 'float',
+              'note': 'string'}
+
+
+def fields(cls):
+    return cls.get_fields_and_field_types()
+
+
+def test_ask_service_fields():
+    assert fields(Ask.Request) == ASK_GOAL
+    assert fields(Ask.Response) == ASK_RESULT
+
+
+def test_ask_stream_action_matches_service():
+    assert fields(AskStream.Goal) == ASK_GOAL
+    assert fields(AskStream.Result) == ASK_RESULT
+    assert fields(AskStream.Feedback)['partial_answer'] == 'string'
+
+
+def test_embedding_message():
+    assert fields(msgs.Embedding) == {'header': 'std_msgs/Header', 'modality': 'string', 'model': 'string',
+                                      'source_topic': 'string', 'embedding': 'sequence<float>'}
+
+
+def test_scene_description_message():
+    assert fields(msgs.SceneDescription) == {'header': 'std_msgs/Header', 'description': 'string',
+                                             'modalities': 'sequence<string>',
+                                             'source_stamps': 'sequence<builtin_interfaces/Time>',
+                                             'latency_s': 'float'}
+
+
+def test_audio_chunk_message():
+    assert fields(msgs.AudioChunk) == {'header': 'std_msgs/Header', 'sample_rate': 'uint32', 'channels': 'uint8',
+                                       'encoding': 'string', 'data': 'sequence<uint8>'}
+    assert {msgs.AudioChunk.ENCODING_S16LE, msgs.AudioChunk.ENCODING_F32LE} == {'S16LE', 'F32LE'}
