@@ -142,12 +142,21 @@ class AskEngine:
         self._worker.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancel the running job, refuse the queued ones and end the worker; no waiter is left hanging."""
         with self._lock:
             running = self._running
         if running is not None:
             running.cancel()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.finish(AskResult(False, error='node shutting down'))
         self._queue.put(None)
-        self._worker.join(timeout_s)
+        if self._worker.is_alive():
+            self._worker.join(timeout_s)
 
     @property
     def queue_length(self) -> int:

@@ -48,24 +48,36 @@ IMAGEBIND_PARAMS = (
     Param('model.seed', 0, 'Seed for random initialisation, so processes with the same config agree.'),
 )
 
-ENCODER_PARAMS = DEVICE_PARAMS + IMAGEBIND_PARAMS + (
+ENCODER_COMMON_PARAMS = DEVICE_PARAMS + IMAGEBIND_PARAMS + (
     Param('max_rate_hz', 2.0, 'Maximum encode rate per input stream; newer frames replace older unencoded ones.'),
     Param('max_message_mb', 64.0, 'Messages larger than this are dropped and counted before decoding.'),
-    Param('use_camera', True, 'Encode camera images (vision) [encoder node only].'),
-    Param('use_depth_camera', False, 'Encode a depth image stream (16UC1 mm or 32FC1 m) with the depth encoder.'),
-    Param('use_audio', True, 'Encode microphone audio [encoder node only].'),
-    Param('use_lidar', True, 'Encode lidar point clouds via depth projection [encoder node only].'),
-    Param('camera.transport', 'raw', 'Camera input: raw (sensor_msgs/Image on image) or compressed '
-          '(sensor_msgs/CompressedImage on image/compressed).', ('raw', 'compressed')),
+)
+
+SENSOR_SELECTION_PARAMS = (
+    Param('use_camera', True, 'Encode camera images (vision).'),
+    Param('use_audio', True, 'Encode microphone audio.'),
+    Param('use_lidar', True, 'Encode lidar point clouds via depth projection.'),
+)
+
+CAMERA_PARAMS = (
+    Param('camera.transport', 'raw', 'Camera input: raw (sensor_msgs/Image on camera/image_raw) or compressed '
+          '(sensor_msgs/CompressedImage on camera/image_raw/compressed).', ('raw', 'compressed')),
+    Param('use_depth_camera', False, 'Also encode a depth image stream (camera/depth/image_raw, 16UC1 mm or 32FC1 m) '
+          'with the depth encoder.'),
+)
+
+AUDIO_PARAMS = (
     Param('audio.window_s', 6.0, 'Seconds of recent audio encoded together (3 clips of 2 s, official sampling).'),
     Param('audio.min_window_s', 2.0, 'Minimum buffered audio before the first encode.'),
+)
+
+LIDAR_PARAMS = (
     Param('lidar.projection', 'virtual', 'Project clouds into a virtual forward camera or a real camera (CameraInfo '
-          'on camera_info + extrinsic).', ('virtual', 'camera')),
+          'on camera/camera_info + extrinsic).', ('virtual', 'camera')),
     Param('lidar.fov_deg', 90.0, 'Horizontal field of view of the virtual camera in degrees.'),
     Param('lidar.image_size', 448, 'Width and height in pixels of the virtual camera image before resizing to 224.'),
     Param('lidar.min_range_m', 0.5, 'Points closer than this (metres) are ignored.'),
     Param('lidar.max_range_m', 80.0, 'Points farther than this (metres) are ignored.'),
-    Param('lidar.voxel_size_m', 0.0, 'Voxel size for downsampling before projection (0 disables).'),
     Param('lidar.hole_fill_px', 2, 'Radius in pixels of the small-hole filling after z-buffering.'),
     Param('lidar.extrinsic', [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0],
           'Row-major 4x4 transform from the lidar frame to the camera optical frame (projection: camera).'),
@@ -110,10 +122,10 @@ LLM_PARAMS = DEVICE_PARAMS + (
 )
 
 NODE_PARAMS: dict[str, dict[str, Param]] = {
-    'camera_encoder': _index(ENCODER_PARAMS),
-    'audio_encoder': _index(ENCODER_PARAMS),
-    'lidar_encoder': _index(ENCODER_PARAMS),
-    'encoder': _index(ENCODER_PARAMS),
+    'camera_encoder': _index(ENCODER_COMMON_PARAMS + CAMERA_PARAMS),
+    'audio_encoder': _index(ENCODER_COMMON_PARAMS + AUDIO_PARAMS),
+    'lidar_encoder': _index(ENCODER_COMMON_PARAMS + LIDAR_PARAMS),
+    'encoder': _index(ENCODER_COMMON_PARAMS + SENSOR_SELECTION_PARAMS + CAMERA_PARAMS + AUDIO_PARAMS + LIDAR_PARAMS),
     'llm_node': _index(LLM_PARAMS),
 }
 

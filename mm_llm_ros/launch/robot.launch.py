@@ -1,0 +1,48 @@
+"""Bring up mm_llm_ros on a robot: the ImageBind encoder(s) and the ImageBind-LLM node.
+
+    ros2 launch mm_llm_ros robot.launch.py image_topic:=/usb_cam/image_raw llama_dir:=/models/LLaMA/7B \
+        adapter_checkpoint:=/models/7B.pth imagebind_checkpoint:=/models/imagebind_huge.pth
+
+Which nodes start, with which parameters and remappings, is decided by `mm_llm_ros.launch_plan` (shared with the
+tests); this file only declares the arguments and turns that plan into launch_ros actions.
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, GroupAction, OpaqueFunction, SetEnvironmentVariable
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node, PushRosNamespace
+
+from mm_llm_ros.launch_plan import LAUNCH_ARGUMENTS, plan_nodes
+
+
+def _default(name: str, share: str) -> str:
+    if name == 'params_file':
+        return os.path.join(share, 'config', 'robot.yaml')
+    if name == 'fastdds_profile':
+        return os.path.join(share, 'config', 'fastdds_large_data.xml')
+    return next(a.default for a in LAUNCH_ARGUMENTS if a.name == name)
+
+
+def _launch_setup(context):
+    values = {a.name: LaunchConfiguration(a.name).perform(context) for a in LAUNCH_ARGUMENTS}
+    actions = []
+    profile = values['fastdds_profile']
+    if profile and profile != 'none':
+        actions.append(SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', profile))
+    nodes = [
+        Node(package='mm_llm_ros', executable=spec.executable, name=spec.name, output='screen',
+             parameters=list(spec.parameters), remappings=list(spec.remappings), respawn=spec.respawn,
+             respawn_delay=2.0, arguments=['--ros-args', '--log-level', spec.log_level])
+        for spec in plan_nodes(values)
+    ]
+    actions.append(GroupAction([PushRosNamespace(values['namespace']), *nodes]))
+    return actions
+
+
+def generate_launch_description():
+    share = get_package_share_directory('mm_llm_ros')
+    arguments = [DeclareLaunchArgument(a.name, default_value=_default(a.name, share), description=a.description)
+                 for a in LAUNCH_ARGUMENTS]
+    return LaunchDescription([*arguments, OpaqueFunction(function=_launch_setup)])

@@ -1,0 +1,114 @@
+"""What robot.launch.py starts, as plain data (no launch/launch_ros imports).
+
+`launch/robot.launch.py` declares `LAUNCH_ARGUMENTS` and turns `plan_nodes()` into launch_ros Node actions; the
+test suite starts the very same executables, parameter files, overrides and remappings as processes, so CI (which
+has no `ros2 launch`) exercises exactly what a robot runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+# Input topic names as the encoder nodes use them (relative, so a pushed namespace applies).
+TOPICS = {'image': 'camera/image_raw', 'camera_info': 'camera/camera_info', 'depth': 'camera/depth/image_raw',
+          'audio': 'audio', 'points': 'points'}
+EMBEDDING_TOPIC = 'mm_llm/embedding/{modality}'
+
+
+@dataclass(frozen=True)
+class LaunchArgument:
+    name: str
+    default: str
+    description: str
+
+
+# Defaults that are paths are filled in by the launch file (package share directory).
+LAUNCH_ARGUMENTS = (
+    LaunchArgument('namespace', '', 'Namespace pushed onto every node of the stack.'),
+    LaunchArgument('params_file', '', 'Parameter YAML for all nodes (default: config/robot.yaml).'),
+    LaunchArgument('use_camera', 'true', 'Start the camera encoder (vision).'),
+    LaunchArgument('use_audio', 'true', 'Start the audio encoder.'),
+    LaunchArgument('use_lidar', 'true', 'Start the lidar encoder (depth projection).'),
+    LaunchArgument('image_topic', '/camera/image_raw', 'sensor_msgs/Image input (its /compressed sibling when '
+                   'camera.transport is compressed).'),
+    LaunchArgument('camera_info_topic', '/camera/camera_info', 'sensor_msgs/CameraInfo for lidar projection.'),
+    LaunchArgument('depth_topic', '/camera/depth/image_raw', 'Depth image input (16UC1 mm or 32FC1 m).'),
+    LaunchArgument('audio_topic', '/audio', 'mm_llm_ros_interfaces/AudioChunk input.'),
+    LaunchArgument('points_topic', '/points', 'sensor_msgs/PointCloud2 input.'),
+    LaunchArgument('device', '', "Torch device for all models (auto, cpu, cuda, cuda:N); empty keeps the YAML's."),
+    LaunchArgument('imagebind_checkpoint', '', "ImageBind checkpoint (imagebind_huge.pth); empty keeps the YAML's."),
+    LaunchArgument('llama_dir', '', "LLaMA backbone directory (Meta or HF format); empty keeps the YAML's."),
+    LaunchArgument('adapter_checkpoint', '', "ImageBind-LLM adapter (7B.pth); empty keeps the YAML's."),
+    LaunchArgument('cache_index', '', "FAISS visual-cache index; empty keeps the YAML's."),
+    LaunchArgument('single_process', 'true', 'Run all encoders in one process sharing one ImageBind model.'),
+    LaunchArgument('log_level', 'info', 'Log level of every node.'),
+    LaunchArgument('respawn', 'false', 'Restart a node that exits.'),
+    LaunchArgument('fastdds_profile', '', 'Fast DDS XML profile for large camera frames (default: '
+                   'config/fastdds_large_data.xml); set to "none" to keep the environment\'s.'),
+)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    executable: str
+    name: str
+    parameters: tuple = ()          # YAML paths and override dicts, applied in order
+    remappings: tuple = ()          # (from, to) pairs
+    respawn: bool = False
+    log_level: str = 'info'
+
+
+def _truthy(value: str) -> bool:
+    value = str(value).strip().lower()
+    if value not in ('true', 'false', '1', '0', 'yes', 'no', 'on', 'off'):
+        raise ValueError(f"expected true or false, got '{value}'")
+    return value in ('true', '1', 'yes', 'on')
+
+
+def _non_empty(pairs: Mapping[str, str]) -> dict:
+    return {k: v for k, v in pairs.items() if v}
+
+
+def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
+    """The nodes robot.launch.py starts for resolved launch-argument values."""
+    known = {a.name for a in LAUNCH_ARGUMENTS}
+    unknown = set(args) - known
+    if unknown:
+        raise ValueError(f'unknown launch argument(s): {", ".join(sorted(unknown))}')
+    values = {a.name: a.default for a in LAUNCH_ARGUMENTS} | dict(args)
+    if not values['params_file']:
+        raise ValueError('params_file must be resolved to a YAML path')
+    use = {s: _truthy(values[f'use_{s}']) for s in ('camera', 'audio', 'lidar')}
+    respawn = _truthy(values['respawn'])
+    log_level = values['log_level']
+    device = _non_empty({'device': values['device']})
+    encoder_overrides = device | _non_empty({'model.checkpoint': values['imagebind_checkpoint']})
+    llm_overrides = device | _non_empty({'llm.backbone_path': values['llama_dir'],
+                                         'llm.adapter_checkpoint': values['adapter_checkpoint'],
+                                         'cache.index_path': values['cache_index']})
+    remaps = {
+        'camera': ((TOPICS['image'], values['image_topic']),
+                   (TOPICS['image'] + '/compressed', values['image_topic'] + '/compressed'),
+                   (TOPICS['depth'], values['depth_topic'])),
+        'audio': ((TOPICS['audio'], values['audio_topic']),),
+        'lidar': ((TOPICS['points'], values['points_topic']), (TOPICS['camera_info'], values['camera_info_topic'])),
+    }
+
+    def spec(executable, overrides, remappings=()):
+        parameters = (values['params_file'],) + ((overrides,) if overrides else ())
+        return NodeSpec(executable, executable, parameters, tuple(remappings), respawn, log_level)
+
+    nodes = []
+    if _truthy(values['single_process']):
+        if any(use.values()):
+            flags = {f'use_{s}': on for s, on in use.items()}
+            nodes.append(spec('encoder', encoder_overrides | flags,
+                              [r for s in use if use[s] for r in remaps[s]]))
+    else:
+        for sensor, executable in (('camera', 'camera_encoder'), ('audio', 'audio_encoder'),
+                                   ('lidar', 'lidar_encoder')):
+            if use[sensor]:
+                nodes.append(spec(executable, encoder_overrides, remaps[sensor]))
+    nodes.append(spec('llm_node', llm_overrides))
+    return nodes

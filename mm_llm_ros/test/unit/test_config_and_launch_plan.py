@@ -1,0 +1,141 @@
+"""Parameter files, their documentation and the launch plan agree with the nodes' declarations."""
+import ast
+import itertools
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mm_llm_ros.core.params import NODE_PARAMS
+from mm_llm_ros.launch_plan import LAUNCH_ARGUMENTS, plan_nodes
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[2]
+REPO = PACKAGE.parent
+CONFIGS = sorted((PACKAGE / 'config').glob('*.yaml'))
+LAUNCH_FILE = PACKAGE / 'launch' / 'robot.launch.py'
+
+
+def node_sections(path):
+    data = yaml.safe_load(path.read_text())
+    for key, section in data.items():
+        yield key.removeprefix('/**/'), section['ros__parameters']
+
+
+def test_the_three_presets_exist():
+    assert {p.stem for p in CONFIGS} >= {'robot', 'demo', 'tiny'}
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+def test_every_yaml_parameter_is_declared_by_its_node(path):
+    for node, params in node_sections(path):
+        assert node in NODE_PARAMS, f'{path.name}: unknown node {node}'
+        undeclared = set(params) - set(NODE_PARAMS[node])
+        assert not undeclared, f'{path.name}: {node} does not declare {sorted(undeclared)}'
+        for name, value in params.items():
+            NODE_PARAMS[node][name].validate(value)
+            assert type(value) is type(NODE_PARAMS[node][name].default) or (
+                isinstance(value, (int, float)) and isinstance(NODE_PARAMS[node][name].default, float)), name
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+def test_every_yaml_parameter_has_a_comment(path):
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith('    ') and not line.strip().startswith('#') and ':' in line:
+            assert lines[i - 1].strip().startswith('#'), f'{path.name}:{i + 1} has no comment: {line.strip()}'
+
+
+def test_every_declaration_is_documented():
+    for node, params in NODE_PARAMS.items():
+        for name, param in params.items():
+            assert len(param.description) > 15, f'{node}.{name} has no real description'
+
+
+def test_generated_files_are_up_to_date():
+    result = subprocess.run([sys.executable, str(REPO / 'scripts' / 'param_docs.py'), '--check'],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_table_lists_every_parameter():
+    readme = (REPO / 'README.md').read_text()
+    for params in NODE_PARAMS.values():
+        for name in params:
+            assert f'`{name}`' in readme, name
+
+
+# ---- launch plan ---------------------------------------------------------------------------------
+def resolved(**overrides):
+    return {'params_file': str(PACKAGE / 'config' / 'robot.yaml')} | overrides
+
+
+@pytest.mark.parametrize('single, camera, audio, lidar', list(itertools.product(['true', 'false'], repeat=4)))
+def test_plan_resolves_for_every_sensor_combination(single, camera, audio, lidar):
+    nodes = plan_nodes(resolved(single_process=single, use_camera=camera, use_audio=audio, use_lidar=lidar))
+    names = [n.executable for n in nodes]
+    assert names[-1] == 'llm_node' and names.count('llm_node') == 1
+    sensors = [s for s, on in (('camera', camera), ('audio', audio), ('lidar', lidar)) if on == 'true']
+    if single == 'true':
+        assert names[:-1] == (['encoder'] if sensors else [])
+        if sensors:
+            overrides = nodes[0].parameters[-1]
+            assert {k: overrides[k] for k in ('use_camera', 'use_audio', 'use_lidar')} == {
+                f'use_{s}': s in sensors for s in ('camera', 'audio', 'lidar')}
+    else:
+        assert names[:-1] == [f'{s}_encoder' for s in sensors]
+    for node in nodes:
+        for params in node.parameters[1:]:
+            assert set(params) <= set(NODE_PARAMS[node.executable]), node.executable
+
+
+def test_plan_applies_paths_device_and_remappings():
+    nodes = plan_nodes(resolved(single_process='false', image_topic='/usb_cam/image_raw', points_topic='/velodyne_points',
+                                device='cuda:1', imagebind_checkpoint='/m/imagebind_huge.pth', llama_dir='/m/llama',
+                                adapter_checkpoint='/m/7B.pth', respawn='true', log_level='debug'))
+    by_name = {n.executable: n for n in nodes}
+    assert ('camera/image_raw', '/usb_cam/image_raw') in by_name['camera_encoder'].remappings
+    assert ('points', '/velodyne_points') in by_name['lidar_encoder'].remappings
+    assert by_name['camera_encoder'].parameters[-1] == {'device': 'cuda:1', 'model.checkpoint': '/m/imagebind_huge.pth'}
+    assert by_name['llm_node'].parameters[-1] == {'device': 'cuda:1', 'llm.backbone_path': '/m/llama',
+                                                  'llm.adapter_checkpoint': '/m/7B.pth'}
+    assert all(n.respawn and n.log_level == 'debug' for n in nodes)
+
+
+def test_empty_path_arguments_keep_the_yaml_values():
+    llm = plan_nodes(resolved())[-1]
+    assert llm.parameters == (resolved()['params_file'],)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match='unknown launch argument'):
+        plan_nodes(resolved(use_kamera='true'))
+    with pytest.raises(ValueError, match='true or false'):
+        plan_nodes(resolved(use_camera='maybe'))
+
+
+def test_launch_file_declares_exactly_the_plan_arguments():
+    """Parse robot.launch.py without launch_ros: it must declare LAUNCH_ARGUMENTS and use plan_nodes."""
+    tree = ast.parse(LAUNCH_FILE.read_text())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert {'LAUNCH_ARGUMENTS', 'plan_nodes', 'DeclareLaunchArgument', 'PushRosNamespace'} <= names
+    assert all(a.description and a.name for a in LAUNCH_ARGUMENTS)
+    nav2_style = {'namespace', 'params_file', 'use_camera', 'use_audio', 'use_lidar', 'device', 'single_process',
+                  'log_level', 'respawn', 'image_topic', 'audio_topic', 'points_topic', 'imagebind_checkpoint',
+                  'llama_dir', 'adapter_checkpoint', 'cache_index'}
+    assert nav2_style <= {a.name for a in LAUNCH_ARGUMENTS}
+
+
+def test_launch_file_runs_with_launch_ros_when_available():
+    pytest.importorskip('launch_ros')
+    from launch import LaunchContext
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('robot_launch', LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    description = module.generate_launch_description()
+    context = LaunchContext()
+    for entity in description.entities:
+        entity.visit(context)
+    assert context.launch_configurations['single_process'] == 'true'
