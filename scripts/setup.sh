@@ -34,7 +34,16 @@ if ! command -v c++ >/dev/null 2>&1 && ! command -v g++ >/dev/null 2>&1; then
   die "no C++ compiler found; it is needed to build the interface package (Debian: apt-get install build-essential)."
 fi
 
-hash_files() { cat "$@" | sha256sum | cut -d' ' -f1; }
+# open3d's wheel links against libusb; Debian/Ubuntu ship it as libusb-1.0-0.
+if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    note "installing libusb-1.0-0 (needed by open3d)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0; } >"$LOG_DIR/apt.log" 2>&1 \
+      || die "could not install libusb-1.0-0 with apt-get (see $LOG_DIR/apt.log)."
+  else
+    die "libusb-1.0 is missing; open3d needs it (Debian/Ubuntu: sudo apt-get install libusb-1.0-0)."
+  fi
+fi
 
 # ---- 1. The venv and its packages -----------------------------------------------------------
 REQS=("$REPO/requirements/constraints.txt" "$REPO/requirements/ros-kilted-wheels.txt" "$REPO/requirements.txt" "$REPO/requirements/no-deps.txt" "$REPO/requirements/dev.txt")

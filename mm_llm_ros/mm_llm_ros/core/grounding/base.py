@@ -1,0 +1,112 @@
+"""Pieces shared by the grounding extractors: errors, lazy model loading, packaged model files, text budgets."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import pathlib
+import threading
+from collections.abc import Callable, Iterable
+from typing import Generic, Protocol, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar('T')
+
+TRUNCATION_MARKER = '…'
+
+
+class GroundingError(Exception):
+    """Base class of the errors raised by the grounding extractors."""
+
+
+class GroundingConfigError(GroundingError, ValueError):
+    """An extractor configuration value that cannot work (raised when the config is built)."""
+
+
+class GroundingModelError(GroundingError, RuntimeError):
+    """A model file or the package that ships it is missing or unreadable (raised when the model loads)."""
+
+
+class GroundingResult(Protocol):
+    """What every extractor returns: a JSON-able dict for publishing and a short line for the LLM prompt."""
+
+    section: str
+
+    @property
+    def is_empty(self) -> bool: ...
+
+    def to_dict(self) -> dict: ...
+
+    def to_text(self, max_chars: int = 200) -> str: ...
+
+
+class Lazy(Generic[T]):
+    """Builds a value on first use, once, even when several threads ask at the same time."""
+
+    def __init__(self, factory: Callable[[], T]):
+        self._factory = factory
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._value is not None
+
+    def get(self) -> T:
+        if self._value is None:
+            with self._lock:
+                if self._value is None:
+                    self._value = self._factory()
+        return self._value
+
+
+def package_file(package: str, relative: str, pin: str) -> pathlib.Path:
+    """Path of a data file shipped inside an installed wheel, found without importing the package.
+
+    Several model wheels import heavy or missing modules on import (torch, torchaudio), so only the
+    package's location is looked up. `pin` is the requirement named in the error when it is missing.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise GroundingModelError(f"package '{package}' is not installed; install it with: pip install {pin}")
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise GroundingModelError(f"model file {path} is missing from the installed '{package}' package ({pin})")
+    return path
+
+
+def check_config(condition: bool, message: str) -> None:
+    """Raise GroundingConfigError with `message` unless `condition` holds (for config `__post_init__`)."""
+    if not condition:
+        raise GroundingConfigError(message)
+
+
+def truncate(text: str, max_chars: int, marker: str = TRUNCATION_MARKER) -> str:
+    """Cut `text` to at most `max_chars` characters, ending with `marker` when something was cut."""
+    if max_chars <= 0:
+        return ''
+    if len(text) <= max_chars:
+        return text
+    if max_chars <= len(marker):
+        return marker[:max_chars]
+    return text[:max_chars - len(marker)].rstrip() + marker
+
+
+def join_within(items: Iterable[str], max_chars: int, separator: str = '; ', prefix: str = '') -> str:
+    """Join whole items after `prefix` while they fit in `max_chars`; dropped items are counted as '(+N more)'.
+
+    Cutting between items keeps every shown item readable, which matters more to an LLM than half an item more.
+    """
+    items = list(items)
+    text = prefix
+    for index, item in enumerate(items):
+        candidate = text + (separator if index else '') + item
+        rest = len(items) - index - 1
+        note = f' (+{rest} more)' if rest else ''
+        if len(candidate) + len(note) <= max_chars:
+            text = candidate
+            continue
+        if index == 0:  # not even one item fits whole: cut it rather than show nothing
+            return truncate(candidate, max_chars)
+        return text + f' (+{len(items) - index} more)'
+    return truncate(text, max_chars)   # only a long prefix with no items can overflow here
