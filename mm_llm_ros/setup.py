@@ -31,6 +31,7 @@ setup(
             'ask = mm_llm_ros.ros.ask_client:main',
             'sensor_replay = mm_llm_ros.ros.sensor_replay:main',
             'demo = mm_llm_ros.demo:main',
+            'evaluate = mm_llm_ros.evaluate:main',
         ],
     },
 )
