@@ -9,27 +9,26 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+from mm_llm_ros.launch_plan import NodeSpec
+from mm_llm_ros.node_processes import command_for, executable_path, ros_args, start_process
+
 DEFAULT_TIMEOUT_S = 20.0
 POLL_S = 0.02
 
 
 def only_loopback() -> bool:
-    """True when this process sees no network interface but loopback (a private namespace)."""
-    return set(os.listdir('/sys/class/net')) <= {'lo'}
+    """True when this process's network namespace has no interface but loopback.
 
-
-def executable_path(name: str, package: str = 'mm_llm_ros') -> pathlib.Path:
-    from ament_index_python.packages import get_package_prefix
-    path = pathlib.Path(get_package_prefix(package)) / 'lib' / package / name
-    if not path.exists():
-        raise FileNotFoundError(f'{path} not found: run scripts/setup.sh to build the workspace')
-    return path
+    (socket.if_nameindex asks the kernel about the current namespace; /sys/class/net would show the host's.)
+    """
+    return {name for _, name in socket.if_nameindex()} <= {'lo'}
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float = DEFAULT_TIMEOUT_S, what: str = 'condition'):
@@ -91,21 +90,19 @@ class NodeGraph:
               params_files: Iterable[str | os.PathLike] = (), remap: Optional[dict] = None,
               args: Iterable[str] = (), env: Optional[dict] = None, log_level: str = 'info') -> NodeProcess:
         name = name or executable
-        cmd = [str(executable_path(executable)), *args, '--ros-args', '--log-level', log_level]
-        if name != executable:
-            cmd += ['-r', f'__node:={name}']
-        for params_file in params_files:
-            cmd += ['--params-file', str(params_file)]
-        for key, value in (params or {}).items():
-            cmd += ['-p', f'{key}:={_param_literal(value)}']
-        for src, dst in (remap or {}).items():
-            cmd += ['-r', f'{src}:={dst}']
+        parameters = [*params_files, *([params] if params else [])]
+        command = [str(executable_path(executable)), *args,
+                   *ros_args(name=name, default_name=executable, parameters=parameters,
+                             remappings=(remap or {}).items(), log_level=log_level)]
+        return self.start_command(name, command, env)
+
+    def start_spec(self, spec: NodeSpec, env: Optional[dict] = None) -> NodeProcess:
+        """Start a node exactly as robot.launch.py would for this plan entry."""
+        return self.start_command(spec.name, command_for(spec), env)
+
+    def start_command(self, name: str, command: list[str], env: Optional[dict] = None) -> NodeProcess:
         log_path = self.log_dir / f'{name}-{len(self.processes)}.log'
-        proc_env = dict(os.environ, PYTHONUNBUFFERED='1', RCUTILS_LOGGING_BUFFERED_STREAM='0', **(env or {}))
-        with open(log_path, 'wb') as log_file:
-            popen = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=proc_env,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        process = NodeProcess(name, popen, log_path)
+        process = NodeProcess(name, start_process(command, log_path, env), log_path)
         self.processes.append(process)
         return process
 
@@ -116,16 +113,6 @@ class NodeGraph:
     def logs(self) -> str:
         return '\n'.join(f'----- {p.name} (pid {p.pid}, exit {p.popen.returncode}) -----\n{p.log()}'
                          for p in self.processes)
-
-
-def _param_literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return 'true' if value else 'false'
-    if isinstance(value, str):
-        return value if value else "''"
-    if isinstance(value, (list, tuple)):
-        return '[' + ','.join(_param_literal(v) for v in value) + ']'
-    return repr(value)
 
 
 class TestNode:
@@ -184,6 +171,22 @@ class TestNode:
             raise TimeoutError(f'no result after {timeout_s} s')
         return future.result()
 
+    def publish_until(self, publisher, make_msg: Callable[[], Any], done: Callable[[], Any],
+                      period_s: float = 0.05, timeout_s: float = DEFAULT_TIMEOUT_S, what: str = 'a reply'):
+        """Publish at a fixed rate until `done()` is truthy: best-effort samples sent right after discovery can be
+        lost, so sensors are emulated as what they are, periodic publishers. Bounded in time."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            publisher.publish(make_msg())
+            next_send = time.monotonic() + period_s
+            while time.monotonic() < next_send:
+                value = done()
+                if value:
+                    return value
+                time.sleep(POLL_S)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'no {what} after publishing for {timeout_s:.1f} s on {publisher.topic_name}')
+
     def collect(self, msg_type, topic: str, qos=10) -> 'MessageCollector':
         return MessageCollector(self, msg_type, topic, qos)
 
@@ -216,8 +219,10 @@ class MessageCollector:
                                        f'{self.subscription.topic_name} (got {len(self.messages)})')
                 self._cond.wait(min(remaining, 0.5))
 
-    def wait_for_count(self, count: int, timeout_s: float = DEFAULT_TIMEOUT_S):
-        return self.wait_for(lambda msgs: len(msgs) >= count, timeout_s, f'{count} message(s)')
+    def wait_for_count(self, count: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> list:
+        self.wait_for(lambda msgs: len(msgs) >= count, timeout_s, f'{count} message(s)')
+        with self._cond:
+            return list(self.messages)
 
     def close(self) -> None:
         self.test_node.node.destroy_subscription(self.subscription)

@@ -1,0 +1,11 @@
+"""audio_encoder: the ImageBind encoder node for the audio only (see encoder_node.py)."""
+from mm_llm_ros.ros.encoder_node import EncoderNode
+from mm_llm_ros.ros.node_main import run_node
+
+
+def main(args=None) -> None:
+    raise SystemExit(run_node(lambda: EncoderNode('audio_encoder', sensors=('audio',)), args))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,40 @@
+"""The one `main()` every node shares: init, spin on a multi-threaded executor, clean shutdown.
+
+A configuration error (missing checkpoint, bad parameter) ends start-up with one clear log line and exit code 1,
+not a stack trace.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import rclpy
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+
+
+class StartupError(RuntimeError):
+    """Raised by a node constructor for configuration problems the user must fix."""
+
+
+def run_node(factory: Callable[[], Node], args: Optional[list] = None, num_threads: Optional[int] = None) -> int:
+    rclpy.init(args=args)
+    node = None
+    try:
+        try:
+            node = factory()
+        except (StartupError, ValueError, FileNotFoundError) as exc:
+            rclpy.logging.get_logger('mm_llm_ros').fatal(f'cannot start: {exc}')
+            return 1
+        executor = MultiThreadedExecutor(num_threads=num_threads or getattr(node, 'executor_threads', 4))
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            close = getattr(node, 'close', None)
+            if close is not None:
+                close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0

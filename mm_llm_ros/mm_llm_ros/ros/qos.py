@@ -1,0 +1,13 @@
+"""QoS profiles used across the package, defined once."""
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+
+# Sensor inputs: best effort, shallow (the ROS sensor-data profile). Only the freshest frame matters.
+SENSOR_QOS = qos_profile_sensor_data
+
+# Embeddings: reliable, shallow; consumers want the latest and a late subscriber needs no history.
+EMBEDDING_QOS = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+
+# Scene descriptions: latched, so a late-joining AR/VR bridge immediately gets the latest one.
+LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
