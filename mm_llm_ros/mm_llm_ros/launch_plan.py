@@ -14,6 +14,7 @@ from typing import Mapping
 TOPICS = {'image': 'camera/image_raw', 'camera_info': 'camera/camera_info', 'depth': 'camera/depth/image_raw',
           'audio': 'audio', 'points': 'points'}
 EMBEDDING_TOPIC = 'mm_llm/embedding/{modality}'
+CONTEXT_TOPIC = 'mm_llm/context/{kind}'
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument('use_camera', 'true', 'Start the camera encoder (vision).'),
     LaunchArgument('use_audio', 'true', 'Start the audio encoder.'),
     LaunchArgument('use_lidar', 'true', 'Start the lidar encoder (depth projection).'),
+    LaunchArgument('use_grounding', 'true', 'Start grounding_node: OCR, audio events and lidar geometry as prompt '
+                   'context for the LLM (each part switchable in the parameter file).'),
     LaunchArgument('image_topic', '/camera/image_raw', 'sensor_msgs/Image input (its /compressed sibling when '
                    'camera.transport is compressed).'),
     LaunchArgument('camera_info_topic', '/camera/camera_info', 'sensor_msgs/CameraInfo for lidar projection.'),
@@ -110,5 +113,7 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
                                    ('lidar', 'lidar_encoder')):
             if use[sensor]:
                 nodes.append(spec(executable, encoder_overrides, remaps[sensor]))
+    if _truthy(values['use_grounding']):
+        nodes.append(spec('grounding_node', {}, [r for s in ('camera', 'audio', 'lidar') for r in remaps[s]]))
     nodes.append(spec('llm_node', llm_overrides))
     return nodes

@@ -14,7 +14,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
-from mm_llm_ros.core.embedding_store import EmbeddingStore, StoredEmbedding
+import numpy as np
+
+from mm_llm_ros.core.embedding_store import ModalityStore, StoredInput
 from mm_llm_ros.core.scheduling import RollingStats
 
 logger = logging.getLogger(__name__)
@@ -56,17 +58,18 @@ class Generated:
 
 
 class Answerer(Protocol):
-    """The model side: answers a question given the fresh embeddings (possibly none)."""
+    """The model side: answers a question given the fresh embeddings (possibly none) and context text."""
 
     sensors_inform_answers: bool  # False while the bind network is untrained / zero-gated
 
-    def answer(self, question: str, embeddings: Sequence[StoredEmbedding], max_new_tokens: int,
-               on_text: Callable[[str], None], should_stop: Callable[[], bool]) -> Generated: ...
+    def answer(self, question: str, embeddings: Sequence[StoredInput], max_new_tokens: int,
+               on_text: Callable[[str], None], should_stop: Callable[[], bool],
+               context: Optional[str] = None) -> Generated: ...
 
 
 @dataclass(frozen=True)
 class AskLimits:
-    known_modalities: tuple[str, ...]
+    known_modalities: tuple[str, ...]  # embedding modalities and perception-context kinds
     max_queue: int = 4
     max_question_chars: int = 2000
     default_max_age_s: float = 5.0
@@ -124,10 +127,16 @@ def validate_question(text: object, max_chars: int) -> Optional[str]:
 class AskEngine:
     """Serves AskRequests in order from a bounded queue with one worker thread."""
 
-    def __init__(self, answerer: Answerer, store: EmbeddingStore, limits: AskLimits):
+    def __init__(self, answerer: Answerer, store: ModalityStore, limits: AskLimits,
+                 context_line: str = '[{kind}] {text}'):
         self.answerer = answerer
         self.store = store
         self.limits = limits
+        try:  # fail at start-up, not at the first question
+            context_line.format(kind='ocr', text='')
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"context line template '{context_line}' must use only {{kind}} and {{text}}") from exc
+        self.context_line = context_line
         self._queue: queue.Queue[Optional[AskJob]] = queue.Queue()
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -233,8 +242,11 @@ class AskEngine:
         if job.should_stop():
             self.counts['cancelled'] += 1
             return AskResult(False, error='cancelled', cancelled=True)
-        generated = self.answerer.answer(request.question, fresh, request.max_new_tokens, job.on_text,
-                                         job.should_stop)
+        embeddings = [e for e in fresh if isinstance(e.value, np.ndarray)]
+        contexts = [c for c in fresh if isinstance(c.value, str)]
+        context = '\n'.join(self.context_line.format(kind=c.modality, text=c.value) for c in contexts) or None
+        generated = self.answerer.answer(request.question, embeddings, request.max_new_tokens, job.on_text,
+                                         job.should_stop, context=context)
         cancelled = generated.stopped_reason == 'cancelled'
         self.counts['cancelled' if cancelled else 'answered'] += 1
         if generated.n_tokens:
@@ -247,15 +259,17 @@ class AskEngine:
             n_tokens=generated.n_tokens, time_to_first_token_s=generated.time_to_first_token_s,
             tokens_per_s=generated.tokens_per_s, cancelled=cancelled)
 
-    def _note(self, request: AskRequest, fresh: Sequence[StoredEmbedding], missing: Sequence[str]) -> str:
+    def _note(self, request: AskRequest, fresh: Sequence[StoredInput], missing: Sequence[str]) -> str:
         notes = []
         if not fresh:
             notes.append(f'answered from text alone: no sensor data fresher than {request.max_age_s:g} s')
         elif request.modalities and missing:
             notes.append(f"no fresh data for {', '.join(missing)}; answered without it")
-        if fresh and not self.answerer.sensors_inform_answers:
+        if any(isinstance(e.value, np.ndarray) for e in fresh) and not self.answerer.sensors_inform_answers:
+            contexts = [e.modality for e in fresh if isinstance(e.value, str)]
+            informed = f" (only the {', '.join(contexts)} context does)" if contexts else ''
             notes.append('the bind network is untrained and zero-gated, so sensor embeddings do not inform '
-                         'this answer')
+                         f'this answer{informed}')
         return '; '.join(notes)
 
 

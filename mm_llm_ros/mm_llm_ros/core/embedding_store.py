@@ -1,37 +1,39 @@
-"""The latest embedding per modality, with the stamp of its source sensor message."""
+"""The latest input per modality (an embedding vector, or perception-context text), with its source stamp."""
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import numpy as np
 
 
 @dataclass(frozen=True)
-class StoredEmbedding:
-    modality: str
-    vector: np.ndarray          # (D,) float32
+class StoredInput:
+    modality: str               # vision, audio, depth, point, or a context kind (ocr, audio_events, geometry)
+    value: Union[np.ndarray, str]  # (D,) float32 embedding, or context text
     stamp_ns: int               # source sensor message stamp
     received_monotonic: float   # local arrival time; freshness is judged on this clock
     model: str
     source_topic: str
 
 
-class EmbeddingStore:
+class ModalityStore:
     """Thread-safe latest-value store. Freshness uses local arrival time, so a sensor with a skewed or simulated
     clock is still judged correctly; the source stamp is carried through for the answer's provenance."""
 
     def __init__(self, clock=time.monotonic):
         self._clock = clock
         self._lock = threading.Lock()
-        self._latest: dict[str, StoredEmbedding] = {}
+        self._latest: dict[str, StoredInput] = {}
         self._generation = 0  # bumps on every update: "new data since last description?"
 
-    def update(self, modality: str, vector: np.ndarray, stamp_ns: int, model: str = '', source_topic: str = '') -> None:
-        entry = StoredEmbedding(modality, np.asarray(vector, dtype=np.float32), int(stamp_ns), self._clock(),
-                                model, source_topic)
+    def update(self, modality: str, value: Union[np.ndarray, str], stamp_ns: int, model: str = '',
+               source_topic: str = '') -> None:
+        if not isinstance(value, str):
+            value = np.asarray(value, dtype=np.float32)
+        entry = StoredInput(modality, value, int(stamp_ns), self._clock(), model, source_topic)
         with self._lock:
             self._latest[modality] = entry
             self._generation += 1
@@ -51,7 +53,7 @@ class EmbeddingStore:
         with self._lock:
             return {m: now - e.received_monotonic for m, e in self._latest.items()}
 
-    def select(self, modalities: Iterable[str], max_age_s: float) -> tuple[list[StoredEmbedding], list[str]]:
+    def select(self, modalities: Iterable[str], max_age_s: float) -> tuple[list[StoredInput], list[str]]:
         """Entries of the given modalities no older than max_age_s, and the names that were stale or missing."""
         now = self._clock()
         fresh, missing = [], []

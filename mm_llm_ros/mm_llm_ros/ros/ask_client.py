@@ -15,6 +15,7 @@ from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.utilities import remove_ros_args
 
+from mm_llm_ros.ros.qos import SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.srv import Ask
 
@@ -55,13 +56,14 @@ def _print_result(result) -> int:
     if result.note:
         print(f'note: {result.note}', file=sys.stderr)
     used = ', '.join(result.modalities_used) or 'none (text only)'
-    print(f'[modalities: {used}; latency {result.latency_s:.2f} s]', file=sys.stderr)
+    print(f'[modalities: {used}; latency {result.latency_s:.2f} s; {result.tokens_generated} tokens, '
+          f'{result.tokens_per_s:.1f} tokens/s]', file=sys.stderr)
     return 0
 
 
 def ask(node, executor, args) -> int:
     deadline = time.monotonic() + args.timeout
-    client = node.create_client(Ask, args.service)
+    client = node.create_client(Ask, args.service, qos_profile=SERVICE_QOS)
     if not client.wait_for_service(timeout_sec=args.timeout):
         print(f"error: service '{client.srv_name}' not available after {args.timeout:g} s", file=sys.stderr)
         return EXIT_TIMEOUT

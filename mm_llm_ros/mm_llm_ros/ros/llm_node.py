@@ -7,7 +7,7 @@ order. The executor has max_queue + 4 threads, so waiting callbacks can never st
 """
 from __future__ import annotations
 
-import time
+import math
 
 import numpy as np
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
@@ -16,17 +16,17 @@ from rclpy.node import Node
 from std_msgs.msg import String
 
 from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, AskResult
-from mm_llm_ros.core.embedding_store import EmbeddingStore
+from mm_llm_ros.core.embedding_store import ModalityStore
 from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 from mm_llm_ros.core.params import LLM_PARAMS
-from mm_llm_ros.launch_plan import EMBEDDING_TOPIC
+from mm_llm_ros.launch_plan import CONTEXT_TOPIC, EMBEDDING_TOPIC
 from mm_llm_ros.ros.conversions import ns_to_stamp, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.node_main import StartupError, run_node
 from mm_llm_ros.ros.parameters import declare_parameters
-from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS
+from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
-from mm_llm_ros_interfaces.msg import Embedding, SceneDescription
+from mm_llm_ros_interfaces.msg import Embedding, PerceptionContext, SceneDescription
 from mm_llm_ros_interfaces.srv import Ask
 from diagnostic_msgs.msg import DiagnosticArray
 
@@ -46,12 +46,13 @@ class LLMNode(Node):
         if not self.answerer.sensors_inform_answers:
             self.get_logger().warning('bind network untrained/zero-gated: sensor embeddings do not inform answers')
 
-        self.store = EmbeddingStore()
+        self.store = ModalityStore()
         self.engine = AskEngine(self.answerer, self.store, AskLimits(
-            known_modalities=tuple(self.config.modalities), max_queue=self.config.max_queue,
+            known_modalities=tuple(self.config.modalities) + tuple(self.config.context_kinds),
+            max_queue=self.config.max_queue,
             max_question_chars=self.config.max_question_chars, default_max_age_s=self.config.max_age_s,
             default_max_new_tokens=self.config.generation.max_new_tokens,
-            max_new_tokens_cap=self.config.max_new_tokens_cap))
+            max_new_tokens_cap=self.config.max_new_tokens_cap), context_line=self.config.context_line)
         self.engine.start()
         self.dropped_embeddings = 0
 
@@ -61,11 +62,15 @@ class LLMNode(Node):
             self.create_subscription(Embedding, EMBEDDING_TOPIC.format(modality=modality),
                                      lambda msg, m=modality: self.embedding_callback(m, msg), EMBEDDING_QOS,
                                      callback_group=sensors)
-        self.create_service(Ask, 'ask', self.ask_callback, callback_group=requests)
+        for kind in self.config.context_kinds:
+            self.create_subscription(PerceptionContext, CONTEXT_TOPIC.format(kind=kind), self.context_callback,
+                                     LATCHED_QOS, callback_group=sensors)
+        self.create_service(Ask, 'ask', self.ask_callback, qos_profile=SERVICE_QOS, callback_group=requests)
         self._action_server = ActionServer(
             self, AskStream, 'ask_stream', execute_callback=self.ask_stream_execute,
             goal_callback=lambda _goal: GoalResponse.ACCEPT, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
-            callback_group=requests)
+            goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
+            cancel_service_qos_profile=SERVICE_QOS, callback_group=requests)
 
         self.description_pub = self.create_publisher(SceneDescription, 'scene_description', LATCHED_QOS)
         self.description_text_pub = self.create_publisher(String, 'scene_description/text', LATCHED_QOS)
@@ -98,6 +103,11 @@ class LLMNode(Node):
                                       throttle_duration_sec=5.0)
             return
         self.store.update(modality, vector, stamp_to_ns(msg.header.stamp), msg.model, msg.source_topic)
+
+    def context_callback(self, msg: PerceptionContext) -> None:
+        # Perception context is already short structured text; bound it once more against a hostile publisher.
+        self.store.update(msg.kind, msg.text[:self.config.context_max_chars], stamp_to_ns(msg.header.stamp),
+                          source_topic=msg.source_topic)
 
     # ---- /ask and /ask_stream ------------------------------------------------------------------
     def ask_callback(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
@@ -148,7 +158,8 @@ class LLMNode(Node):
                   'tokens_per_s_p50': self.engine.tokens_per_s.percentile(50),
                   'dropped_embeddings': self.dropped_embeddings, 'device': self.answerer.device_description,
                   **{f'{k}_requests': v for k, v in self.engine.counts.items()},
-                  **{f'age_{m}_s': ages.get(m, float('inf')) for m in self.config.modalities}}
+                  **{f'age_{m}_s': ages.get(m, float('inf'))
+                     for m in (*self.config.modalities, *self.config.context_kinds)}}
         level = 'warn' if self.engine.queue_length >= self.config.max_queue else 'ok'
         status = make_status(f'{self.get_name()}: ImageBind-LLM', self.answerer.device_description, level,
                              f'{self.engine.queue_length} request(s) in flight', values)
@@ -168,6 +179,8 @@ def _fill(response, result: AskResult):
     response.modalities_used = list(result.modalities_used)
     response.source_stamps = [ns_to_stamp(ns) for ns in result.source_stamps_ns]
     response.latency_s = float(result.latency_s)
+    response.tokens_generated = int(result.n_tokens)
+    response.tokens_per_s = float(result.tokens_per_s) if math.isfinite(result.tokens_per_s) else 0.0
     return response
 
 

@@ -11,3 +11,7 @@ EMBEDDING_QOS = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE, hist
 # Scene descriptions: latched, so a late-joining AR/VR bridge immediately gets the latest one.
 LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+# /ask and /ask_stream: the default service depth (10) silently drops requests (and replies) when more callers
+# arrive at once, leaving them hanging. Keep far more than max_queue so every caller gets an answer or "busy".
+SERVICE_QOS = QoSProfile(depth=256, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from mm_llm_ros.core.answering import BUSY, AskEngine, AskLimits, AskRequest, Generated
-from mm_llm_ros.core.embedding_store import EmbeddingStore
+from mm_llm_ros.core.embedding_store import ModalityStore
 
-MODALITIES = ('vision', 'audio', 'depth', 'point')
+MODALITIES = ('vision', 'audio', 'depth', 'point', 'ocr', 'geometry')
 
 
 class ScriptedAnswerer:
@@ -21,9 +21,11 @@ class ScriptedAnswerer:
         self.started = threading.Semaphore(0)
         self.fail_next = None
         self.calls = []
+        self.contexts = []
 
-    def answer(self, question, embeddings, max_new_tokens, on_text, should_stop):
+    def answer(self, question, embeddings, max_new_tokens, on_text, should_stop, context=None):
         self.calls.append((question, [e.modality for e in embeddings], max_new_tokens))
+        self.contexts.append(context)
         self.started.release()
         assert self.gate.wait(10)
         if self.fail_next:
@@ -46,7 +48,7 @@ def clock():
 
 @pytest.fixture
 def engine(clock):
-    store = EmbeddingStore(clock=lambda: clock[0])
+    store = ModalityStore(clock=lambda: clock[0])
     answerer = ScriptedAnswerer()
     eng = AskEngine(answerer, store, AskLimits(MODALITIES, max_queue=2, max_question_chars=50,
                                                 default_max_age_s=5.0, default_max_new_tokens=8,
@@ -161,3 +163,27 @@ def test_streamed_pieces_concatenate_to_the_answer(engine):
     pieces = []
     result = engine.submit(AskRequest('stream me', max_new_tokens=16), on_text=pieces.append).wait(5)
     assert ''.join(pieces) == result.answer == 'em maerts'
+
+
+def test_context_text_reaches_the_prompt_under_the_same_freshness_rule(engine, clock):
+    engine.store.update('ocr', "'POKKA' (0.98, top-center)", stamp_ns=5)
+    engine.store.update('vision', np.ones(4), stamp_ns=6)
+    clock[0] += 3.0
+    engine.store.update('geometry', 'nearest front 6.2 m', stamp_ns=7)
+    result = engine.submit(AskRequest('What text can you read?')).wait(5)
+    assert sorted(result.modalities_used) == ['geometry', 'ocr', 'vision']
+    assert engine.answerer.calls[-1][1] == ['vision']  # only vectors are fused
+    assert engine.answerer.contexts[-1].splitlines() == ["[ocr] 'POKKA' (0.98, top-center)",
+                                                         '[geometry] nearest front 6.2 m']
+    engine.submit(AskRequest('q', max_age_s=1.0)).wait(5)
+    assert engine.answerer.contexts[-1] == '[geometry] nearest front 6.2 m'
+    engine.submit(AskRequest('q', modalities=['vision'])).wait(5)
+    assert engine.answerer.contexts[-1] is None  # excluded when not asked for
+
+
+def test_untrained_note_names_the_context_that_does_inform(engine):
+    engine.answerer.sensors_inform_answers = False
+    engine.store.update('vision', np.ones(4), stamp_ns=1)
+    engine.store.update('ocr', 'EXIT 12', stamp_ns=1)
+    result = engine.submit(AskRequest('q')).wait(5)
+    assert 'zero-gated' in result.note and 'only the ocr context does' in result.note

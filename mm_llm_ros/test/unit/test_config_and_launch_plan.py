@@ -73,7 +73,8 @@ def resolved(**overrides):
 
 @pytest.mark.parametrize('single, camera, audio, lidar', list(itertools.product(['true', 'false'], repeat=4)))
 def test_plan_resolves_for_every_sensor_combination(single, camera, audio, lidar):
-    nodes = plan_nodes(resolved(single_process=single, use_camera=camera, use_audio=audio, use_lidar=lidar))
+    nodes = plan_nodes(resolved(single_process=single, use_camera=camera, use_audio=audio, use_lidar=lidar,
+                                use_grounding='false'))
     names = [n.executable for n in nodes]
     assert names[-1] == 'llm_node' and names.count('llm_node') == 1
     sensors = [s for s, on in (('camera', camera), ('audio', audio), ('lidar', lidar)) if on == 'true']
@@ -101,6 +102,13 @@ def test_plan_applies_paths_device_and_remappings():
     assert by_name['llm_node'].parameters[-1] == {'device': 'cuda:1', 'llm.backbone_path': '/m/llama',
                                                   'llm.adapter_checkpoint': '/m/7B.pth'}
     assert all(n.respawn and n.log_level == 'debug' for n in nodes)
+
+
+def test_grounding_node_gets_the_sensor_remappings():
+    nodes = plan_nodes(resolved(image_topic='/cam/image', audio_topic='/mic', points_topic='/lidar'))
+    grounding = next(n for n in nodes if n.executable == 'grounding_node')
+    assert {('camera/image_raw', '/cam/image'), ('audio', '/mic'), ('points', '/lidar')} <= set(grounding.remappings)
+    assert [n.executable for n in plan_nodes(resolved(use_grounding='false'))] == ['encoder', 'llm_node']
 
 
 def test_empty_path_arguments_keep_the_yaml_values():

@@ -8,7 +8,7 @@ AskStream = pytest.importorskip('mm_llm_ros_interfaces.action').AskStream
 ASK_GOAL = {'question': 'string', 'modalities': 'sequence<string>', 'max_age_s': 'float', 'max_new_tokens': 'uint32'}
 ASK_RESULT = {'success': 'boolean', 'answer': 'string', 'error': 'string', 'modalities_used': 'sequence<string>',
               'source_stamps': 'sequence<builtin_interfaces/Time>', 'latency_s': 'float',
-              'note': 'string'}
+              'note': 'string', 'tokens_generated': 'uint32', 'tokens_per_s': 'float'}
 
 
 def fields(cls):
@@ -42,3 +42,10 @@ def test_audio_chunk_message():
     assert fields(msgs.AudioChunk) == {'header': 'std_msgs/Header', 'sample_rate': 'uint32', 'channels': 'uint8',
                                        'encoding': 'string', 'data': 'sequence<uint8>'}
     assert {msgs.AudioChunk.ENCODING_S16LE, msgs.AudioChunk.ENCODING_F32LE} == {'S16LE', 'F32LE'}
+
+
+def test_perception_context_message():
+    assert fields(msgs.PerceptionContext) == {'header': 'std_msgs/Header', 'kind': 'string', 'text': 'string',
+                                              'json': 'string', 'source_topic': 'string', 'latency_s': 'float'}
+    assert (msgs.PerceptionContext.KIND_OCR, msgs.PerceptionContext.KIND_AUDIO_EVENTS,
+            msgs.PerceptionContext.KIND_GEOMETRY) == ('ocr', 'audio_events', 'geometry')

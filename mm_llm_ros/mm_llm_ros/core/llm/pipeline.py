@@ -19,7 +19,7 @@ import torch
 
 from mm_llm_ros.core.answering import Generated
 from mm_llm_ros.core.device import describe, resolve_device, resolve_dtype
-from mm_llm_ros.core.embedding_store import StoredEmbedding
+from mm_llm_ros.core.embedding_store import StoredInput
 from mm_llm_ros.core.llm.fusion import fuse_embeddings
 from mm_llm_ros.core.llm.generation import GenerationConfig, generate_stream
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
@@ -46,6 +46,9 @@ class LLMConfig:
     dtype: str = 'auto'
     embedding_dim: int = 1024
     modalities: tuple[str, ...] = ('vision', 'audio', 'depth', 'point')
+    context_kinds: tuple[str, ...] = ('ocr', 'audio_events', 'geometry')
+    context_line: str = '[{kind}] {text}'
+    context_max_chars: int = 1000
     max_age_s: float = 5.0
     max_queue: int = 4
     max_question_chars: int = 2000
@@ -72,6 +75,8 @@ class LLMConfig:
                    adapter_checkpoint=p['llm.adapter_checkpoint'], cache_dir=p['llm.cache_dir'],
                    seed=int(p['llm.seed']), device=p['device'], dtype=p['dtype'],
                    embedding_dim=int(p['embedding_dim']), modalities=tuple(p['modalities']),
+                   context_kinds=tuple(p['context.kinds']), context_line=p['context.line_template'],
+                   context_max_chars=int(p['context.max_chars']),
                    max_age_s=float(p['max_age_s']), max_queue=int(p['max_queue']),
                    max_question_chars=int(p['max_question_chars']), generation=generation,
                    max_new_tokens_cap=int(p['generation.max_new_tokens_cap']),
@@ -102,16 +107,16 @@ class LLMAnswerer:
                                           for n, p in model.named_parameters() if n.endswith('gate'))
         self._lock = threading.Lock()
 
-    def visual_features(self, embeddings: Sequence[StoredEmbedding]) -> Optional[torch.Tensor]:
+    def visual_features(self, embeddings: Sequence[StoredInput]) -> Optional[torch.Tensor]:
         """The published fusion of the given embeddings, refined by the visual cache when configured."""
         if not embeddings:
             return None
-        features = fuse_embeddings({e.modality: e.vector for e in embeddings}, self.fusion_weights)
+        features = fuse_embeddings({e.modality: e.value for e in embeddings}, self.fusion_weights)
         if self.visual_cache is not None:
             features = self.visual_cache(features)
         return features
 
-    def answer(self, question: str, embeddings: Sequence[StoredEmbedding], max_new_tokens: int,
+    def answer(self, question: str, embeddings: Sequence[StoredInput], max_new_tokens: int,
                on_text: Callable[[str], None], should_stop: Callable[[], bool],
                context: Optional[str] = None) -> Generated:
         config = replace(self.generation, max_new_tokens=max_new_tokens)
@@ -160,11 +165,13 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
         logger.warning('no adapter checkpoint: the bind network is untrained and zero-gated (published initial '
                        'state), so sensor embeddings do not change the answers')
     model = model.to(device=device, dtype=dtype).eval()
+    # Every weight is loaded: fold the LoRA pairs and biases into the base weights (inference only, see model.py).
+    model.merge_adapters()
     cache = None
     if config.cache_index_path:
         cache = VisualCache.from_index_file(config.cache_index_path, config.cache_size, config.cache_temperature,
                                            config.cache_weight)
-    prompt = PromptBuilder(PromptConfig(template=config.prompt_template),
+    prompt = PromptBuilder(PromptConfig(template=config.prompt_template, max_context_chars=config.context_max_chars),
                            chat_tokenizer=tokenizer if config.prompt_template == 'chat' else None)
     return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, name)
 
