@@ -43,8 +43,14 @@ PRESETS = {
         'nodes': ('encoder', 'grounding_node', 'llm_node'),
         'values': {
             '*': {'device': 'auto'},
-            'encoder': {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 2.0},
+            # The nuScenes LIDAR_TOP frame has y forward, and returns within 2.5 m are the ego car's own body.
+            'encoder': {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 2.0,
+                        'lidar.forward_yaw_deg': 90.0, 'lidar.min_range_m': 2.5},
+            'grounding_node': {'ocr.max_rate_hz': 0.2, 'geometry.forward_yaw_deg': 90.0,
+                               'geometry.min_range_m': 2.5},
             'llm_node': {'llm.preset': 'embedded', 'prompt.template': 'chat', 'generation.temperature': 0.0,
+                         'prompt.system': 'You are the perception assistant of a robot. Answer in one short '
+                                          'sentence, using only the sensor readings given.',
                          'generation.max_new_tokens': 64, 'generation.context_length': 1024,
                          'description.rate_hz': 0.1, 'description.max_new_tokens': 48, 'max_age_s': 30.0},
         },

@@ -22,6 +22,7 @@ from mm_llm_ros.core.scheduling import RollingStats
 logger = logging.getLogger(__name__)
 
 BUSY = 'busy'
+CONTEXT_LABELS = {'ocr': 'Text read by the camera', 'audio_events': 'Sounds heard', 'geometry': 'Lidar obstacles'}
 
 
 @dataclass
@@ -128,14 +129,14 @@ class AskEngine:
     """Serves AskRequests in order from a bounded queue with one worker thread."""
 
     def __init__(self, answerer: Answerer, store: ModalityStore, limits: AskLimits,
-                 context_line: str = '[{kind}] {text}'):
+                 context_line: str = '{label}: {text}'):
         self.answerer = answerer
         self.store = store
         self.limits = limits
         try:  # fail at start-up, not at the first question
-            context_line.format(kind='ocr', text='')
+            context_line.format(kind='ocr', label='', text='')
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"context line template '{context_line}' must use only {{kind}} and {{text}}") from exc
+            raise ValueError(f"context line template '{context_line}' must use only {{kind}}, {{label}} and {{text}}") from exc
         self.context_line = context_line
         self._queue: queue.Queue[Optional[AskJob]] = queue.Queue()
         self._in_flight = 0
@@ -244,7 +245,8 @@ class AskEngine:
             return AskResult(False, error='cancelled', cancelled=True)
         embeddings = [e for e in fresh if isinstance(e.value, np.ndarray)]
         contexts = [c for c in fresh if isinstance(c.value, str)]
-        context = '\n'.join(self.context_line.format(kind=c.modality, text=c.value) for c in contexts) or None
+        context = '\n'.join(self.context_line.format(kind=c.modality, label=CONTEXT_LABELS.get(c.modality, c.modality),
+                                                      text=c.value) for c in contexts) or None
         generated = self.answerer.answer(request.question, embeddings, request.max_new_tokens, job.on_text,
                                          job.should_stop, context=context)
         cancelled = generated.stopped_reason == 'cancelled'

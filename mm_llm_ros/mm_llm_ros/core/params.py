@@ -6,7 +6,8 @@ checked against them by tests (`scripts/param_table.py` regenerates the table).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ AUDIO_PARAMS = (
 LIDAR_PARAMS = (
     Param('lidar.projection', 'virtual', 'Project clouds into a virtual forward camera or a real camera (CameraInfo '
           'on camera/camera_info + extrinsic).', ('virtual', 'camera')),
+    Param('lidar.forward_yaw_deg', 0.0, "Direction the virtual camera looks, counter-clockwise from the lidar's +x "
+          "axis in degrees (0 for REP-103 lidars; 90 for nuScenes' y-forward LIDAR_TOP)."),
     Param('lidar.fov_deg', 90.0, 'Horizontal field of view of the virtual camera in degrees.'),
     Param('lidar.image_size', 448, 'Width and height in pixels of the virtual camera image before resizing to 224.'),
     Param('lidar.min_range_m', 0.5, 'Points closer than this (metres) are ignored.'),
@@ -100,7 +103,8 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('modalities', list(MODALITIES), 'Embedding modalities to subscribe to on /mm_llm/embedding/<modality>.'),
     Param('context.kinds', list(CONTEXT_KINDS), 'Perception-context kinds to subscribe to on mm_llm/context/<kind> '
           '(grounding_node); their text is added to the prompt under the same freshness rule.'),
-    Param('context.line_template', '[{kind}] {text}', 'How one context result becomes a prompt line.'),
+    Param('context.line_template', '{label}: {text}', 'How one context result becomes a prompt line; {kind} is '
+          'ocr/audio_events/geometry and {label} its readable name (e.g. "Text read by the camera").'),
     Param('context.max_chars', 1000, 'Bound on the context block in the prompt (and on each received text).'),
     Param('max_age_s', 5.0, 'Default freshness: embeddings older than this are not used.'),
     Param('max_queue', 4, 'Questions waiting or running at once; more get success=false, error "busy".'),
@@ -112,6 +116,9 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('generation.context_length', 512, 'Maximum tokens of prompt plus answer (official max_seq_len 512).'),
     Param('prompt.template', 'alpaca', "Prompt format: alpaca (as published) or chat (the backbone's chat template).",
           ('alpaca', 'chat')),
+    Param('prompt.system', '', "System message for the chat template ('' keeps the template's default)."),
+    Param('prompt.chat_context_template', 'Sensor readings:\n{context}\n\nQuestion: {instruction}',
+          'Chat user message when perception context is present (Alpaca puts it in the "### Input:" section).'),
     Param('fusion.weights.vision', 1.0, 'Fusion weight of the vision embedding.'),
     Param('fusion.weights.audio', 1.0, 'Fusion weight of the audio embedding.'),
     Param('fusion.weights.depth', 1.0, 'Fusion weight of the depth embedding.'),
@@ -173,6 +180,8 @@ GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
     Param('geometry.voxel_size_m', 0.1, 'Voxel size of the downsampling before ground fitting and clustering '
           '(0 disables it).'),
     Param('geometry.min_range_m', 0.5, 'Closer returns (usually the robot itself) are ignored.'),
+    Param('geometry.forward_yaw_deg', 0.0, "The robot's forward direction, counter-clockwise from the lidar's +x axis "
+          'in degrees, for the front/left/right/back sectors (0 for REP-103 lidars; 90 for nuScenes LIDAR_TOP).'),
     Param('geometry.max_range_m', 60.0, 'Farther returns are ignored.'),
     Param('geometry.ground_distance_m', 0.2, 'Points this close to the RANSAC ground plane are ground.'),
     Param('geometry.min_height_m', 0.2, 'Obstacles are points at least this high above the ground...'),
@@ -195,3 +204,60 @@ NODE_PARAMS: dict[str, dict[str, Param]] = {
 
 def defaults(node: str) -> dict[str, Any]:
     return {name: p.default for name, p in NODE_PARAMS[node].items()}
+
+
+# ---- Parameter files outside ROS (the `evaluate` CLI builds the nodes' models from them) ----------
+class ParamsFileError(ValueError):
+    """A ROS 2 parameter file that cannot be read, or a value its node would refuse."""
+
+
+WILDCARD_NODE = '**'
+
+
+def read_params_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The `ros__parameters` sections of a ROS 2 parameter file, keyed by node name.
+
+    `/**/llm_node`, `/robot/llm_node` and `llm_node` all name `llm_node`; a `/**` section (parameters for every
+    node) is kept under `WILDCARD_NODE`.
+    """
+    import yaml  # PyYAML ships with ROS; imported here so the parameter table needs no YAML at all
+
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ParamsFileError(f'cannot read parameter file {path}: {exc}') from exc
+    if not isinstance(document, dict):
+        raise ParamsFileError(f'{path}: expected a mapping of node names to ros__parameters sections')
+    sections: dict[str, dict[str, Any]] = {}
+    for key, section in document.items():
+        values = section.get('ros__parameters') if isinstance(section, dict) else None
+        if not isinstance(values, dict):
+            raise ParamsFileError(f"{path}: section '{key}' has no ros__parameters mapping")
+        sections.setdefault(str(key).rstrip('/').rsplit('/', 1)[-1], {}).update(values)
+    return sections
+
+
+def node_params(sections: Mapping[str, Mapping[str, Any]], node: str) -> dict[str, Any]:
+    """Every parameter of `node`: its defaults, overridden by the wildcard section, then by its own section.
+
+    As when the node declares them, a value outside a parameter's choices or of another type than its default
+    raises `ParamsFileError`; so does an unknown name in the node's own section (most likely a typo), while the
+    wildcard section may hold parameters of other nodes.
+    """
+    declared = NODE_PARAMS[node]
+    wildcard = {name: value for name, value in sections.get(WILDCARD_NODE, {}).items() if name in declared}
+    values = defaults(node)
+    for name, value in {**wildcard, **sections.get(node, {})}.items():
+        param = declared.get(name)
+        if param is None:
+            raise ParamsFileError(f"{node} has no parameter '{name}'")
+        # rclpy refuses an override of another type than the declared default (also 2 for a double: write 2.0).
+        if type(value) is not type(param.default):
+            raise ParamsFileError(f"{node} parameter '{name}' must be a {type(param.default).__name__}, "
+                                  f'got {value!r}')
+        try:
+            values[name] = param.validate(value)
+        except ValueError as exc:
+            raise ParamsFileError(f'{node}: {exc}') from exc
+    return values

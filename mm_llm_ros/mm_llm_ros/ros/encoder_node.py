@@ -18,9 +18,9 @@ from mm_llm_ros.core.audio_buffer import AudioRingBuffer
 from mm_llm_ros.core.device import DeviceError, describe
 from mm_llm_ros.core.encoding_pipeline import EncoderWorker, InputRejected, Prepared, Stream
 from mm_llm_ros.core.imagebind.lidar_projection import (T_OPTICAL_FROM_LIDAR, PinholeCamera, lidar_to_depth_input,
-                                                        virtual_camera)
+                                                        virtual_camera, yaw_to_forward)
 from mm_llm_ros.core.imagebind.model import (CheckpointError, ImageBindConfig, ImageBindConfigError,
-                                             get_shared_encoder, parse_overrides)
+                                             get_shared_encoder)
 from mm_llm_ros.core.imagebind.official import ImageBindUnavailableError
 from mm_llm_ros.core.imagebind.preprocess import preprocess_audio, preprocess_depth, preprocess_vision
 from mm_llm_ros.core.params import NODE_PARAMS
@@ -81,10 +81,7 @@ class EncoderNode(Node):
     # ---- set-up ---------------------------------------------------------------------------------
     def _load_model(self, p):
         try:
-            config = ImageBindConfig(preset=p['model.preset'], overrides=parse_overrides(p['model.overrides']),
-                                     checkpoint=p['model.checkpoint'], allow_random_weights=p['model.allow_random_weights'],
-                                     seed=p['model.seed'], device=p['device'], dtype=p['dtype'])
-            encoder = get_shared_encoder(config)
+            encoder = get_shared_encoder(ImageBindConfig.from_params(p))
         except (ImageBindConfigError, CheckpointError, DeviceError, ImageBindUnavailableError) as exc:
             raise StartupError(str(exc)) from exc
         if encoder.random_weights:
@@ -135,6 +132,7 @@ class EncoderNode(Node):
         if p['lidar.projection'] == 'virtual':
             size = int(p['lidar.image_size'])
             self.lidar_camera = virtual_camera(p['lidar.fov_deg'], size, size)
+            self.virtual_transform = T_OPTICAL_FROM_LIDAR @ yaw_to_forward(p['lidar.forward_yaw_deg'])
         self.tf_buffer = None
         if p['lidar.use_tf']:
             try:
@@ -187,10 +185,13 @@ class EncoderNode(Node):
 
     def _projection_for(self, msg: PointCloud2):
         if self.lidar_camera is not None:  # virtual forward-looking camera
-            return self.lidar_camera, T_OPTICAL_FROM_LIDAR
+            return self.lidar_camera, self.virtual_transform
         info = self.camera_info
         if info is None:
             raise InputRejected('no_camera_info', 'lidar.projection is camera but no CameraInfo has arrived')
+        if info.width * info.height > self.limits.max_pixels:  # the projection allocates width x height floats
+            raise InputRejected('too_large', f'CameraInfo size {info.width}x{info.height} exceeds '
+                                f'{self.limits.max_pixels} pixels')
         camera = PinholeCamera.from_k(info.k, info.width, info.height)
         if self.tf_buffer is None:
             return camera, self.lidar_extrinsic
@@ -207,7 +208,12 @@ class EncoderNode(Node):
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(item.stamp_ns, 1_000_000_000)
         msg.header.frame_id = item.frame_id
         msg.embedding = np.asarray(vector, dtype=np.float32).ravel().tolist()
-        self._publisher(item.modality).publish(msg)
+        try:
+            self._publisher(item.modality).publish(msg)
+        except Exception:
+            if self.context.ok():
+                raise
+            # Shutting down: the context went away between encoding and publishing; nothing is lost.
 
     def _log_rejected(self, stream: Stream, message: str) -> None:
         self.get_logger().warning(f'dropped a message on {stream.source_topic}: {message}', throttle_duration_sec=5.0)

@@ -17,6 +17,7 @@ import json
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
+import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
@@ -26,6 +27,7 @@ from mm_llm_ros.core.audio_buffer import AudioBufferError, AudioRingBuffer
 from mm_llm_ros.core.grounding import (AudioEventConfig, AudioEventExtractor, AudioEventsResult, GeometryConfig,
                                        GeometryExtractor, GeometryResult, GroundingError, GroundingResult, OcrConfig,
                                        OcrExtractor, OcrResult)
+from mm_llm_ros.core.imagebind.lidar_projection import yaw_to_forward
 from mm_llm_ros.core.latest_worker import LatestWorker
 from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits, DecodeReason
@@ -111,6 +113,8 @@ class GroundingNode(Node):
                                     callback=lambda msg: self._audio_callback(channel, msg))
 
     def _add_geometry(self, p, group) -> None:
+        yaw = p['geometry.forward_yaw_deg']
+        self.forward_rotation = yaw_to_forward(yaw)[:3, :3].astype(np.float32) if yaw else None
         extractor = _loaded('geometry', GeometryExtractor(_config(GeometryConfig, p, 'geometry')))
         self._add_channel(PerceptionContext.KIND_GEOMETRY, PointCloud2, TOPICS['points'], self._prepare_points,
                           extractor, GeometryResult, p['geometry.max_rate_hz'], group)
@@ -152,7 +156,10 @@ class GroundingNode(Node):
         return ExtractorInput((snapshot.waveform.mean(axis=0), snapshot.sample_rate), snapshot.end_stamp_ns)
 
     def _prepare_points(self, msg: PointCloud2) -> ExtractorInput:
-        return ExtractorInput((pointcloud_from_msg(msg, self.limits).xyz,), stamp_to_ns(msg.header.stamp))
+        xyz = pointcloud_from_msg(msg, self.limits).xyz
+        if self.forward_rotation is not None:  # sectors are defined around the robot's forward direction
+            xyz = xyz @ self.forward_rotation.T
+        return ExtractorInput((xyz,), stamp_to_ns(msg.header.stamp))
 
     def _process(self, channel: Channel, msg) -> None:
         started = time.perf_counter()

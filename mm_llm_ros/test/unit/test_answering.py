@@ -173,10 +173,10 @@ def test_context_text_reaches_the_prompt_under_the_same_freshness_rule(engine, c
     result = engine.submit(AskRequest('What text can you read?')).wait(5)
     assert sorted(result.modalities_used) == ['geometry', 'ocr', 'vision']
     assert engine.answerer.calls[-1][1] == ['vision']  # only vectors are fused
-    assert engine.answerer.contexts[-1].splitlines() == ["[ocr] 'POKKA' (0.98, top-center)",
-                                                         '[geometry] nearest front 6.2 m']
+    assert engine.answerer.contexts[-1].splitlines() == ["Text read by the camera: 'POKKA' (0.98, top-center)",
+                                                         'Lidar obstacles: nearest front 6.2 m']
     engine.submit(AskRequest('q', max_age_s=1.0)).wait(5)
-    assert engine.answerer.contexts[-1] == '[geometry] nearest front 6.2 m'
+    assert engine.answerer.contexts[-1] == 'Lidar obstacles: nearest front 6.2 m'
     engine.submit(AskRequest('q', modalities=['vision'])).wait(5)
     assert engine.answerer.contexts[-1] is None  # excluded when not asked for
 

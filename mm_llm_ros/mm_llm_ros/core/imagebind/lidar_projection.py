@@ -43,6 +43,17 @@ T_OPTICAL_FROM_LIDAR = np.array([[0.0, -1.0, 0.0, 0.0],
 T_OPTICAL_FROM_LIDAR.setflags(write=False)
 
 
+def yaw_to_forward(forward_yaw_deg: float) -> np.ndarray:
+    """4x4 rotation about z that turns a lidar frame whose forward direction lies at `forward_yaw_deg`
+    (counter-clockwise from +x) into one where x points forward (REP-103). 0 for most lidars; 90 for nuScenes'
+    LIDAR_TOP, whose y axis points forward."""
+    angle = math.radians(forward_yaw_deg)
+    c, s = math.cos(angle), math.sin(angle)
+    transform = np.eye(4)
+    transform[:2, :2] = [[c, s], [-s, c]]
+    return transform
+
+
 @dataclasses.dataclass(frozen=True)
 class PinholeCamera:
     """An undistorted pinhole camera: intrinsics in pixels (integer coordinates at pixel centres) and image size."""

