@@ -6,12 +6,13 @@
 # Environment:
 #   PYTHON        interpreter to build the venv from (default: python3)
 #   MM_LLM_VENV   venv location (default: <repo>/.venv)
+#   MM_LLM_SETUP_LOGS  where pip/colcon logs go (default: <repo>/log/setup)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MM_LLM_VENV:-$REPO/.venv}"
 PYTHON="${PYTHON:-python3}"
-LOG_DIR="$REPO/log/setup"
+LOG_DIR="${MM_LLM_SETUP_LOGS:-$REPO/log/setup}"
 mkdir -p "$LOG_DIR"
 
 die() { echo "setup: error: $*" >&2; exit 1; }
