@@ -3,9 +3,11 @@
     .venv/bin/python bench/llm.py [--threads 1] [--repeats 5] [--new-tokens 32] [--presets tiny smollm2]
                                   [--cache-dir DIR] [--out bench/results/llm.md]
 
-Per preset, the same backbone weights run twice in one process: plain (`LlamaForCausalLM`), and wrapped by
+Per preset, the same backbone weights run three times in one process: plain (`LlamaForCausalLM`); wrapped by
 `ImageBindLLM` (LoRA on every projection, gated visual vector in every layer) with a random fused feature set once,
-as a query would. Each variant gets one warm-up generation, then `--repeats` timed ones; the table reports medians.
+as a query would; and the same wrapper after `merge_adapters()` (what `build_answerer` serves: the LoRA pairs and
+biases folded into the base weights). Each variant gets one warm-up generation, then `--repeats` timed ones, the
+variants taking turns so that a changing load on a shared machine affects them alike; the table reports medians.
 Generation uses the official settings (temperature 0.1, top-p 0.75, seeded) with EOS ignored, so every run decodes
 exactly `--new-tokens` tokens from the same Alpaca prompt. One torch thread by default: per-core numbers that stay
 comparable on a busy machine (the shared CI machines have 2 cores).
@@ -55,20 +57,29 @@ def _plain(backbone) -> tuple[object, float]:
     return backbone.model, 0.0
 
 
-def _injected(backbone) -> tuple[object, float]:
-    """Wrap the backbone with ImageBind-LLM and set one random visual feature; returns (model, setup seconds)."""
+def _injected(backbone, merge: bool = False) -> tuple[object, float]:
+    """Wrap the backbone with ImageBind-LLM (merged if asked) and set one random visual feature.
+
+    Returns (model, setup seconds); the setup is the per-query visual work only, not the one-time merge.
+    """
     import torch
 
     from mm_llm_ros.core.llm.model import ImageBindLLM
 
     model = ImageBindLLM(backbone.model).eval()
+    if merge:
+        model.merge_adapters()
     feature = torch.nn.functional.normalize(torch.randn(model.config.embed_dim), dim=0)
     start = time.perf_counter()
     model.set_visual_features(feature)
     return model, time.perf_counter() - start
 
 
-VARIANTS: dict[str, Callable] = {'backbone': _plain, 'imagebind-llm': _injected}
+def _merged(backbone) -> tuple[object, float]:
+    return _injected(backbone, merge=True)
+
+
+VARIANTS: dict[str, Callable] = {'backbone': _plain, 'imagebind-llm': _injected, 'imagebind-llm merged': _merged}
 
 
 def _presets(cache_dir: pathlib.Path | None) -> dict[str, Callable]:
@@ -93,23 +104,31 @@ def _timed_generation(model, tokenizer, prompt: list[int], config) -> Timing:
                   (count - 1) / (last[0] - first[0]), (count - 1) / (last[1] - first[1]))
 
 
-def _measure(preset: str, variant: str, load: Callable, repeats: int, new_tokens: int) -> Row:
+def _measure(preset: str, load: Callable, repeats: int, new_tokens: int) -> list[Row]:
+    """Every variant of one preset, timed round-robin so that a changing load on a shared machine hits all alike."""
     from mm_llm_ros.core.llm.generation import GenerationConfig
     from mm_llm_ros.core.llm.prompt import PromptBuilder
 
-    backbone = load()  # a fresh copy: ImageBindLLM patches its backbone in place
-    model, setup_s = VARIANTS[variant](backbone)
-    tokenizer = backbone.tokenizer
-    prompt = PromptBuilder().encode(tokenizer, INSTRUCTION)
     config = GenerationConfig(max_new_tokens=new_tokens, seed=0, stop_on_eos=False)
-    _timed_generation(model, tokenizer, prompt, config)  # warm-up: first-call allocations are not steady state
-    timings = [_timed_generation(model, tokenizer, prompt, config) for _ in range(repeats)]
+    backbones = {variant: load() for variant in VARIANTS}  # fresh copies: ImageBindLLM patches its backbone in place
+    tokenizer = backbones['backbone'].tokenizer
+    prompt = PromptBuilder().encode(tokenizer, INSTRUCTION)
+    models, setups, timings = {}, {}, {}
+    for variant, wrap in VARIANTS.items():
+        models[variant], setups[variant] = wrap(backbones[variant])
+        _timed_generation(models[variant], tokenizer, prompt, config)  # warm-up: first-call allocations
+        timings[variant] = []
+    for _ in range(repeats):
+        for variant, model in models.items():
+            timings[variant].append(_timed_generation(model, tokenizer, prompt, config))
 
-    def median(field: str) -> float:
-        return statistics.median(getattr(timing, field) for timing in timings)
+    def median(variant: str, field: str) -> float:
+        return statistics.median(getattr(timing, field) for timing in timings[variant])
 
-    return Row(preset, variant, _parameters(model), len(prompt), 1000 * setup_s, 1000 * median('ttft_s'),
-               1000 * median('ttft_cpu_s'), median('tokens_per_s'), median('tokens_per_cpu_s'))
+    return [Row(preset, variant, _parameters(model), len(prompt), 1000 * setups[variant],
+                1000 * median(variant, 'ttft_s'), 1000 * median(variant, 'ttft_cpu_s'),
+                median(variant, 'tokens_per_s'), median(variant, 'tokens_per_cpu_s'))
+            for variant, model in models.items()]
 
 
 def _load_seconds(load: Callable) -> float:
@@ -128,7 +147,8 @@ def _markdown(rows: list[Row], loads: dict[str, float], threads: int, repeats: i
         f'median of {repeats} runs after one warm-up; {new_tokens} new tokens, temperature 0.1, top-p 0.75.',
         'TTFT = prompt prefill + first token. Wall-clock and CPU-time columns; on a loaded machine wall-clock is '
         'inflated by waiting for a core, so the overheads (ImageBind-LLM relative to the same backbone, same run) '
-        'are computed from CPU time.',
+        'are computed from CPU time. `imagebind-llm merged` is what `build_answerer` serves (LoRA pairs and biases '
+        'folded into the base weights by `ImageBindLLM.merge_adapters`); `imagebind-llm` runs them unmerged.',
         '',
         '| preset | variant | parameters | prompt tokens | visual setup (ms) | TTFT (ms) | TTFT CPU (ms) | '
         'tokens/s | tokens/CPU-s | TTFT overhead | time/token overhead |',
@@ -163,8 +183,7 @@ def run(presets: Sequence[str], threads: int, repeats: int, new_tokens: int, cac
     for preset in presets:
         loaders[preset]()  # the first SmolLM2 use converts its GGUF; time the cached path that follows
         loads[preset] = _load_seconds(loaders[preset])
-    rows = [_measure(preset, variant, loaders[preset], repeats, new_tokens)
-            for preset in presets for variant in VARIANTS]
+    rows = [row for preset in presets for row in _measure(preset, loaders[preset], repeats, new_tokens)]
     markdown = _markdown(rows, loads, threads, repeats, new_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + '.tmp')

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import zipfile
 from collections.abc import Mapping
@@ -331,6 +332,10 @@ def load_hf_llama(path: PathLike, *, dtype: torch.dtype = torch.float32) -> tupl
     try:
         model, info = LlamaForCausalLM.from_pretrained(root, local_files_only=True, output_loading_info=True,
                                                        **{_dtype_kwarg(): dtype})
+    except pickle.UnpicklingError as exc:  # transformers reads *.bin weights with torch.load(weights_only=True)
+        raise CheckpointError(f'{root}: refused to load the Hugging Face weights: the weights-only unpickler '
+                              'rejected them (they are not plain tensors, or would run code); use model.safetensors'
+                              ) from exc
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f'{root}: cannot load the Hugging Face model ({exc})') from exc
     problems = {kind: sorted(info.get(kind) or ()) for kind in ('missing_keys', 'unexpected_keys', 'mismatched_keys')}
@@ -396,7 +401,11 @@ def adapter_key_map(model: ImageBindLLM) -> dict[str, tuple[str, int | None]]:
 
 def load_adapter_state_dict(model: ImageBindLLM, state: Mapping[str, torch.Tensor],
                             source: PathLike = '<state dict>') -> None:
-    """Copy an official-key adapter state dict into `model` (strict: every key, exact shapes)."""
+    """Copy an official-key adapter state dict into `model` (strict: every key, exact shapes).
+
+    A model whose adapters are merged (`ImageBindLLM.merge_adapters`) raises `AdaptersMergedError`.
+    """
+    model.require_unmerged(f'load the adapter {source}')
     mapping = adapter_key_map(model)
     unexpected = sorted(set(state) - set(mapping))
     missing = sorted(set(mapping) - set(state))

@@ -22,6 +22,15 @@ Generalisation beyond the official code (which only knows multi-head attention):
 key/value head; it is repeated to the query heads exactly as transformers' `repeat_kv` repeats the values, so query
 head h uses kv head `h // (num_heads // num_kv_heads)`. With as many kv heads as heads this is the official formula.
 
+Inference-time folding (`ImageBindLLM.merge_adapters`): run per token, the seven LoRA pairs (and the tuned biases) of
+every layer are many small extra matmuls. Merging folds each `LoRALinear` into its base layer once, W <- W + B A
+(computed in float32, cast back to the model dtype), with the tuned bias as the base layer's bias, so a token
+forward costs what the plain backbone costs plus one vector addition per injected layer. The visual path needs the
+base wv without LoRA; instead of a second copy of wv it is recovered as wv_merged(u) - B A u - bias from the kept
+rank-r factors (exact in real arithmetic, equal up to the rounding of the merged weight), once per query. Merging
+cannot be undone exactly, so it is an inference-only transform: a merged model refuses `state_dict`,
+`load_state_dict` and adapter checkpoints (`AdaptersMergedError`); build a fresh model to save or load weights.
+
 Module names inside the patched backbone (used by `checkpoints.py` to map the official key names):
 `self_attn.{q,k,v}_proj` and `mlp.{gate,up,down}_proj` are `LoRALinear`; `self_attn.o_proj` is a
 `GatedOutputProjection` whose `proj` is a `LoRALinear` and whose `gate` is the layer's gate.
@@ -48,6 +57,10 @@ _MLP_BIAS = {'gate_proj': True, 'up_proj': True, 'down_proj': True}
 
 class ModelError(ValueError):
     """A backbone that cannot be patched, an invalid configuration or invalid visual features."""
+
+
+class AdaptersMergedError(ModelError):
+    """Saving or loading weights of a model whose adapters were merged into the base weights (inference only)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,9 @@ class LoRALinear(nn.Module):
 
     y = base(x) + bias + lora_b(lora_a(x)), no scaling and no dropout, `lora_b` zero-initialised: a fresh wrapper
     computes exactly what `base` computes. `base` is kept as is (its own bias, if any, still applies).
+
+    `merge()` folds the update into `base` for inference (see `ImageBindLLM.merge_adapters`); afterwards the
+    forward is the single `base` call and `lora_a`/`lora_b` only serve `base_output`.
     """
 
     def __init__(self, base: nn.Linear, rank: int, bias: bool) -> None:
@@ -142,6 +158,10 @@ class LoRALinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(base.out_features, **factory))
         else:
             self.register_parameter('bias', None)
+        self.merged: bool = False
+        # Once merged, the base weight no longer holds the backbone's weight: saving or loading it would be wrong.
+        self.register_state_dict_pre_hook(_refuse_if_merged)
+        self.register_load_state_dict_pre_hook(_refuse_if_merged)
 
     @property
     def in_features(self) -> int:
@@ -151,13 +171,59 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_b(self.lora_a(x))
+
     def linear_map(self, x: torch.Tensor) -> torch.Tensor:
         """The linear part only, (W + B A) x, without any bias."""
-        return F.linear(x, self.base.weight) + self.lora_b(self.lora_a(x))
+        if self.merged:
+            return F.linear(x, self.base.weight)
+        return F.linear(x, self.base.weight) + self._lora(x)
+
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """What the frozen `base` layer alone computes (W x + its own bias): no LoRA update, no tuned bias.
+
+        After `merge()` this is merged(x) - B A x - bias, from the kept rank-r factors rather than a second copy
+        of W: exact in real arithmetic, equal up to the rounding of the merged weight in floating point.
+        """
+        if not self.merged:
+            return self.base(x)
+        y = self.base(x) - self._lora(x)
+        return y if self.bias is None else y - self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x) + self.lora_b(self.lora_a(x))
+        if self.merged:  # nn.Linear's forward, without a second module call per projection and token
+            return F.linear(x, self.base.weight, self.base.bias)
+        y = self.base(x) + self._lora(x)
         return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold W + B A into the base weight and the tuned bias into the base bias (idempotent, irreversible)."""
+        if self.merged:
+            return
+        weight = self.base.weight
+        # float32 accumulation, one rounding to the model dtype (bf16/fp16 sums would round twice).
+        merged = torch.addmm(weight.float(), self.lora_b.weight.float(), self.lora_a.weight.float())
+        weight.copy_(merged)
+        if self.bias is not None:
+            if self.base.bias is None:
+                self.base.bias = self.bias  # shared, like tied embeddings: no copy
+            else:
+                self.base.bias.add_(self.bias)
+        self.merged = True
+
+
+def _adapters_merged(action: str) -> AdaptersMergedError:
+    return AdaptersMergedError(f'cannot {action}: the LoRA adapters are merged into the base weights, an '
+                               'inference-only transform that cannot be undone exactly; build a fresh, unmerged '
+                               'model for that')
+
+
+def _refuse_if_merged(module: LoRALinear, *_: Any) -> None:
+    """The state_dict and load_state_dict pre-hook of `LoRALinear`."""
+    if module.merged:
+        raise _adapters_merged('save or load weights')
 
 
 class GatedOutputProjection(nn.Module):
@@ -217,7 +283,8 @@ class ImageBindLLM(nn.Module):
     `.logits`, is returned). A fresh instance (zero gates, biases and second LoRA factors) computes exactly what
     the backbone computes; zero gates alone remove the visual effect.
 
-    The visual vectors are model state: serve one query at a time per instance.
+    The visual vectors are model state: serve one query at a time per instance. For inference, call
+    `merge_adapters()` once all weights are loaded: same results, the per-token cost of the plain backbone.
     """
 
     def __init__(self, backbone: LlamaForCausalLM, config: ImageBindLLMConfig | None = None) -> None:
@@ -306,10 +373,38 @@ class ImageBindLLM(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         for query, layer in zip(queries, self.injected_layers, strict=True):
             attn = layer.self_attn
-            value = attn.v_proj.base(query)  # the frozen wv, no LoRA (official)
+            value = attn.v_proj.base_output(query)  # the frozen wv, no LoRA (official)
             value = value.view(self.num_kv_heads, self.head_dim).repeat_interleave(groups, dim=0)  # (nh, hs)
             attn.o_proj.set_visual_value(value)
         self.visual_vector_computations += 1
+
+    def lora_projections(self) -> list[LoRALinear]:
+        """Every LoRA-wrapped projection of the backbone (seven per decoder layer)."""
+        return [module for module in self.backbone.modules() if isinstance(module, LoRALinear)]
+
+    @property
+    def merged(self) -> bool:
+        """Whether `merge_adapters` has folded the adapters into the base weights."""
+        return self.lora_projections()[0].merged
+
+    def merge_adapters(self) -> None:
+        """Fold every LoRA update and tuned bias into its base linear layer, for inference (idempotent).
+
+        Token forwards then run one matmul + bias per projection, like the plain backbone. Results are unchanged
+        up to floating-point rounding, and visual features already set stay valid. Irreversible: afterwards
+        `state_dict`, `load_state_dict` and adapter checkpoints raise `AdaptersMergedError`.
+        """
+        if self.merged:
+            return
+        projections = self.lora_projections()
+        for projection in projections:
+            projection.merge()
+        logger.info('merged %d LoRA projections into their base weights (inference only)', len(projections))
+
+    def require_unmerged(self, action: str) -> None:
+        """Raise `AdaptersMergedError` naming `action` (e.g. 'load an adapter checkpoint') if merged."""
+        if self.merged:
+            raise _adapters_merged(action)
 
     def forward(self, **kwargs: Any) -> Any:
         """Run the patched backbone (input_ids, attention_mask, cache, use_cache, ...) and return its output."""
