@@ -41,3 +41,24 @@ def test_demo_runs_on_the_generated_scene(tmp_path):
     assert done.stdout.count('Q (ask') == 4 and 'demo finished' in done.stdout
     assert "received ocr           'LOADING DOCK B'" in done.stdout
     assert 'tokens/s' in done.stdout and 'zero-gated' in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_demo_preset_reads_the_truck_sign_on_the_nuscenes_scene(node_graph, test_node, config_dir, shared_data):
+    """Issue 6, acceptance 4: with OCR context, the real SmolLM2 at temperature 0 answers with 'POKKA'."""
+    for spec in plan_nodes({'params_file': str(config_dir / 'demo.yaml')}):
+        node_graph.start_spec(spec)
+    node_graph.start('sensor_replay', params={'source': f'nuscenes:{shared_data}', 'loop': True,
+                                              'duration_s': 300.0})
+    client = test_node.node.create_client(Ask, '/ask', qos_profile=SERVICE_QOS)
+    test_node.wait_for_service(client, timeout_s=180)  # first start converts the GGUF once (~20-40 s)
+    request = Ask.Request(question='What text can you read?', modalities=['ocr'], max_age_s=60.0)
+    response = None
+    for _ in range(60):  # until the first OCR result has arrived; bounded
+        response = test_node.result(client.call_async(request), 120)
+        if 'ocr' in response.modalities_used:
+            break
+    assert response.success and response.modalities_used == ['ocr'], (response.error, response.note)
+    assert 'POKKA' in response.answer.upper(), response.answer
+    test_node.node.destroy_client(client)
