@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/grounding.py [--threads 1] [--repeats 5] [--out bench/results/grounding.md]
 
-Writes a Markdown table: model load time, median and p90 latency per input, and each result's prompt line.
-The effect of the context on an LLM's time to first token is measured by `measure_ttft_effect`, which takes any
-callable that returns the TTFT in seconds for a prompt; pass one to `run(..., ttft=...)` to add that table.
+Writes a Markdown table: model load time, median and p90 latency per input, and each result's prompt line, then
+the effect of that context on the LLM's time to first token (`--llm embedded` by default: SmolLM2 through the same
+pipeline as llm_node, chat template, greedy; `--llm none` skips it), measured in the same run.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ NUSCENES_INFO = 'pointclouds/nuscenes_n015-2018-07-24-11-22-45+0800_info.json'
 EGO_BOX = (-1.2, 4.2, 1.2)   # x min, x max, |y| max (m) of the nuScenes car around its rear axle, with a margin
 DEFAULT_QUESTION = 'What is around the robot, and is it safe to drive forward?'
 
-TtftFn = Callable[[str], float]   # prompt -> seconds to the first generated token
+TtftFn = Callable[[str, 'str | None'], float]   # (question, context) -> seconds to the first generated token
 
 
 @dataclass
@@ -122,17 +122,38 @@ def bench_extractors(data: pathlib.Path, threads: int, repeats: int) -> tuple[li
 
 def measure_ttft_effect(ttft: TtftFn, context: str, question: str = DEFAULT_QUESTION,
                         repeats: int = 3) -> list[tuple[str, int, float]]:
-    """Median time to first token without and with the grounding context: [(variant, prompt chars, seconds)].
+    """Median time to first token without and with the grounding context: [(variant, context chars, seconds)].
 
-    `ttft(prompt)` must run the LLM on `prompt` and return the seconds until its first token (the caller
-    decides on chat templates, devices and warm-up). The context goes before the question, as in the node.
+    `ttft(question, context)` must run the LLM and return the seconds until its first token; the runs alternate
+    between the variants so that load changes on a shared machine affect both alike.
     """
-    variants = (('question only', question), ('context + question', f'{context}\n\n{question}'))
-    return [(name, len(prompt), statistics.median(ttft(prompt) for _ in range(repeats))) for name, prompt in variants]
+    variants = (('question only', None), ('context + question', context))
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for _ in range(repeats):
+        for name, text in variants:
+            times[name].append(ttft(question, text))
+    return [(name, len(text or ''), statistics.median(times[name])) for name, text in variants]
+
+
+def llm_ttft(preset: str) -> TtftFn:
+    """TTFT through llm_node's pipeline (`core/llm/pipeline.py`) with the given preset, greedy, chat template."""
+    import math
+
+    from mm_llm_ros.core.llm.generation import GenerationConfig
+    from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
+    answerer = build_answerer(LLMConfig(preset=preset, device='cpu', dtype='float32',
+                                        prompt_template='chat' if preset == 'embedded' else 'alpaca',
+                                        generation=GenerationConfig(temperature=0.0, max_new_tokens=1)))
+
+    def ttft(question: str, context: 'str | None') -> float:
+        answer = answerer.answer(question, [], 1, lambda _: None, lambda: False, context=context)
+        return answer.time_to_first_token_s if math.isfinite(answer.time_to_first_token_s) else float('nan')
+    ttft(DEFAULT_QUESTION, None)  # warm-up
+    return ttft
 
 
 def render(rows: Sequence[Row], context: str, threads: int, repeats: int,
-           ttft_rows: Sequence[tuple[str, int, float]] | None = None) -> str:
+           ttft_rows: Sequence[tuple[str, int, float]] | None = None, llm_note: str = '') -> str:
     import onnxruntime
     lines = [
         '# Grounding extractors: CPU latency',
@@ -156,18 +177,23 @@ def render(rows: Sequence[Row], context: str, threads: int, repeats: int,
     lines += ['', 'Sample context from the first input of each extractor (default ContextConfig):',
               '', '```', context, '```', '']
     if ttft_rows:
-        lines += ['## Effect on time to first token', '', '| prompt | chars | TTFT (s) |', '|---|---:|---:|']
-        lines += [f'| {name} | {chars} | {seconds:.3f} |' for name, chars, seconds in ttft_rows]
+        baseline = ttft_rows[0][2]
+        lines += ['## Effect on time to first token', '',
+                  f'{llm_note}; median of alternating runs, ratio against the question-only prompt of the same run.',
+                  '', '| prompt | context chars | TTFT (s) | ratio |', '|---|---:|---:|---:|']
+        lines += [f'| {name} | {chars} | {seconds:.3f} | {seconds / baseline:.2f}x |' for name, chars, seconds in ttft_rows]
         lines.append('')
     return '\n'.join(lines)
 
 
-def run(data: pathlib.Path, threads: int, repeats: int, out: pathlib.Path, ttft: TtftFn | None = None) -> str:
+def run(data: pathlib.Path, threads: int, repeats: int, out: pathlib.Path, ttft: TtftFn | None = None,
+        llm_note: str = '') -> str:
     """Benchmark, write `out`, return the Markdown. `ttft` adds the time-to-first-token table."""
     from mm_llm_ros.core.grounding import ContextBuilder
     rows, samples = bench_extractors(data, threads, repeats)
     context = ContextBuilder()(samples)
-    markdown = render(rows, context, threads, repeats, measure_ttft_effect(ttft, context) if ttft else None)
+    ttft_rows = measure_ttft_effect(ttft, context, repeats=repeats) if ttft else None
+    markdown = render(rows, context, threads, repeats, ttft_rows, llm_note)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown)
     return markdown
@@ -179,10 +205,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument('--threads', type=int, default=1, help='onnxruntime/OpenMP threads per model')
     parser.add_argument('--repeats', type=int, default=5, help='timed calls per input')
     parser.add_argument('--out', type=pathlib.Path, default=REPO / 'bench' / 'results' / 'grounding.md')
+    parser.add_argument('--llm', choices=('embedded', 'tiny', 'none'), default='embedded',
+                        help='LLM preset for the time-to-first-token table (none skips it)')
     args = parser.parse_args(argv)
     # open3d sizes its OpenMP pool from this when it is first imported (by GeometryExtractor.load).
     os.environ.setdefault('OMP_NUM_THREADS', str(args.threads))
-    print(run(args.data, args.threads, args.repeats, args.out))
+    ttft = None
+    if args.llm != 'none':
+        import torch
+        torch.set_num_threads(args.threads)
+        ttft = llm_ttft(args.llm)
+    note = f'LLM preset `{args.llm}` on CPU with {args.threads} thread(s)'
+    print(run(args.data, args.threads, args.repeats, args.out, ttft, note))
 
 
 if __name__ == '__main__':
