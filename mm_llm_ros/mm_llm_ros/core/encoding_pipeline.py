@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
-from mm_llm_ros.core.scheduling import LatestSlot, RateLimiter, RollingStats
+from mm_llm_ros.core.scheduling import BackgroundLoop, LatestSlot, RateLimiter, RollingStats
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +89,12 @@ class Stream:
 PublishFn = Callable[[Stream, Prepared, np.ndarray], None]
 
 
-class EncoderWorker:
+class EncoderWorker(BackgroundLoop):
     """The single thread that prepares, batches, encodes and publishes for a set of streams."""
 
     def __init__(self, encoder: BatchEncoder, streams: Sequence[Stream], publish: PublishFn,
                  now_ns: Callable[[], int] = time.time_ns, on_rejected: Optional[Callable[[Stream, str], None]] = None):
+        super().__init__('encoder-worker')
         self.encoder = encoder
         self.streams = list(streams)
         self.publish = publish
@@ -101,22 +102,10 @@ class EncoderWorker:
         self.on_rejected = on_rejected or (lambda stream, message: None)
         self.model_s = RollingStats()
         self.failures = 0
-        self._wakeup = threading.Event()
-        self._stop = threading.Event()
         for stream in self.streams:
             stream.wakeup = self._wakeup
-        self._thread = threading.Thread(target=self._run, name='encoder-worker', daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        self._wakeup.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
-
-    def _run(self) -> None:
+    def _loop(self) -> None:
         while not self._stop.is_set():
             due = [s for s in self.streams if s.slot and s.limiter.ready()]
             if not due:

@@ -12,14 +12,14 @@ import threading
 import time
 from typing import Any, Callable, Generic, TypeVar
 
-from mm_llm_ros.core.scheduling import LatestSlot, RateLimiter, RollingStats
+from mm_llm_ros.core.scheduling import BackgroundLoop, LatestSlot, RateLimiter, RollingStats
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar('T')
 
 
-class LatestWorker(Generic[T]):
+class LatestWorker(BackgroundLoop, Generic[T]):
     """Calls `handle(item)` on its own thread for the freshest offered item, at most `max_rate_hz` times a second.
 
     An exception from `handle` is logged and counted in `failures`, and the thread goes on with the next item.
@@ -27,6 +27,7 @@ class LatestWorker(Generic[T]):
     """
 
     def __init__(self, name: str, handle: Callable[[T], None], max_rate_hz: float, clock=time.monotonic):
+        super().__init__(name)
         self.name = name
         self._handle = handle
         self.slot: LatestSlot[T] = LatestSlot()
@@ -36,9 +37,6 @@ class LatestWorker(Generic[T]):
         self.failures = 0
         self._counters: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
-        self._wakeup = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def offer(self, item: T) -> None:
         """Hand an item over (from a callback): never blocks, never raises."""
@@ -50,20 +48,6 @@ class LatestWorker(Generic[T]):
         """Add to a named counter; safe from any thread."""
         with self._lock:
             self._counters[key] += amount
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the thread after the item in hand, if any (waits at most `timeout_s`)."""
-        self._stop.set()
-        self._wakeup.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
 
     def run_pending(self) -> bool:
         """Handle the waiting item now, ignoring the rate limit; False when there was none (the loop's step)."""

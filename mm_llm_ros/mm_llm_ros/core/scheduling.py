@@ -87,3 +87,29 @@ class RollingStats:
             return float('nan')
         index = min(len(values) - 1, max(0, round(q / 100.0 * (len(values) - 1))))
         return values[index]
+
+
+class BackgroundLoop:
+    """A daemon thread running `_loop()` until `stop()`; `_wakeup` interrupts its waits early."""
+
+    def __init__(self, name: str):
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the loop to end after the work in hand and wait for it (at most `timeout_s`)."""
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
