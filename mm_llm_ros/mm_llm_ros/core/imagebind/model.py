@@ -135,6 +135,13 @@ class ImageBindConfig:
             raise ImageBindConfigError(f"ImageBind preset must be one of {', '.join(PRESETS)}, got '{self.preset}'")
         object.__setattr__(self, 'overrides', validate_overrides(self.overrides))
 
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> ImageBindConfig:
+        """The config of an encoder node's parameters (`core/params.py`: IMAGEBIND_PARAMS and device/dtype)."""
+        return cls(preset=p['model.preset'], overrides=parse_overrides(p['model.overrides']),
+                   checkpoint=p['model.checkpoint'], allow_random_weights=p['model.allow_random_weights'],
+                   seed=p['model.seed'], device=p['device'], dtype=p['dtype'])
+
     def __hash__(self) -> int:  # overrides is a dict, so hash the canonical form (the cache key)
         return hash(self.key)
 
