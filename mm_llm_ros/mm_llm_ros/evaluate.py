@@ -1,12 +1,14 @@
 """`evaluate`: run configurations side by side on MME, TextVQA or MMBench and write JSON, markdown and a chart.
 
-    evaluate --benchmark mme --data MME_Benchmark_release_version --config base=config/base.yaml \\
-             --config ocr=config/ocr.yaml --out results/mme [--limit N] [--subset OCR,count]
+    evaluate --benchmark mme --data MME_Benchmark_release_version --config base=config/robot.yaml \\
+             --config ocr=config/robot.yaml+ocr --out results/mme [--limit N] [--subset OCR,count]
     evaluate --smoke --data shared/data/vqa/questions.jsonl --out /tmp/smoke
 
-A config is NAME=PARAMS: PARAMS is a params YAML handed to `make_predictor`, or `builtin:<name>` for a
-deterministic baseline (first-option, always-yes, always-no). Predictions are cached in OUT/predictions.jsonl, so
-an interrupted run resumes where it stopped.
+A config is NAME=PARAMS[+ocr]: PARAMS is a ROS 2 parameter file of the nodes (its encoder or camera_encoder,
+llm_node and grounding_node sections build the same ImageBind and LLM as the nodes), and `+ocr` adds the grounding
+node's OCR of each image to the prompt as llm_node does; or PARAMS is `builtin:<name>` for a deterministic
+baseline (first-option, always-yes, always-no). Predictions are cached in OUT/predictions.jsonl, so an interrupted
+run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -25,10 +27,12 @@ from mm_llm_ros.core.evaluation import (BENCHMARKS, BUILTIN_PREDICTORS, VQA_PROT
                                         load_benchmark, markdown_table, plot_categories, run_configs,
                                         score_benchmark, select_items, write_details, write_json,
                                         write_mme_eval_tool)
+from mm_llm_ros.core.params import CONTEXT_KINDS
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = 'builtin:'
+CONTEXT_SEPARATOR = '+'
 SMOKE_LIMIT = 4
 _CONFIG_NAME = re.compile(r'[A-Za-z0-9_.-]+')
 
@@ -39,39 +43,56 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ConfigSpec:
-    """One `--config NAME=PARAMS` argument."""
+    """One `--config NAME=PARAMS[+context...]` argument."""
 
     name: str
     params: str
+    context: tuple[str, ...] = ()
 
     @property
     def is_builtin(self) -> bool:
         return self.params.startswith(BUILTIN_PREFIX)
 
+    @property
+    def label(self) -> str:
+        """PARAMS as written on the command line, context suffixes included."""
+        return CONTEXT_SEPARATOR.join((self.params, *self.context))
+
     def fingerprint(self) -> str:
         """Identifies the configuration's settings, so cached predictions of edited params are not reused."""
         if self.is_builtin:
-            return self.params
-        return 'sha256:' + hashlib.sha256(Path(self.params).read_bytes()).hexdigest()[:16]
+            return self.label
+        digest = 'sha256:' + hashlib.sha256(Path(self.params).read_bytes()).hexdigest()[:16]
+        return CONTEXT_SEPARATOR.join((digest, *self.context))
 
 
 def parse_config(text: str) -> ConfigSpec:
     name, sep, params = text.partition('=')
     if not sep or not params:
-        raise argparse.ArgumentTypeError(f'expected NAME=PARAMS_YAML or NAME=builtin:<name>, got {text!r}')
+        raise argparse.ArgumentTypeError(f'expected NAME=PARAMS_YAML[+ocr] or NAME=builtin:<name>, got {text!r}')
     if not _CONFIG_NAME.fullmatch(name):
         raise argparse.ArgumentTypeError(f'config name {name!r} may only use letters, digits, _ . -')
-    return ConfigSpec(name, params)
+    # Trailing '+<kind>' parts name perception context; any other '+' belongs to the file name.
+    parts = params.split(CONTEXT_SEPARATOR)
+    context: list[str] = []
+    while len(parts) > 1 and parts[-1] in CONTEXT_KINDS:
+        context.insert(0, parts.pop())
+    return ConfigSpec(name, CONTEXT_SEPARATOR.join(parts), tuple(context))
 
 
-def make_predictor(name: str, params_file: Path) -> Predictor:
-    """Build the model predictor of configuration `name` from its params YAML.
+def make_predictor(name: str, params_file: Path, context: Sequence[str] = ()) -> Predictor:
+    """The model predictor of configuration `name`: the nodes' ImageBind encoder and LLM as `params_file`
+    configures them, with the perception `context` kinds (e.g. 'ocr') added to the prompt.
 
-    Hook for the model stack (ImageBind encoder + ImageBind-LLM, optionally with OCR context); until it is wired
-    up, only builtin predictors can run.
+    Settings are checked now; the models load on the first prediction (and are shared between configurations).
     """
-    raise ConfigError(f'config {name!r}: no model predictor is wired up yet for {params_file}; '
-                      f'use {BUILTIN_PREFIX}<{"|".join(BUILTIN_PREDICTORS)}> for a baseline')
+    # Imported here: torch and transformers load only when a model configuration is evaluated.
+    from mm_llm_ros.core.evaluation.model_predictor import ModelPredictor, ModelPredictorConfig
+
+    try:
+        return ModelPredictor(ModelPredictorConfig.from_params_file(params_file, context))
+    except ValueError as exc:  # ParamsFileError, ModelConfigError, ImageBindConfigError, GroundingConfigError
+        raise ConfigError(f'config {name!r} ({params_file}): {exc}') from exc
 
 
 def resolve_predictor(spec: ConfigSpec) -> Predictor:
@@ -80,11 +101,13 @@ def resolve_predictor(spec: ConfigSpec) -> Predictor:
         if builtin not in BUILTIN_PREDICTORS:
             raise ConfigError(f'config {spec.name!r}: unknown builtin {builtin!r}, '
                               f'expected one of {", ".join(BUILTIN_PREDICTORS)}')
+        if spec.context:
+            raise ConfigError(f'config {spec.name!r}: builtin baselines take no context (+{"+".join(spec.context)})')
         return BUILTIN_PREDICTORS[builtin]()
     params_file = Path(spec.params)
     if not params_file.is_file():
         raise ConfigError(f'config {spec.name!r}: params file not found: {params_file}')
-    return make_predictor(spec.name, params_file)
+    return make_predictor(spec.name, params_file, spec.context)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--data', type=Path, required=True,
                         help='MME release folder, TextVQA JSON, MMBench TSV, or a questions .jsonl for any benchmark')
     parser.add_argument('--config', dest='configs', type=parse_config, action='append', default=[],
-                        metavar='NAME=PARAMS', help='configuration to evaluate (repeat to compare side by side)')
+                        metavar='NAME=PARAMS', help='configuration to evaluate (repeat to compare side by side): '
+                        'a params YAML, optionally +ocr for OCR context, or builtin:<name>')
     parser.add_argument('--out', type=Path, required=True, help='output folder (results + prediction cache)')
     parser.add_argument('--limit', type=int, help='first N items only (rounded up to whole image pairs/rotations)')
     parser.add_argument('--subset', nargs='+', metavar='CATEGORY',
@@ -145,7 +169,9 @@ def run(args: argparse.Namespace) -> str:
     meta = {'created': datetime.now(UTC).isoformat(timespec='seconds'), 'data': str(args.data),
             'items': len(items), 'limit': args.limit, 'subset': args.subset, 'circular': args.circular,
             'vqa_protocol': args.vqa_protocol if args.benchmark == 'textvqa' else None,
-            'configs': {spec.name: spec.params for spec in args.configs},
+            'configs': {spec.name: spec.label for spec in args.configs},
+            'models': {spec.name: getattr(predictors[spec.name], 'description', spec.label)
+                       for spec in args.configs},
             'runs': {name: {'new': r.new, 'cached': r.cached, 'seconds': round(r.seconds, 3),
                             'seconds_per_item': round(r.seconds_per_item, 3)} for name, r in runs.items()}}
     write_json(args.out / 'results.json', scores, meta)

@@ -78,7 +78,9 @@ def test_configuration_errors_exit_with_a_message(tmp_path, caplog):
     assert _run(*common, '--config', 'x=builtin:always-maybe') == 1
     assert "unknown builtin 'always-maybe'" in caplog.text
     assert _run(*common, '--config', f'base={params}') == 1
-    assert 'no model predictor is wired up yet' in caplog.text
+    assert "section 'model' has no ros__parameters mapping" in caplog.text
+    assert _run(*common, '--config', 'x=builtin:always-yes+ocr') == 1
+    assert 'builtin baselines take no context' in caplog.text
     assert _run(*common, '--config', 'base=missing.yaml') == 1
     assert 'params file not found' in caplog.text
     assert _run(*common, '--config', 'y=builtin:always-yes', '--subset', 'nope') == 1
@@ -100,6 +102,14 @@ def test_usage_errors_exit_with_status_2(argv):
     assert exc.value.code == 2
 
 
+def test_context_suffixes_are_split_from_the_params_file():
+    assert evaluate.parse_config('ocr=config/demo.yaml+ocr') == evaluate.ConfigSpec('ocr', 'config/demo.yaml', ('ocr',))
+    # A '+' that names no context kind is part of the file name.
+    spec = evaluate.parse_config('a=my+params.yaml')
+    assert (spec.params, spec.context, spec.label) == ('my+params.yaml', (), 'my+params.yaml')
+    assert evaluate.parse_config('b=p.yaml+ocr+geometry').context == ('ocr', 'geometry')
+
+
 def test_config_fingerprint_tracks_the_params_file(tmp_path):
     params = tmp_path / 'p.yaml'
     params.write_text('a: 1\n')
@@ -107,4 +117,5 @@ def test_config_fingerprint_tracks_the_params_file(tmp_path):
     before = spec.fingerprint()
     params.write_text('a: 2\n')
     assert spec.fingerprint() != before and before.startswith('sha256:')
+    assert evaluate.parse_config(f'ocr={params}+ocr').fingerprint() == spec.fingerprint() + '+ocr'
     assert evaluate.parse_config('b=builtin:always-yes').fingerprint() == 'builtin:always-yes'

@@ -1,0 +1,224 @@
+"""The nodes' model stack as a benchmark predictor, built from a ROS 2 parameter file, no ROS needed.
+
+    image --preprocess_vision--> ImageBind (encoder node) --vision embedding--> ImageBind-LLM (llm_node) --> answer
+      `--OCR (grounding_node, optional)--> "Text read by the camera: 'STOP' (0.98, center)" as context --'
+
+    config = ModelPredictorConfig.from_params_file('config/demo.yaml', context=('ocr',))
+    predictor = ModelPredictor(config)   # cheap: nothing is loaded yet
+    predictor.predict(item)              # the first item loads the models (or reuses loaded ones)
+
+Models are shared per process and keyed by their configuration, so two predictors of the same parameter file, one
+with and one without OCR context, load ImageBind and the LLM once.
+
+Prompting follows the usual protocol for instruction-tuned models: greedy decoding, an answer-format line after the
+question (see `instruction`) and a short answer budget: the authors' MME script allows 30 tokens; a letter needs
+a few, and longer answers only risk naming a second option (which MMBench's rules score as unmatched).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from mm_llm_ros.core.answering import CONTEXT_LABELS, validate_question
+from mm_llm_ros.core.embedding_store import StoredInput
+from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor
+from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder
+from mm_llm_ros.core.imagebind.preprocess import preprocess_vision
+from mm_llm_ros.core.llm.pipeline import NO_LLM_CONFIGURED, LLMAnswerer, LLMConfig, build_answerer
+from mm_llm_ros.core.params import node_params, read_params_file
+
+from .datasets import EvalItem
+from .runner import PredictionError
+
+logger = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 30
+MAX_NEW_TOKENS_MULTIPLE_CHOICE = 10
+# Answer-format lines of LLaVA-1.5's evaluation prompts, which VLMEvalKit also uses for MMBench.
+MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
+SHORT_ANSWER_SUFFIX = 'Answer the question using a single word or phrase.'
+# Benchmarks hold images only, so only the image-based grounding context can be computed for them.
+IMAGE_CONTEXT_KINDS = ('ocr',)
+# Where the encoder parameters are read from: the shared encoder node, else the camera-only one.
+ENCODER_NODES = ('encoder', 'camera_encoder')
+
+T = TypeVar('T')
+
+
+class ModelConfigError(ValueError):
+    """A parameter file that does not describe a runnable model stack."""
+
+
+def instruction(item: EvalItem) -> str:
+    """The question as the model is asked it: options listed as `A. text` lines for multiple choice.
+
+    MME questions already end with "Please answer yes or no."; the short-answer line keeps the answers to the
+    single word the official parsers expect.
+    """
+    lines = [item.hint] if item.hint else []
+    lines.append(item.question)
+    if item.options:
+        lines += [f'{letter}. {text}' for letter, text in item.options.items()]
+        lines.append(MULTIPLE_CHOICE_SUFFIX)
+    else:
+        lines.append(SHORT_ANSWER_SUFFIX)
+    return '\n'.join(lines)
+
+
+@dataclass(frozen=True)
+class ModelPredictorConfig:
+    """The encoder, the LLM and the perception context of one evaluated configuration.
+
+    `context` lists the grounding results added to the prompt ('ocr': the grounding node's OCR of the image,
+    configured by `ocr` and cut to `context_text_max_chars` like its published text). Decoding is always greedy;
+    answers get at most `max_new_tokens` tokens (`max_new_tokens_multiple_choice` for multiple choice).
+    """
+
+    imagebind: ImageBindConfig
+    llm: LLMConfig
+    context: tuple[str, ...] = ()
+    ocr: OcrConfig = field(default_factory=OcrConfig)
+    context_text_max_chars: int = 200
+    max_new_tokens: int = MAX_NEW_TOKENS
+    max_new_tokens_multiple_choice: int = MAX_NEW_TOKENS_MULTIPLE_CHOICE
+
+    def __post_init__(self) -> None:
+        unsupported = [kind for kind in self.context if kind not in IMAGE_CONTEXT_KINDS]
+        if unsupported:
+            raise ModelConfigError(f"context {', '.join(unsupported)} cannot be computed from benchmark images; "
+                                   f"supported: {', '.join(IMAGE_CONTEXT_KINDS)}")
+        ignored = [kind for kind in self.context if kind not in self.llm.context_kinds]
+        if ignored:
+            raise ModelConfigError(f"llm_node context.kinds lack {', '.join(ignored)}: the node would not use "
+                                   'that context')
+        if 'vision' not in self.llm.modalities:
+            raise ModelConfigError("llm_node modalities lack 'vision': the model would never see the images")
+        out_dim = self.imagebind.model_kwargs()['out_embed_dim']
+        if out_dim != self.llm.embedding_dim:
+            raise ModelConfigError(f'ImageBind embeds into {out_dim} dimensions but llm_node embedding_dim is '
+                                   f'{self.llm.embedding_dim}')
+        if min(self.max_new_tokens, self.max_new_tokens_multiple_choice) < 1:
+            raise ModelConfigError('answer budgets (max_new_tokens) must be at least 1 token')
+
+    @classmethod
+    def from_params_file(cls, path: str | Path, context: Sequence[str] = ()) -> ModelPredictorConfig:
+        """Read the `encoder` (or `camera_encoder`), `llm_node` and `grounding_node` sections, as the nodes would.
+
+        Raises `ModelConfigError` (or `core.params.ParamsFileError`) when the file cannot give a runnable stack;
+        missing weight files are reported here rather than after the first configuration has run.
+        """
+        sections = read_params_file(path)
+        encoder_node = next((node for node in ENCODER_NODES if node in sections), None)
+        if encoder_node is None:
+            raise ModelConfigError(f'{path} has no {" or ".join(ENCODER_NODES)} section (the ImageBind settings)')
+        if 'llm_node' not in sections:
+            raise ModelConfigError(f'{path} has no llm_node section (the LLM settings)')
+        imagebind = ImageBindConfig.from_params(node_params(sections, encoder_node))
+        llm = LLMConfig.from_params(node_params(sections, 'llm_node'))
+        grounding = node_params(sections, 'grounding_node')
+        _check_weights(imagebind, llm)
+        ocr = OcrConfig(**{f.name: grounding[f'ocr.{f.name}'] for f in dataclasses.fields(OcrConfig)})
+        return cls(imagebind=imagebind, llm=replace(llm, generation=replace(llm.generation, temperature=0.0)),
+                   context=tuple(context), ocr=ocr, context_text_max_chars=grounding['text_max_chars'])
+
+    @property
+    def description(self) -> str:
+        """One line for reports: which weights, which LLM, which context."""
+        weights = self.imagebind.checkpoint or 'random weights'
+        llm = self.llm.preset or self.llm.backbone_path
+        adapter = self.llm.adapter_checkpoint or 'no adapter checkpoint'
+        context = ', '.join(self.context) or 'none'
+        return f'imagebind {self.imagebind.preset} ({weights}) + llm {llm} ({adapter}), context: {context}'
+
+
+def _check_weights(imagebind: ImageBindConfig, llm: LLMConfig) -> None:
+    if not imagebind.checkpoint and not imagebind.allow_random_weights:
+        raise ModelConfigError('no ImageBind checkpoint: set model.checkpoint (imagebind_huge.pth) or '
+                               'model.allow_random_weights')
+    if not llm.preset and not llm.backbone_path:
+        raise ModelConfigError(NO_LLM_CONFIGURED)
+    for what, value in (('model.checkpoint', imagebind.checkpoint), ('llm.backbone_path', llm.backbone_path),
+                        ('llm.adapter_checkpoint', llm.adapter_checkpoint)):
+        if value and not Path(value).expanduser().exists():
+            raise ModelConfigError(f'{what} not found: {value}')
+
+
+class _SharedModels:
+    """Process-wide models keyed by their configuration, each built once, on first use."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str, build: Callable[[], T]) -> T:
+        with self._lock:  # held while building, so two callers never load the same model twice
+            if key not in self._models:
+                self._models[key] = build()
+            return self._models[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+_answerers = _SharedModels()
+_ocr_extractors = _SharedModels()
+
+
+def release_shared_models() -> None:
+    """Forget the shared LLMs and OCR engines (the shared encoders: `imagebind.model.release_shared_encoders`)."""
+    _answerers.clear()
+    _ocr_extractors.clear()
+
+
+def _key(config: Any) -> str:
+    return json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+
+
+class ModelPredictor:
+    """Answers a benchmark item as llm_node answers /ask: a fresh vision embedding of the item's image, optional
+    perception context, the node's prompt template, greedy decoding."""
+
+    def __init__(self, config: ModelPredictorConfig) -> None:
+        self.config = config
+
+    @property
+    def description(self) -> str:
+        return self.config.description
+
+    def predict(self, item: EvalItem) -> str:
+        question = instruction(item)
+        refused = validate_question(question, self.config.llm.max_question_chars)
+        if refused is not None:
+            raise PredictionError(f'item {item.id}: {refused}')
+        image = np.asarray(item.load_image())
+        budget = self.config.max_new_tokens_multiple_choice if item.options else self.config.max_new_tokens
+        generated = self._answerer().answer(question, [self._embed(image)], budget, on_text=lambda text: None,
+                                            should_stop=lambda: False, context=self._context(image))
+        logger.debug('%s -> %r (%s)', item.id, generated.text, generated.stopped_reason)
+        return generated.text.strip()  # as llm_node's answers
+
+    def _answerer(self) -> LLMAnswerer:
+        return _answerers.get(_key(self.config.llm), lambda: build_answerer(self.config.llm))
+
+    def _embed(self, image: np.ndarray) -> StoredInput:
+        encoder = get_shared_encoder(self.config.imagebind)
+        vector = encoder.encode({'vision': preprocess_vision(image)[None]})['vision'][0]
+        return StoredInput('vision', vector, stamp_ns=0, received_monotonic=0.0, model=encoder.model_name,
+                           source_topic='')
+
+    def _context(self, image: np.ndarray) -> str | None:
+        """The context block llm_node would build from the grounding node's results for this image."""
+        if 'ocr' not in self.config.context:
+            return None
+        ocr = _ocr_extractors.get(_key(self.config.ocr), lambda: OcrExtractor(self.config.ocr))
+        text = ocr(image).to_text(self.config.context_text_max_chars)
+        return self.config.llm.context_line.format(kind='ocr', label=CONTEXT_LABELS['ocr'], text=text)
