@@ -7,8 +7,9 @@ Which nodes start, with which parameters and remappings, is decided by `mm_llm_r
 tests); this file only declares the arguments and turns that plan into launch_ros actions.
 """
 import os
+import re
 
-from ament_index_python.packages import get_package_share_directory
+from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, GroupAction, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
@@ -25,12 +26,26 @@ def _default(name: str, share: str) -> str:
     return next(a.default for a in LAUNCH_ARGUMENTS if a.name == name)
 
 
+def _fastdds_profile_variable() -> str:
+    """The variable the installed Fast DDS reads its XML profile from.
+
+    Fast DDS 2 (rmw_fastrtps_cpp < 9: Humble, Jazzy) reads only FASTRTPS_DEFAULT_PROFILES_FILE; Fast DDS 3 (Kilted
+    on) reads only FASTDDS_DEFAULT_PROFILES_FILE and warns about the old name.
+    """
+    try:
+        with open(os.path.join(get_package_share_directory('rmw_fastrtps_cpp'), 'package.xml')) as f:
+            major = int(re.search(r'<version>\s*(\d+)', f.read()).group(1))
+    except (PackageNotFoundError, OSError, AttributeError):
+        return 'FASTDDS_DEFAULT_PROFILES_FILE'
+    return 'FASTRTPS_DEFAULT_PROFILES_FILE' if major < 9 else 'FASTDDS_DEFAULT_PROFILES_FILE'
+
+
 def _launch_setup(context):
     values = {a.name: LaunchConfiguration(a.name).perform(context) for a in LAUNCH_ARGUMENTS}
     actions = []
     profile = values['fastdds_profile']
     if profile and profile != 'none':
-        actions.append(SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', profile))
+        actions.append(SetEnvironmentVariable(_fastdds_profile_variable(), profile))
     nodes = [
         Node(package='mm_llm_ros', executable=spec.executable, name=spec.name, output='screen',
              parameters=list(spec.parameters), remappings=list(spec.remappings), respawn=spec.respawn,

@@ -33,12 +33,12 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument('use_lidar', 'true', 'Start the lidar encoder (depth projection).'),
     LaunchArgument('use_grounding', 'true', 'Start grounding_node: OCR, audio events and lidar geometry as prompt '
                    'context for the LLM (each part switchable in the parameter file).'),
-    LaunchArgument('image_topic', '/camera/image_raw', 'sensor_msgs/Image input (its /compressed sibling when '
+    LaunchArgument('image_topic', 'camera/image_raw', 'sensor_msgs/Image input (its /compressed sibling when '
                    'camera.transport is compressed).'),
-    LaunchArgument('camera_info_topic', '/camera/camera_info', 'sensor_msgs/CameraInfo for lidar projection.'),
-    LaunchArgument('depth_topic', '/camera/depth/image_raw', 'Depth image input (16UC1 mm or 32FC1 m).'),
-    LaunchArgument('audio_topic', '/audio', 'mm_llm_ros_interfaces/AudioChunk input.'),
-    LaunchArgument('points_topic', '/points', 'sensor_msgs/PointCloud2 input.'),
+    LaunchArgument('camera_info_topic', 'camera/camera_info', 'sensor_msgs/CameraInfo for lidar projection.'),
+    LaunchArgument('depth_topic', 'camera/depth/image_raw', 'Depth image input (16UC1 mm or 32FC1 m).'),
+    LaunchArgument('audio_topic', 'audio', 'mm_llm_ros_interfaces/AudioChunk input.'),
+    LaunchArgument('points_topic', 'points', 'sensor_msgs/PointCloud2 input.'),
     LaunchArgument('device', '', "Torch device for all models (auto, cpu, cuda, cuda:N); empty keeps the YAML's."),
     LaunchArgument('imagebind_checkpoint', '', "ImageBind checkpoint (imagebind_huge.pth); empty keeps the YAML's."),
     LaunchArgument('llama_dir', '', "LLaMA backbone directory (Meta or HF format); empty keeps the YAML's."),
@@ -62,10 +62,10 @@ class NodeSpec:
     log_level: str = 'info'
 
 
-def _truthy(value: str) -> bool:
+def _truthy(value: str, name: str = '') -> bool:
     value = str(value).strip().lower()
     if value not in ('true', 'false', '1', '0', 'yes', 'no', 'on', 'off'):
-        raise ValueError(f"expected true or false, got '{value}'")
+        raise ValueError(f"{name + ': ' if name else ''}expected true or false, got '{value}'")
     return value in ('true', '1', 'yes', 'on')
 
 
@@ -82,8 +82,8 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     values = {a.name: a.default for a in LAUNCH_ARGUMENTS} | dict(args)
     if not values['params_file']:
         raise ValueError('params_file must be resolved to a YAML path')
-    use = {s: _truthy(values[f'use_{s}']) for s in ('camera', 'audio', 'lidar')}
-    respawn = _truthy(values['respawn'])
+    use = {s: _truthy(values[f'use_{s}'], f'use_{s}') for s in ('camera', 'audio', 'lidar')}
+    respawn = _truthy(values['respawn'], 'respawn')
     log_level = values['log_level']
     device = _non_empty({'device': values['device']})
     encoder_overrides = device | _non_empty({'model.checkpoint': values['imagebind_checkpoint']})
@@ -103,7 +103,7 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
         return NodeSpec(executable, executable, parameters, tuple(remappings), respawn, log_level)
 
     nodes = []
-    if _truthy(values['single_process']):
+    if _truthy(values['single_process'], 'single_process'):
         if any(use.values()):
             flags = {f'use_{s}': on for s, on in use.items()}
             nodes.append(spec('encoder', encoder_overrides | flags,
@@ -113,7 +113,7 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
                                    ('lidar', 'lidar_encoder')):
             if use[sensor]:
                 nodes.append(spec(executable, encoder_overrides, remaps[sensor]))
-    if _truthy(values['use_grounding']):
+    if _truthy(values['use_grounding'], 'use_grounding'):
         nodes.append(spec('grounding_node', {}, [r for s in ('camera', 'audio', 'lidar') for r in remaps[s]]))
     nodes.append(spec('llm_node', llm_overrides))
     return nodes

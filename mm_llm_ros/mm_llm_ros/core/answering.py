@@ -25,6 +25,11 @@ BUSY = 'busy'
 CONTEXT_LABELS = {'ocr': 'Text read by the camera', 'audio_events': 'Sounds heard', 'geometry': 'Lidar obstacles'}
 
 
+def context_line(template: str, kind: str, text: str) -> str:
+    """One prompt line for a perception-context result, e.g. 'Text read by the camera: 'POKKA' (0.98, left)'."""
+    return template.format(kind=kind, label=CONTEXT_LABELS.get(kind, kind), text=text)
+
+
 @dataclass
 class AskRequest:
     question: str
@@ -129,15 +134,16 @@ class AskEngine:
     """Serves AskRequests in order from a bounded queue with one worker thread."""
 
     def __init__(self, answerer: Answerer, store: ModalityStore, limits: AskLimits,
-                 context_line: str = '{label}: {text}'):
+                 line_template: str = '{label}: {text}'):
         self.answerer = answerer
         self.store = store
         self.limits = limits
         try:  # fail at start-up, not at the first question
-            context_line.format(kind='ocr', label='', text='')
+            context_line(line_template, 'ocr', '')
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"context line template '{context_line}' must use only {{kind}}, {{label}} and {{text}}") from exc
-        self.context_line = context_line
+            raise ValueError(f"context line template '{line_template}' must use only {{kind}}, {{label}} and {{text}}"
+                             ) from exc
+        self.line_template = line_template
         self._queue: queue.Queue[Optional[AskJob]] = queue.Queue()
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -245,8 +251,7 @@ class AskEngine:
             return AskResult(False, error='cancelled', cancelled=True)
         embeddings = [e for e in fresh if isinstance(e.value, np.ndarray)]
         contexts = [c for c in fresh if isinstance(c.value, str)]
-        context = '\n'.join(self.context_line.format(kind=c.modality, label=CONTEXT_LABELS.get(c.modality, c.modality),
-                                                      text=c.value) for c in contexts) or None
+        context = '\n'.join(context_line(self.line_template, c.modality, c.value) for c in contexts) or None
         generated = self.answerer.answer(request.question, embeddings, request.max_new_tokens, job.on_text,
                                          job.should_stop, context=context)
         cancelled = generated.stopped_reason == 'cancelled'
@@ -264,7 +269,9 @@ class AskEngine:
     def _note(self, request: AskRequest, fresh: Sequence[StoredInput], missing: Sequence[str]) -> str:
         notes = []
         if not fresh:
-            notes.append(f'answered from text alone: no sensor data fresher than {request.max_age_s:g} s')
+            # Name what was asked for, so that a caller learns which sensor went stale.
+            what = f"{', '.join(missing)} data" if request.modalities else 'sensor data'
+            notes.append(f'answered from text alone: no {what} fresher than {request.max_age_s:g} s')
         elif request.modalities and missing:
             notes.append(f"no fresh data for {', '.join(missing)}; answered without it")
         if any(isinstance(e.value, np.ndarray) for e in fresh) and not self.answerer.sensors_inform_answers:

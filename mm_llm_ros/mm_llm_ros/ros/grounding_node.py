@@ -26,7 +26,7 @@ from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 from mm_llm_ros.core.audio_buffer import AudioBufferError, AudioRingBuffer
 from mm_llm_ros.core.grounding import (AudioEventConfig, AudioEventExtractor, AudioEventsResult, GeometryConfig,
                                        GeometryExtractor, GeometryResult, GroundingError, GroundingResult, OcrConfig,
-                                       OcrExtractor, OcrResult)
+                                       OcrExtractor, OcrResult, config_from_params)
 from mm_llm_ros.core.imagebind.lidar_projection import yaw_to_forward
 from mm_llm_ros.core.latest_worker import LatestWorker
 from mm_llm_ros.core.params import NODE_PARAMS
@@ -35,7 +35,7 @@ from mm_llm_ros.launch_plan import CONTEXT_TOPIC, TOPICS
 from mm_llm_ros.ros.conversions import (audio_from_msg, compressed_image_from_msg, image_from_msg, ns_to_stamp,
                                         pointcloud_from_msg, stamp_to_ns)
 from mm_llm_ros.ros.diagnostics import make_array, make_status
-from mm_llm_ros.ros.node_main import StartupError, run_node
+from mm_llm_ros.ros.node_main import StartupError, exit_now, run_node
 from mm_llm_ros.ros.parameters import declare_parameters
 from mm_llm_ros.ros.qos import LATCHED_QOS, SENSOR_QOS
 from mm_llm_ros_interfaces.msg import AudioChunk, PerceptionContext
@@ -209,10 +209,8 @@ class GroundingNode(Node):
 
 def _config(cls, params: dict[str, Any], prefix: str):
     """The extractor config `cls` from the `<prefix>.<field>` parameters (fields without one keep their default)."""
-    values = {field.name: params[f'{prefix}.{field.name}'] for field in dataclasses.fields(cls)
-              if f'{prefix}.{field.name}' in params}
     try:
-        return cls(**values)
+        return config_from_params(cls, params, prefix)
     except GroundingError as exc:
         raise StartupError(f'invalid {prefix}.* parameter: {exc}') from exc
 
@@ -227,7 +225,7 @@ def _loaded(name: str, extractor):
 
 
 def main(args=None) -> None:
-    raise SystemExit(run_node(GroundingNode, args))
+    exit_now(run_node(GroundingNode, args))
 
 
 if __name__ == '__main__':

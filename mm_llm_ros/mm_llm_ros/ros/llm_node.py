@@ -7,6 +7,7 @@ order. The executor has max_queue + 4 threads, so waiting callbacks can never st
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -22,7 +23,7 @@ from mm_llm_ros.core.params import LLM_PARAMS
 from mm_llm_ros.launch_plan import CONTEXT_TOPIC, EMBEDDING_TOPIC
 from mm_llm_ros.ros.conversions import ns_to_stamp, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
-from mm_llm_ros.ros.node_main import StartupError, run_node
+from mm_llm_ros.ros.node_main import StartupError, exit_now, run_node
 from mm_llm_ros.ros.parameters import declare_parameters
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
@@ -52,7 +53,7 @@ class LLMNode(Node):
             max_queue=self.config.max_queue,
             max_question_chars=self.config.max_question_chars, default_max_age_s=self.config.max_age_s,
             default_max_new_tokens=self.config.generation.max_new_tokens,
-            max_new_tokens_cap=self.config.max_new_tokens_cap), context_line=self.config.context_line)
+            max_new_tokens_cap=self.config.max_new_tokens_cap), line_template=self.config.context_line)
         self.engine.start()
         self.dropped_embeddings = 0
 
@@ -63,8 +64,9 @@ class LLMNode(Node):
                                      lambda msg, m=modality: self.embedding_callback(m, msg), EMBEDDING_QOS,
                                      callback_group=sensors)
         for kind in self.config.context_kinds:
-            self.create_subscription(PerceptionContext, CONTEXT_TOPIC.format(kind=kind), self.context_callback,
-                                     LATCHED_QOS, callback_group=sensors)
+            self.create_subscription(PerceptionContext, CONTEXT_TOPIC.format(kind=kind),
+                                     lambda msg, k=kind: self.context_callback(k, msg), LATCHED_QOS,
+                                     callback_group=sensors)
         self.create_service(Ask, 'ask', self.ask_callback, qos_profile=SERVICE_QOS, callback_group=requests)
         self._action_server = ActionServer(
             self, AskStream, 'ask_stream', execute_callback=self.ask_stream_execute,
@@ -104,9 +106,11 @@ class LLMNode(Node):
             return
         self.store.update(modality, vector, stamp_to_ns(msg.header.stamp), msg.model, msg.source_topic)
 
-    def context_callback(self, msg: PerceptionContext) -> None:
-        # Perception context is already short structured text; bound it once more against a hostile publisher.
-        self.store.update(msg.kind, msg.text[:self.config.context_max_chars], stamp_to_ns(msg.header.stamp),
+    def context_callback(self, kind: str, msg: PerceptionContext) -> None:
+        # Stored under the topic's kind, never the message's own `kind` field: a hostile publisher could otherwise
+        # overwrite another input (an embedding with text) or grow the store with invented kinds. The text is
+        # already short and structured; bound it once more.
+        self.store.update(kind, msg.text[:self.config.context_max_chars], stamp_to_ns(msg.header.stamp),
                           source_topic=msg.source_topic)
 
     # ---- /ask and /ask_stream ------------------------------------------------------------------
@@ -121,18 +125,30 @@ class LLMNode(Node):
             feedback.partial_answer += piece
             feedback.new_text = piece
             feedback.tokens_generated += 1
-            goal_handle.publish_feedback(feedback)
+            with self._unless_shutting_down():
+                goal_handle.publish_feedback(feedback)
 
         job = self.engine.submit(_to_ask_request(goal_handle.request), on_text=on_text,
                                  should_stop=lambda: goal_handle.is_cancel_requested)
         result = job.wait()
-        if result.cancelled and goal_handle.is_cancel_requested:
-            goal_handle.canceled()
-        elif result.success:
-            goal_handle.succeed()
-        else:
-            goal_handle.abort()
+        with self._unless_shutting_down():
+            if result.cancelled and goal_handle.is_cancel_requested:
+                goal_handle.canceled()
+            elif result.success:
+                goal_handle.succeed()
+            else:
+                goal_handle.abort()
         return _fill(AskStream.Result(), result)
+
+    @contextlib.contextmanager
+    def _unless_shutting_down(self):
+        """Publishing fails once Ctrl-C has invalidated the context, before close() ends the engine and wakes the
+        waiting goals; that is no error then (a goal's new state is still set, only not announced)."""
+        try:
+            yield
+        except Exception:
+            if self.context.ok():
+                raise
 
     # ---- scene descriptions -------------------------------------------------------------------
     def describe_callback(self) -> None:
@@ -185,7 +201,7 @@ def _fill(response, result: AskResult):
 
 
 def main(args=None) -> None:
-    raise SystemExit(run_node(LLMNode, args))
+    exit_now(run_node(LLMNode, args))
 
 
 if __name__ == '__main__':

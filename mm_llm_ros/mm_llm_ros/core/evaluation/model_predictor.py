@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from mm_llm_ros.core.answering import CONTEXT_LABELS, validate_question
+from mm_llm_ros.core.answering import context_line, validate_question
 from mm_llm_ros.core.embedding_store import StoredInput
-from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor
+from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor, config_from_params
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder
 from mm_llm_ros.core.imagebind.preprocess import preprocess_vision
 from mm_llm_ros.core.llm.pipeline import NO_LLM_CONFIGURED, LLMAnswerer, LLMConfig, build_answerer
@@ -125,7 +125,7 @@ class ModelPredictorConfig:
         llm = LLMConfig.from_params(node_params(sections, 'llm_node'))
         grounding = node_params(sections, 'grounding_node')
         _check_weights(imagebind, llm)
-        ocr = OcrConfig(**{f.name: grounding[f'ocr.{f.name}'] for f in dataclasses.fields(OcrConfig)})
+        ocr = config_from_params(OcrConfig, grounding, 'ocr')
         return cls(imagebind=imagebind, llm=replace(llm, generation=replace(llm.generation, temperature=0.0)),
                    context=tuple(context), ocr=ocr, context_text_max_chars=grounding['text_max_chars'])
 
@@ -221,4 +221,4 @@ class ModelPredictor:
             return None
         ocr = _ocr_extractors.get(_key(self.config.ocr), lambda: OcrExtractor(self.config.ocr))
         text = ocr(image).to_text(self.config.context_text_max_chars)
-        return self.config.llm.context_line.format(kind='ocr', label=CONTEXT_LABELS['ocr'], text=text)
+        return context_line(self.config.llm.context_line, 'ocr', text)

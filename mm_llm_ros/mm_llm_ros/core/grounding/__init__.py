@@ -11,12 +11,13 @@ Models come from PyPI wheels and load lazily, once; nothing is downloaded.
         [ocr(rgb_image), audio(waveform, sample_rate), geometry(points)])
 """
 from .audio_events import AudioEvent, AudioEventConfig, AudioEventExtractor, AudioEventsResult
-from .base import GroundingConfigError, GroundingError, GroundingModelError, GroundingResult
+from .base import GroundingConfigError, GroundingError, GroundingModelError, GroundingResult, config_from_params
 from .context import ContextBuilder, ContextConfig, results_to_dict
 from .geometry import SECTORS, Cluster, GeometryConfig, GeometryExtractor, GeometryResult
 from .ocr import OcrConfig, OcrExtractor, OcrResult, TextItem
 
 __all__ = [
+    'config_from_params',
     'AudioEvent', 'AudioEventConfig', 'AudioEventExtractor', 'AudioEventsResult',
     'Cluster', 'ContextBuilder', 'ContextConfig', 'GeometryConfig', 'GeometryExtractor', 'GeometryResult',
     'GroundingConfigError', 'GroundingError', 'GroundingModelError', 'GroundingResult',

@@ -110,3 +110,13 @@ def join_within(items: Iterable[str], max_chars: int, separator: str = '; ', pre
             return truncate(candidate, max_chars)
         return text + f' (+{len(items) - index} more)'
     return truncate(text, max_chars)   # only a long prefix with no items can overflow here
+
+
+def config_from_params(cls, params, prefix: str):
+    """An extractor config dataclass from `<prefix>.<field>` node parameters (fields without one keep their default).
+
+    Raises GroundingConfigError for values the config rejects.
+    """
+    import dataclasses
+    values = {f.name: params[f'{prefix}.{f.name}'] for f in dataclasses.fields(cls) if f'{prefix}.{f.name}' in params}
+    return cls(**values)
