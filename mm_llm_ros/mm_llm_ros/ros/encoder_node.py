@@ -39,6 +39,8 @@ SENSORS = ('camera', 'audio', 'lidar')
 
 class EncoderNode(Node):
 
+    executor_threads = 1  # callbacks only hand messages to the worker thread
+
     def __init__(self, node_name: str, sensors: Optional[Sequence[str]] = None):
         super().__init__(node_name)
         self.params = p = declare_parameters(self, NODE_PARAMS[node_name].values())

@@ -66,7 +66,7 @@ class Channel:
 class GroundingNode(Node):
     """Publishes the enabled extractors' results on mm_llm/context/<kind> and their counters on /diagnostics."""
 
-    executor_threads = 2   # callbacks only hand messages over; each extractor has its own thread
+    executor_threads = 1   # callbacks only hand messages over; each extractor has its own thread
 
     def __init__(self):
         super().__init__('grounding_node')

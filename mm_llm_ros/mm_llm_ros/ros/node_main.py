@@ -11,7 +11,7 @@ import sys
 from typing import Callable, Optional
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 
 
@@ -28,7 +28,11 @@ def run_node(factory: Callable[[], Node], args: Optional[list] = None, num_threa
         except (StartupError, ValueError, FileNotFoundError) as exc:
             rclpy.logging.get_logger('mm_llm_ros').fatal(f'cannot start: {exc}')
             return 1
-        executor = MultiThreadedExecutor(num_threads=num_threads or getattr(node, 'executor_threads', 4))
+        threads = num_threads or getattr(node, 'executor_threads', 4)
+        # rclpy's MultiThreadedExecutor polls in a hot loop while a mutually exclusive group is busy with one of its
+        # ready callbacks; under a burst of sensor messages that starved the callbacks (15-47 of 150 frames reached a
+        # node, the rest overflowed the DDS queue uncounted). Nodes whose callbacks only hand work over use one thread.
+        executor = SingleThreadedExecutor() if threads == 1 else MultiThreadedExecutor(num_threads=threads)
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
