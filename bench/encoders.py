@@ -37,8 +37,6 @@ import json
 import os
 import pathlib
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +55,9 @@ DEFAULT_OUT = REPO / 'bench' / 'results' / 'encoders.md'
 TINY_YAML = REPO / 'mm_llm_ros' / 'config' / 'tiny.yaml'
 FASTDDS_PROFILE = REPO / 'mm_llm_ros' / 'config' / 'fastdds_large_data.xml'
 NETNS = REPO / 'scripts' / 'netns.sh'
+sys.path.insert(0, str(REPO / 'mm_llm_ros'))  # the shared helpers below, before netns.sh sources install/
+
+from mm_llm_ros.node_processes import reexec_in_loopback_namespace, stop_processes  # noqa: E402
 
 NUSCENES_FRONT = 'images/nuscenes/n015-2018-07-24-11-22-45+0800__CAM_FRONT__1532402927612460.jpg'  # 1600x900
 BIRD_WAV = 'audio/imagebind_bird.wav'             # 5 s, stereo, 44.1 kHz
@@ -409,21 +410,6 @@ def compare_official(data: pathlib.Path, repeats: int, threads: int, python: Opt
 # --- 3. sustained input through the node -----------------------------------------------------------------------------
 
 
-def only_loopback() -> bool:
-    """True when this process's network namespace has no interface but loopback."""
-    return {name for _, name in socket.if_nameindex()} <= {'lo'}
-
-
-def reexec_in_loopback_namespace(argv: Sequence[str]) -> None:
-    """Re-execute this bench through scripts/netns.sh unless it already runs where only loopback exists."""
-    if only_loopback() or os.environ.get('MM_LLM_NO_NETNS') == '1':
-        return
-    if os.environ.get('MM_LLM_IN_NETNS') == '1':
-        raise SystemExit('encoders: MM_LLM_IN_NETNS=1 but this namespace has more than loopback; refusing to run '
-                         'DDS here (set MM_LLM_NO_NETNS=1 to override)')
-    os.execv(str(NETNS), [str(NETNS), sys.executable, str(pathlib.Path(__file__).resolve()), *argv])
-
-
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
     deadline = time.monotonic() + timeout_s
     while not (value := condition()):
@@ -612,13 +598,7 @@ def encoder_node(preset: str, threads: int, max_rate_hz: float, log_path: pathli
     try:
         yield process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(10.0)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5.0)
+        stop_processes([process])
 
 
 @dataclass
@@ -947,7 +927,7 @@ def main(argv: Sequence[str]) -> int:
         return 0
     if not (args.data / 'MANIFEST.md').is_file():
         raise SystemExit(f'encoders: sample data not found at {args.data} (set --data or MM_LLM_SHARED_DATA)')
-    reexec_in_loopback_namespace(argv)
+    reexec_in_loopback_namespace(NETNS, pathlib.Path(__file__).resolve(), argv)
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
     os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(FASTDDS_PROFILE))  # camera-sized samples
     try:

@@ -32,8 +32,6 @@ import json
 import os
 import pathlib
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +45,9 @@ import psutil
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NETNS = REPO / 'scripts' / 'netns.sh'
+sys.path.insert(0, str(REPO / 'mm_llm_ros'))  # the shared helpers below, before netns.sh sources install/
+
+from mm_llm_ros.node_processes import reexec_in_loopback_namespace, stop_processes  # noqa: E402
 DEFAULT_PARAMS = REPO / 'mm_llm_ros' / 'config' / 'demo.yaml'
 DEFAULT_OUT = REPO / 'bench' / 'results' / 'soak.md'
 QUESTIONS = ('What text can you read?', 'What do you hear?', 'How far away is the nearest obstacle ahead?',
@@ -74,18 +75,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.json = args.json or args.out.with_suffix('.json')
     return args
-
-
-def only_loopback() -> bool:
-    return {name for _, name in socket.if_nameindex()} <= {'lo'}
-
-
-def reexec_in_loopback_namespace(argv: Sequence[str]) -> None:
-    if only_loopback():
-        return
-    if os.environ.get('MM_LLM_IN_NETNS') == '1':
-        raise SystemExit('soak: this namespace has interfaces besides loopback; refusing to run DDS here')
-    os.execv(str(NETNS), [str(NETNS), sys.executable, str(pathlib.Path(__file__).resolve()), *argv])
 
 
 # ---- measurements ----------------------------------------------------------------------------------------------------
@@ -299,15 +288,7 @@ def wait_until_ready(processes: dict[str, subprocess.Popen], log_dir: pathlib.Pa
 
 
 def stop_graph(processes: dict[str, subprocess.Popen]) -> None:
-    for proc in processes.values():
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-    for proc in processes.values():
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    stop_processes(processes.values(), timeout_s=15.0)
 
 
 def soak(args: argparse.Namespace, log_dir: pathlib.Path) -> dict:
@@ -424,7 +405,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    reexec_in_loopback_namespace(argv)
+    reexec_in_loopback_namespace(NETNS, pathlib.Path(__file__).resolve(), argv)
     log_dir = args.log_dir or pathlib.Path(tempfile.mkdtemp(prefix='mm_llm_soak_'))
     log_dir.mkdir(parents=True, exist_ok=True)
     try:

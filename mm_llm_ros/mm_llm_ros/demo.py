@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import socket
 import sys
 import tempfile
 import threading
@@ -66,10 +65,6 @@ def default_scene() -> str:
         if (data / 'images' / 'nuscenes').is_dir():
             return f'nuscenes:{data.resolve()}'
     return ''
-
-
-def only_loopback() -> bool:
-    return {name for _, name in socket.if_nameindex()} <= {'lo'}
 
 
 class DemoClient:
@@ -183,7 +178,7 @@ def _print_answer(answer: Answer, streamed: bool) -> None:
 def run(args) -> int:
     from ament_index_python.packages import get_package_share_directory
     from mm_llm_ros.launch_plan import plan_nodes
-    from mm_llm_ros.node_processes import command_for, executable_path, ros_args, start_process
+    from mm_llm_ros.node_processes import command_for, executable_path, ros_args, start_process, stop_processes
 
     deadline = time.monotonic() + args.timeout
     share = pathlib.Path(get_package_share_directory('mm_llm_ros'))
@@ -235,26 +230,14 @@ def run(args) -> int:
     finally:
         if client is not None:
             client.close()
-        _stop(processes)
+        stop_processes(process for _, process in processes)
         dead = [name for name, p in processes if p.returncode not in (0, -2, -15, None)]
         if dead:
             print(f"nodes that failed: {', '.join(dead)} (logs in {log_dir})", file=sys.stderr)
 
 
-def _stop(processes) -> None:
-    import signal
-    for _, process in processes:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-    for _, process in processes:
-        try:
-            process.wait(10)
-        except Exception:  # noqa: BLE001 - whatever happened, make sure nothing is left running
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
-
-
 def main(argv=None) -> None:
+    from mm_llm_ros.node_processes import only_loopback
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not args.allow_network and not only_loopback():
         print('demo: refusing to start ROS processes with network interfaces besides loopback; run it through '

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
+import socket
 import subprocess
-from typing import Any, Iterable, Mapping, Optional
+import sys
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from mm_llm_ros.launch_plan import NodeSpec
 
@@ -71,3 +74,37 @@ def start_process(command: list[str], log_path: pathlib.Path, env: Optional[Mapp
     with open(log_path, 'wb') as log_file:
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=proc_env,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_processes(processes: Iterable[subprocess.Popen], timeout_s: float = 10.0) -> None:
+    """SIGINT every still-running process group, then SIGKILL those that have not exited within timeout_s."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+    for process in processes:
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5.0)
+
+
+def only_loopback() -> bool:
+    """True when this process's network namespace has no interface but loopback.
+
+    (socket.if_nameindex asks the kernel about the current namespace; /sys/class/net would show the host's.)
+    """
+    return {name for _, name in socket.if_nameindex()} <= {'lo'}
+
+
+def reexec_in_loopback_namespace(netns_script: pathlib.Path, script: pathlib.Path, argv: Sequence[str]) -> None:
+    """Re-execute `script argv` through scripts/netns.sh unless this process already sees only loopback.
+
+    MM_LLM_NO_NETNS=1 skips this (as it does for pytest); inside netns.sh with other interfaces present, refuse.
+    """
+    if only_loopback() or os.environ.get('MM_LLM_NO_NETNS') == '1':
+        return
+    if os.environ.get('MM_LLM_IN_NETNS') == '1':
+        raise SystemExit(f'{script.name}: this namespace has interfaces besides loopback; refusing to run DDS here')
+    os.execv(str(netns_script), [str(netns_script), sys.executable, str(script), *argv])

@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from ros_harness import NodeGraph, TestNode, only_loopback
+from mm_llm_ros.node_processes import only_loopback
+from ros_harness import NodeGraph, TestNode
 
 HERE = pathlib.Path(__file__).resolve().parent
 CONFIG_DIR = HERE.parents[1] / 'config'

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -17,18 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from mm_llm_ros.launch_plan import NodeSpec
-from mm_llm_ros.node_processes import command_for, executable_path, ros_args, start_process
+from mm_llm_ros.node_processes import command_for, executable_path, ros_args, start_process, stop_processes
 
 DEFAULT_TIMEOUT_S = 20.0
 POLL_S = 0.02
-
-
-def only_loopback() -> bool:
-    """True when this process's network namespace has no interface but loopback.
-
-    (socket.if_nameindex asks the kernel about the current namespace; /sys/class/net would show the host's.)
-    """
-    return {name for _, name in socket.if_nameindex()} <= {'lo'}
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float = DEFAULT_TIMEOUT_S, what: str = 'condition'):
@@ -65,13 +55,7 @@ class NodeProcess:
 
     def stop(self, timeout_s: float = 10.0) -> Optional[int]:
         """SIGINT, then SIGKILL of the whole process group if it does not exit in time."""
-        if self.alive():
-            self.signal(signal.SIGINT)
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.popen.wait(5.0)
+        stop_processes([self.popen], timeout_s)
         return self.popen.returncode
 
     def wait_for_log(self, text: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
