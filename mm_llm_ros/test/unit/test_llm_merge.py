@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_factories import TinySpec, build_model, random_adapter_state_dict, random_meta_state_dict
+from llm_factories import TinySpec, build_backbone, build_model, random_adapter_state_dict, random_meta_state_dict
 from mm_llm_ros.core.llm.checkpoints import load_adapter_state_dict
 from mm_llm_ros.core.llm.model import AdaptersMergedError, ImageBindLLM, LoRALinear, ModelError
 
@@ -108,6 +108,53 @@ def test_merged_token_forward_runs_no_lora_matmul():
     assert all('.v_proj.' in name for name in calls)
     q_proj = model.layers[0].self_attn.q_proj
     assert q_proj.base.bias is q_proj.bias  # the tuned bias is the base layer's bias, not a copy
+
+
+def _module_calls_per_forward(model: torch.nn.Module, tokens: list[int]) -> int:
+    calls = 0
+
+    def count(*_) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([tokens]))
+    finally:
+        handle.remove()
+    return calls
+
+
+def test_merged_token_forward_makes_the_plain_backbones_module_calls():
+    # On small models the per-token cost is mostly Python: a merged, injected model must not add module calls.
+    spec = MHA
+    meta = random_meta_state_dict(spec)
+    plain = build_backbone(spec, meta).eval()
+    model = build_model(spec, meta, random_adapter_state_dict(spec))
+    model.set_visual_features(_feature(spec))
+    tokens = _tokens(spec, 3)
+    unmerged_calls = _module_calls_per_forward(model.backbone, tokens)
+    model.merge_adapters()
+    assert _module_calls_per_forward(model.backbone, tokens) == _module_calls_per_forward(plain, tokens)
+    assert unmerged_calls > _module_calls_per_forward(plain, tokens)
+
+
+def test_merged_visual_vector_lives_in_the_output_bias_and_follows_each_query(pair):
+    spec, model, merged = pair
+    tokens = _tokens(spec, 6)
+    outputs = {}
+    for seed in (11, 12):  # a second query after a forward: the folded bias must not be stale
+        model.set_visual_features(_feature(spec, seed))
+        merged.set_visual_features(_feature(spec, seed))
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([tokens])).logits
+            outputs[seed] = merged(input_ids=torch.tensor([tokens])).logits
+        torch.testing.assert_close(outputs[seed], expected, atol=ATOL, rtol=0)
+        o_proj = merged.injected_layers[0].self_attn.o_proj
+        torch.testing.assert_close(o_proj.served.bias, o_proj.proj.bias + o_proj.visual_vector)
+        assert o_proj.served.weight is o_proj.proj.base.weight
+    assert (outputs[11] - outputs[12]).abs().max() > 1e-3
 
 
 def test_merge_adapters_is_idempotent():

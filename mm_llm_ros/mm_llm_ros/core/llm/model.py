@@ -24,12 +24,14 @@ head h uses kv head `h // (num_heads // num_kv_heads)`. With as many kv heads as
 
 Inference-time folding (`ImageBindLLM.merge_adapters`): run per token, the seven LoRA pairs (and the tuned biases) of
 every layer are many small extra matmuls. Merging folds each `LoRALinear` into its base layer once, W <- W + B A
-(computed in float32, cast back to the model dtype), with the tuned bias as the base layer's bias, so a token
-forward costs what the plain backbone costs plus one vector addition per injected layer. The visual path needs the
-base wv without LoRA; instead of a second copy of wv it is recovered as wv_merged(u) - B A u - bias from the kept
-rank-r factors (exact in real arithmetic, equal up to the rounding of the merged weight), once per query. Merging
-cannot be undone exactly, so it is an inference-only transform: a merged model refuses `state_dict`,
-`load_state_dict` and adapter checkpoints (`AdaptersMergedError`); build a fresh model to save or load weights.
+(computed in float32, cast back to the model dtype), with the tuned bias as the base layer's bias, and each layer's
+c_l is folded into wo's bias once per query: a token forward costs what the plain backbone costs plus the tuned
+biases the published model adds (one fused bias per projection), with no extra module call
+(`GatedOutputProjection.merge`). The visual path needs the base wv without LoRA; instead of a second copy of wv it
+is recovered as wv_merged(u) - B A u - bias from the kept rank-r factors (exact in real arithmetic, equal up to the
+rounding of the merged weight), once per query. Merging cannot be undone exactly, so it is an inference-only
+transform: a merged model refuses `state_dict`, `load_state_dict` and adapter checkpoints (`AdaptersMergedError`);
+build a fresh model to save or load weights.
 
 Module names inside the patched backbone (used by `checkpoints.py` to map the official key names):
 `self_attn.{q,k,v}_proj` and `mlp.{gate,up,down}_proj` are `LoRALinear`; `self_attn.o_proj` is a
@@ -143,8 +145,8 @@ class LoRALinear(nn.Module):
     y = base(x) + bias + lora_b(lora_a(x)), no scaling and no dropout, `lora_b` zero-initialised: a fresh wrapper
     computes exactly what `base` computes. `base` is kept as is (its own bias, if any, still applies).
 
-    `merge()` folds the update into `base` for inference (see `ImageBindLLM.merge_adapters`); afterwards the
-    forward is the single `base` call and `lora_a`/`lora_b` only serve `base_output`.
+    `merge()` folds the update into `base` for inference (see `ImageBindLLM.merge_adapters`); afterwards calling
+    the wrapper is calling `base.forward`, and `lora_a`/`lora_b` only serve `base_output`.
     """
 
     def __init__(self, base: nn.Linear, rank: int, bias: bool) -> None:
@@ -192,8 +194,6 @@ class LoRALinear(nn.Module):
         return y if self.bias is None else y - self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:  # nn.Linear's forward, without a second module call per projection and token
-            return F.linear(x, self.base.weight, self.base.bias)
         y = self.base(x) + self._lora(x)
         return y if self.bias is None else y + self.bias
 
@@ -212,6 +212,9 @@ class LoRALinear(nn.Module):
             else:
                 self.base.bias.add_(self.bias)
         self.merged = True
+        # Calls now go straight to the base layer's forward, as in the plain backbone (an instance attribute
+        # shadows the method): on small models the extra Python frame per projection and token is measurable.
+        self.forward = self.base.forward
 
 
 def _adapters_merged(action: str) -> AdaptersMergedError:
@@ -226,11 +229,30 @@ def _refuse_if_merged(module: LoRALinear, *_: Any) -> None:
         raise _adapters_merged('save or load weights')
 
 
+class ServedOutputProjection(nn.Module):
+    """wo as a merged model runs it per token: the merged weight (shared, not copied) and a bias buffer that holds
+    the tuned bias plus the layer's visual vector c_l. The bias is per-query state, not a parameter."""
+
+    bias: torch.Tensor
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+        self.register_buffer('bias', torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class GatedOutputProjection(nn.Module):
     """An attention block's output projection plus that layer's gated visual value.
 
     Holds the layer's gate (1, num_heads, 1, 1), zero-initialised, and the precomputed visual vector c_l
     (see the module docstring); without a vector it is exactly `proj`.
+
+    `merge()` (inference only) merges `proj` and then serves tokens through `served`, one matmul + bias like the
+    backbone's wo, whose bias (the tuned bias plus c_l) each `set_visual_value` rewrites.
     """
 
     visual_vector: torch.Tensor | None
@@ -242,14 +264,39 @@ class GatedOutputProjection(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1, num_heads, 1, 1, device=proj.base.weight.device,
                                              dtype=proj.base.weight.dtype))
         self.register_buffer('visual_vector', None, persistent=False)
+        self.served: ServedOutputProjection | None = None
 
     def set_visual_value(self, value: torch.Tensor | None) -> None:
         """Precompute c = proj.linear_map(tanh(gate) * value) from the per-head value (num_heads, head_dim)."""
         if value is None:
             self.visual_vector = None
+        else:
+            gated = torch.tanh(self.gate).view(self.num_heads, 1) * value  # (nh, hs)
+            self.visual_vector = self.proj.linear_map(gated.reshape(-1))  # (hidden,)
+        if self.served is not None:
+            self._fold_visual_vector()
+
+    @torch.no_grad()
+    def _fold_visual_vector(self) -> None:
+        """served.bias = the merged projection's bias + c, in place."""
+        bias, tuned, vector = self.served.bias, self.proj.base.bias, self.visual_vector
+        if tuned is None:
+            bias.zero_()
+        else:
+            bias.copy_(tuned)
+        if vector is not None:
+            bias.add_(vector)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Merge `proj` and serve tokens through one matmul + bias, like the backbone's wo (idempotent)."""
+        if self.served is not None:
             return
-        gated = torch.tanh(self.gate).view(self.num_heads, 1) * value  # (nh, hs)
-        self.visual_vector = self.proj.linear_map(gated.reshape(-1))  # (hidden,)
+        self.proj.merge()
+        self.served = ServedOutputProjection(self.proj.base.weight)
+        self._fold_visual_vector()
+        # An instance attribute shadows the method: calls go straight to the served forward, one Python frame less.
+        self.forward = self.served.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.proj(x)
@@ -284,7 +331,8 @@ class ImageBindLLM(nn.Module):
     the backbone computes; zero gates alone remove the visual effect.
 
     The visual vectors are model state: serve one query at a time per instance. For inference, call
-    `merge_adapters()` once all weights are loaded: same results, the per-token cost of the plain backbone.
+    `merge_adapters()` once all weights are loaded: same results, the per-token cost of the plain backbone plus
+    the tuned biases. `model.backbone` is the patched model itself; token loops may call it directly.
     """
 
     def __init__(self, backbone: LlamaForCausalLM, config: ImageBindLLMConfig | None = None) -> None:
@@ -399,6 +447,8 @@ class ImageBindLLM(nn.Module):
         projections = self.lora_projections()
         for projection in projections:
             projection.merge()
+        for layer in self.layers:
+            layer.self_attn.o_proj.merge()
         logger.info('merged %d LoRA projections into their base weights (inference only)', len(projections))
 
     def require_unmerged(self, action: str) -> None:

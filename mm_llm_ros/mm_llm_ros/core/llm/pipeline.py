@@ -133,7 +133,8 @@ class LLMAnswerer:
             features = self.visual_features(embeddings)
             self.model.set_visual_features(None if features is None else features.to(self.model.device))
             prompt_ids = self.prompt.encode(self.tokenizer, question, context)
-            stream = generate_stream(self.model, self.tokenizer, prompt_ids, config, should_stop)
+            # The patched backbone is the model; calling it directly saves the wrapper's Python call per token.
+            stream = generate_stream(self.model.backbone, self.tokenizer, prompt_ids, config, should_stop)
             for event in stream:
                 if event.text:
                     on_text(event.text)
