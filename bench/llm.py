@@ -237,17 +237,15 @@ def _markdown(rows: list[Row], loads: dict[str, float], device, dtype, threads: 
         'tokens/s | tokens/CPU-s | TTFT overhead | time/token overhead |',
         '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
+    ttft, speed = ('ttft_cpu_ms', 'tokens_per_cpu_s') if on_cpu else ('ttft_ms', 'tokens_per_s')
     baselines = {row.preset: row for row in rows if row.variant == 'backbone'}
     for row in rows:
         base = baselines.get(row.preset)
         if row.variant == 'backbone' or base is None:
             ttft_overhead = speed_overhead = '-'
-        elif on_cpu:
-            ttft_overhead = f'{100 * (row.ttft_cpu_ms / base.ttft_cpu_ms - 1):+.1f}%'
-            speed_overhead = f'{100 * (base.tokens_per_cpu_s / row.tokens_per_cpu_s - 1):+.1f}%'
         else:
-            ttft_overhead = f'{100 * (row.ttft_ms / base.ttft_ms - 1):+.1f}%'
-            speed_overhead = f'{100 * (base.tokens_per_s / row.tokens_per_s - 1):+.1f}%'
+            ttft_overhead = f'{100 * (getattr(row, ttft) / getattr(base, ttft) - 1):+.1f}%'
+            speed_overhead = f'{100 * (getattr(base, speed) / getattr(row, speed) - 1):+.1f}%'
         lines.append(f'| {row.preset} | {row.variant} | {row.parameters / 1e6:.2f}M | {row.prompt_tokens} | '
                      f'{row.setup_ms:.1f} | {row.ttft_ms:.1f} | {row.ttft_cpu_ms:.1f} | {row.tokens_per_s:.1f} | '
                      f'{row.tokens_per_cpu_s:.1f} | {ttft_overhead} | {speed_overhead} |')
