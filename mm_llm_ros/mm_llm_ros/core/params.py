@@ -99,6 +99,9 @@ LLM_PARAMS = DEVICE_PARAMS + (
           'zero-gated bind network (the published initial state).'),
     Param('llm.cache_dir', '', 'Where one-time conversions (the embedded GGUF) are cached; empty = ~/.cache/mm_llm_ros.'),
     Param('llm.seed', 0, 'Seed for generation sampling and random initialisation.'),
+    Param('llm.quantization', 'none', 'Weight-only quantisation of the merged backbone (torchao): none, int8 or '
+          'int4 (int4 needs CUDA, or a CPU build with its packed kernels); see README "GPU and memory".',
+          ('none', 'int8', 'int4')),
     Param('embedding_dim', 1024, 'Width of the ImageBind embeddings (1024 for imagebind_huge).'),
     Param('modalities', list(MODALITIES), 'Embedding modalities to subscribe to on /mm_llm/embedding/<modality>.'),
     Param('context.kinds', list(CONTEXT_KINDS), 'Perception-context kinds to subscribe to on mm_llm/context/<kind> '
@@ -114,6 +117,10 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('generation.temperature', 0.1, 'Sampling temperature; 0 means greedy.'),
     Param('generation.top_p', 0.75, 'Nucleus sampling threshold.'),
     Param('generation.context_length', 512, 'Maximum tokens of prompt plus answer (official max_seq_len 512).'),
+    Param('generation.decoder', 'auto', 'Token loop: eager (dynamic KV cache), static (preallocated KV cache), '
+          'cuda_graph (static + the decode step replayed as one CUDA graph; CUDA only) or compile (static + '
+          'torch.compile of the decode step); auto = cuda_graph on CUDA, eager on the CPU. Greedy tokens are the same.',
+          ('auto', 'eager', 'static', 'cuda_graph', 'compile')),
     Param('prompt.template', 'alpaca', "Prompt format: alpaca (as published) or chat (the backbone's chat template).",
           ('alpaca', 'chat')),
     Param('prompt.system', '', "System message for the chat template ('' keeps the template's default)."),

@@ -48,6 +48,8 @@ class LLMConfig:
     adapter_checkpoint: str = ''
     cache_dir: str = ''
     seed: int = 0
+    quantization: str = 'none'
+    decoder: str = 'auto'
     device: str = 'auto'
     dtype: str = 'auto'
     embedding_dim: int = 1024
@@ -81,7 +83,8 @@ class LLMConfig:
                                       context_length=int(p['generation.context_length']))
         return cls(preset=p['llm.preset'], backbone_path=p['llm.backbone_path'],
                    adapter_checkpoint=p['llm.adapter_checkpoint'], cache_dir=p['llm.cache_dir'],
-                   seed=int(p['llm.seed']), device=p['device'], dtype=p['dtype'],
+                   seed=int(p['llm.seed']), quantization=p['llm.quantization'],
+                   decoder=p['generation.decoder'], device=p['device'], dtype=p['dtype'],
                    embedding_dim=int(p['embedding_dim']), modalities=tuple(p['modalities']),
                    context_kinds=tuple(p['context.kinds']), context_line=p['context.line_template'],
                    context_max_chars=int(p['context.max_chars']),
