@@ -20,7 +20,10 @@ Beyond the official loop:
 - text is streamed per token: the generated ids are decoded as a whole and the new suffix is emitted, holding back
   a trailing U+FFFD (an incomplete multi-byte UTF-8 character) until its remaining bytes arrive. An incomplete
   character left at the end is dropped, so the streamed pieces always concatenate to the final text;
-- `should_stop` is polled before every model call, so a cancellation costs at most the step already running.
+- `should_stop` is polled before every model call, so a cancellation costs at most the step already running;
+- the model calls go through a stepper (`decoding.py`): the transformers forward with its dynamic cache by default,
+  or a `StaticDecoder` (static KV cache, decode step replayed as a CUDA graph) passed as `decoder`; the loop, the
+  sampling and the token events are the same for both, with one host synchronisation per token (the sampled id).
 
 The model is a transformers causal LM, or anything called the same way (`model.ImageBindLLM` passes its keyword
 arguments through): `model(input_ids=..., <kv cache>=..., use_cache=True, logits_to_keep=1)` returning `.logits`
@@ -30,8 +33,6 @@ beforehand; generation does not know about them.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import math
 import time
@@ -40,6 +41,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+from .decoding import EagerStepper, StaticDecoder
 
 if TYPE_CHECKING:
     from .tokenizer import TextTokenizer
@@ -205,28 +208,6 @@ class GenerationStream(Iterator[TokenEvent]):
         self._events.close()
 
 
-def _model_device(model: Any) -> torch.device:
-    device = getattr(model, 'device', None)
-    if isinstance(device, torch.device):
-        return device
-    parameters = getattr(model, 'parameters', None)
-    first = next(iter(parameters()), None) if callable(parameters) else None
-    return first.device if first is not None else torch.device('cpu')
-
-
-@functools.cache
-def _cache_keyword() -> str:
-    """The KV-cache argument name of the installed transformers: `cache` in recent 5.x, else `past_key_values`."""
-    from transformers import LlamaForCausalLM
-
-    return 'cache' if 'cache' in inspect.signature(LlamaForCausalLM.forward).parameters else 'past_key_values'
-
-
-def _output_cache(output: Any) -> Any:
-    cache = getattr(output, 'cache', None)
-    return cache if cache is not None else output.past_key_values
-
-
 def _check_prompt(prompt_ids: Sequence[int]) -> None:
     if len(prompt_ids) == 0:
         raise GenerationError('the prompt has no tokens')
@@ -252,20 +233,29 @@ def _sampling_generator(config: GenerationConfig, device: torch.device) -> tuple
     return generator, seed
 
 
+def _stepper(model: Any, decoder: StaticDecoder | None, total_length: int) -> EagerStepper | StaticDecoder:
+    """The given static decoder when the sequence fits its cache, else the eager path (logged: it is slower)."""
+    if decoder is None:
+        return EagerStepper(model)
+    if total_length > decoder.capacity:
+        logger.warning('%d tokens exceed the static cache (%d positions): decoding eagerly', total_length,
+                       decoder.capacity)
+        return EagerStepper(model)
+    return decoder
+
+
 @torch.inference_mode()
 def _decode(model: Any, tokenizer: TextTokenizer, prompt_ids: Sequence[int], config: GenerationConfig,
-            should_stop: Callable[[], bool] | None) -> Generator[TokenEvent, None, GenerationResult]:
+            should_stop: Callable[[], bool] | None,
+            decoder: StaticDecoder | None) -> Generator[TokenEvent, None, GenerationResult]:
     start = time.perf_counter()
     prompt = _fit_prompt(prompt_ids, config, tokenizer.bos_id)
     budget = min(config.context_length, len(prompt) + config.max_new_tokens) - len(prompt)
-    device = _model_device(model)
-    generator, seed = _sampling_generator(config, device)
+    stepper = _stepper(model, decoder, len(prompt) + budget)
+    generator, seed = _sampling_generator(config, stepper.device)
     eos_id = tokenizer.eos_id if config.stop_on_eos else None
-    decoder = IncrementalDecoder(tokenizer)
+    text = IncrementalDecoder(tokenizer)
 
-    input_ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T): the prompt, then one token
-    cache_keyword = _cache_keyword()
-    cache = None
     token_ids: list[int] = []
     token_times: list[float] = []
     stopped: StopReason | None = None
@@ -274,25 +264,22 @@ def _decode(model: Any, tokenizer: TextTokenizer, prompt_ids: Sequence[int], con
             stopped = 'cancelled'
             break
         try:
-            # logits_to_keep=1: the prefill needs the last position's logits only.
-            output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_keyword: cache})
+            logits = stepper.prefill(prompt) if index == 0 else stepper.step(token_ids[-1])
         except IndexError as exc:  # an id outside the embedding table
             raise GenerationError(f'token ids outside the model vocabulary in the prompt ({exc})') from exc
-        cache = _output_cache(output)
-        token = select_next_token(output.logits[0, -1], config, generator)
+        token = select_next_token(logits, config, generator)  # the one host synchronisation per token
         token_times.append(time.perf_counter())
         if token == eos_id:
             stopped = 'eos'
             break
         token_ids.append(token)
-        yield TokenEvent(token_id=token, text=decoder.push(token), index=index, elapsed_s=token_times[-1] - start)
-        input_ids = torch.tensor([[token]], dtype=torch.long, device=device)
+        yield TokenEvent(token_id=token, text=text.push(token), index=index, elapsed_s=token_times[-1] - start)
     if stopped is None:
         stopped = 'max_new_tokens' if budget == config.max_new_tokens else 'context'
 
     decode_time = token_times[-1] - token_times[0] if len(token_times) > 1 else 0.0
     return GenerationResult(
-        text=decoder.text,
+        text=text.text,
         token_ids=token_ids,
         n_tokens=len(token_ids),
         n_prompt_tokens=len(prompt),
@@ -305,7 +292,8 @@ def _decode(model: Any, tokenizer: TextTokenizer, prompt_ids: Sequence[int], con
 
 def generate_stream(model: Any, tokenizer: TextTokenizer, prompt_ids: Sequence[int],
                     config: GenerationConfig | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> GenerationStream:
+                    should_stop: Callable[[], bool] | None = None,
+                    decoder: StaticDecoder | None = None) -> GenerationStream:
     """Generate from `prompt_ids`, yielding one `TokenEvent` per token; the stream's `result` is set at the end.
 
     Args:
@@ -314,16 +302,19 @@ def generate_stream(model: Any, tokenizer: TextTokenizer, prompt_ids: Sequence[i
         prompt_ids: the encoded prompt (e.g. `PromptBuilder.encode`).
         config: decoding settings (defaults: the official ones).
         should_stop: polled before each model call; returning True ends the stream with reason 'cancelled'.
+        decoder: a `StaticDecoder` over `model` (static KV cache, CUDA graph); None decodes eagerly. A sequence
+            longer than its cache is decoded eagerly.
     """
     config = config or GenerationConfig()
     _check_prompt(prompt_ids)
-    return GenerationStream(_decode(model, tokenizer, prompt_ids, config, should_stop))
+    return GenerationStream(_decode(model, tokenizer, prompt_ids, config, should_stop, decoder))
 
 
 def generate(model: Any, tokenizer: TextTokenizer, prompt_ids: Sequence[int], config: GenerationConfig | None = None,
-             should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+             should_stop: Callable[[], bool] | None = None,
+             decoder: StaticDecoder | None = None) -> GenerationResult:
     """Generate the whole answer at once; same arguments as `generate_stream`."""
-    stream = generate_stream(model, tokenizer, prompt_ids, config, should_stop)
+    stream = generate_stream(model, tokenizer, prompt_ids, config, should_stop, decoder)
     for _ in stream:
         pass
     assert stream.result is not None  # an exhausted stream always has its result

@@ -25,6 +25,7 @@ import torch
 from mm_llm_ros.core.answering import Generated
 from mm_llm_ros.core.device import describe, resolve_device, resolve_dtype
 from mm_llm_ros.core.embedding_store import StoredInput
+from mm_llm_ros.core.llm.decoding import DecoderMode, StaticDecoder, resolve_decoder_mode
 from mm_llm_ros.core.llm.fusion import fuse_embeddings
 from mm_llm_ros.core.llm.generation import GenerationConfig, generate_stream
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
@@ -106,8 +107,10 @@ class LLMAnswerer:
 
     def __init__(self, model: ImageBindLLM, tokenizer: TextTokenizer, prompt: PromptBuilder,
                  generation: GenerationConfig, fusion_weights: Mapping[str, float],
-                 visual_cache: Optional[VisualCache] = None, name: str = ''):
+                 visual_cache: Optional[VisualCache] = None, name: str = '',
+                 decoder: Optional[StaticDecoder] = None):
         self.model = model
+        self.decoder = decoder
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.generation = generation
@@ -115,6 +118,8 @@ class LLMAnswerer:
         self.visual_cache = visual_cache
         self.device_description = describe(model.device, model.dtype)
         self.description = f'{name} on {self.device_description}'
+        if decoder is not None:
+            self.description += f', {decoder.mode} decoder'
         self.sensors_inform_answers = any(bool(p.detach().abs().max() > 0)
                                           for n, p in model.named_parameters() if n.endswith('gate'))
         self._lock = threading.Lock()
@@ -137,7 +142,8 @@ class LLMAnswerer:
             self.model.set_visual_features(None if features is None else features.to(self.model.device))
             prompt_ids = self.prompt.encode(self.tokenizer, question, context)
             # The patched backbone is the model; calling it directly saves the wrapper's Python call per token.
-            stream = generate_stream(self.model.backbone, self.tokenizer, prompt_ids, config, should_stop)
+            stream = generate_stream(self.model.backbone, self.tokenizer, prompt_ids, config, should_stop,
+                                     self.decoder)
             for event in stream:
                 if event.text:
                     on_text(event.text)
@@ -151,12 +157,14 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     """Load the configured model once. Raises ValueError subclasses with a clear message on any problem."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    decoder_mode = resolve_decoder_mode(config.decoder, device)  # refused before any weight is loaded
     model_config = ImageBindLLMConfig(embed_dim=config.embedding_dim)
     if config.preset in ('tiny', 'embedded'):
         from mm_llm_ros.core.llm.backbones import load_smollm2, tiny_random_backbone
         if config.preset == 'tiny':
             backbone = tiny_random_backbone(seed=config.seed)
-            _inject_faults(backbone.model, os.environ.get(TINY_FAULTS_ENV, ''))
+            # On the embeddings: every decoder (eager or static) calls them first in each forward.
+            _inject_faults(backbone.model.get_input_embeddings(), os.environ.get(TINY_FAULTS_ENV, ''))
         else:
             from pathlib import Path
             backbone = load_smollm2(Path(config.cache_dir) if config.cache_dir else None, dtype=dtype)
@@ -181,6 +189,7 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     model = model.to(device=device, dtype=dtype).eval()
     # Every weight is loaded: fold the LoRA pairs and biases into the base weights (inference only, see model.py).
     model.merge_adapters()
+    decoder = _static_decoder(model, decoder_mode, config.generation.context_length)
     cache = None
     if config.cache_index_path:
         cache = VisualCache.from_index_file(config.cache_index_path, config.cache_size, config.cache_temperature,
@@ -189,7 +198,15 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
                                         system_prompt=config.prompt_system or None,
                                         chat_user_template_with_context=config.prompt_chat_context_template),
                            chat_tokenizer=tokenizer if config.prompt_template == 'chat' else None)
-    return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, name)
+    return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, name, decoder)
+
+
+def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int) -> Optional[StaticDecoder]:
+    """The `generation.decoder` stepper for the merged model (None: eager), its KV cache sized to the context."""
+    if mode == 'eager':
+        return None
+    logger.info("generation.decoder '%s': static KV cache of %d positions", mode, capacity)
+    return StaticDecoder(model.backbone, capacity=capacity, mode=mode)
 
 
 def _inject_faults(model: torch.nn.Module, faults: str) -> None:

@@ -1,0 +1,252 @@
+"""Token steppers for `generation`: the eager loop and a static-KV-cache loop that a CUDA graph can replay.
+
+A stepper turns a prompt into the last position's logits (`prefill`) and then one token at a time into the next
+logits (`step`). `generation._decode` owns everything else (sampling, streaming, cancellation, context rules), so
+every stepper gives the same greedy tokens as the eager one up to floating-point rounding.
+
+- `EagerStepper` calls the transformers model with its dynamic KV cache, as `generate()` does.
+- `StaticDecoder` preallocates the KV cache once for `capacity` positions and runs the backbone's own modules
+  (embeddings, norms, projections, MLPs, rotary embedding, `lm_head`) with a fixed-shape decode step: the token and
+  its position live in device tensors, keys and values are written in place with `index_copy_`, and attention is
+  `scaled_dot_product_attention` over the whole cache with a mask of the positions written so far. Nothing in that
+  step reads a value back to the host, so on CUDA it is captured once into a `torch.cuda.CUDAGraph` and each token
+  costs one graph replay plus the host read of the sampled id (`generation.select_next_token`). Modes:
+
+  | mode | decode step | where |
+  |---|---|---|
+  | `static` | the step's kernels launched one by one | CPU and CUDA |
+  | `cuda_graph` | the step captured into one CUDA graph, replayed per token | CUDA |
+  | `compile` | the step compiled by `torch.compile` (kernel fusion, e.g. of int8 dequantisation), then captured into a CUDA graph on CUDA | CPU (needs a C++ compiler) and CUDA |
+
+  The prefill runs eagerly (its length changes per prompt) with causal SDPA over the prompt.
+
+Per-query state stays in place for the graph: the merged ImageBind-LLM folds the visual vector into `o_proj`'s bias
+buffer in place (`model.ServedOutputProjection`), so a replay sees the current query's vector. An unmerged model
+replaces that vector tensor per query, so graphs (and `compile`) refuse it.
+
+Attention over the whole cache reads all `capacity` key/value slots every token (the mask hides the unused ones):
+with the default 512-token context that is about 2% of the weight bytes of a LLaMA-7B step.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DecoderMode = Literal['eager', 'static', 'cuda_graph', 'compile']
+DECODER_MODES: tuple[str, ...] = ('auto', 'eager', 'static', 'cuda_graph', 'compile')
+
+
+class DecoderError(ValueError):
+    """A decoder mode that this model or device cannot run."""
+
+
+def resolve_decoder_mode(name: str, device: torch.device) -> DecoderMode:
+    """Map the `generation.decoder` parameter to a mode for `device`; auto = cuda_graph on CUDA, eager on the CPU."""
+    name = (name or 'auto').strip().lower()
+    if name not in DECODER_MODES:
+        raise DecoderError(f"generation.decoder must be one of {', '.join(DECODER_MODES)}, got '{name}'")
+    if name == 'auto':
+        return 'cuda_graph' if device.type == 'cuda' else 'eager'
+    if name == 'cuda_graph' and device.type != 'cuda':
+        raise DecoderError(f"generation.decoder 'cuda_graph' needs a CUDA device, the model is on '{device}' "
+                           "(use 'static' or 'eager' on the CPU)")
+    return name  # type: ignore[return-value]
+
+
+@functools.cache
+def _cache_keyword() -> str:
+    """The KV-cache argument name of the installed transformers: `cache` in recent 5.x, else `past_key_values`."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return 'cache' if 'cache' in inspect.signature(LlamaForCausalLM.forward).parameters else 'past_key_values'
+
+
+def _output_cache(output: Any) -> Any:
+    cache = getattr(output, 'cache', None)
+    return cache if cache is not None else output.past_key_values
+
+
+def model_device(model: Any) -> torch.device:
+    device = getattr(model, 'device', None)
+    if isinstance(device, torch.device):
+        return device
+    parameters = getattr(model, 'parameters', None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device('cpu')
+
+
+class EagerStepper:
+    """The transformers forward with its dynamic KV cache: one model call per token (the reference path)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.device = model_device(model)
+        self._keyword = _cache_keyword()
+        self._cache: Any = None
+
+    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        self._cache = None
+        return self._forward(torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device))
+
+    def step(self, token: int) -> torch.Tensor:
+        return self._forward(torch.tensor([[token]], dtype=torch.long, device=self.device))
+
+    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # logits_to_keep=1: only the last position's logits are needed.
+        output = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._keyword: self._cache})
+        self._cache = _output_cache(output)
+        return output.logits[0, -1]
+
+
+def _unmerged_injection(model: nn.Module) -> bool:
+    """Whether an ImageBind-LLM output projection still replaces its visual vector per query (not graph-safe)."""
+    from mm_llm_ros.core.llm.model import GatedOutputProjection
+
+    return any(isinstance(m, GatedOutputProjection) and m.served is None for m in model.modules())
+
+
+class StaticDecoder:
+    """A static KV cache and a fixed-shape decode step over a transformers LLaMA (plain or ImageBind-LLM patched).
+
+    Create once per model and reuse for every generation (the cache and the captured graph are kept); one
+    generation at a time. `prefill(prompt)` starts a sequence, `step(token)` continues it; both return the next
+    position's logits (vocab,), in the model dtype, as the eager path does.
+    """
+
+    def __init__(self, model: nn.Module, capacity: int, mode: DecoderMode = 'static') -> None:
+        if mode not in ('static', 'cuda_graph', 'compile'):
+            raise DecoderError(f"StaticDecoder runs 'static', 'cuda_graph' or 'compile', not '{mode}'")
+        base = getattr(model, 'model', None)
+        if not isinstance(getattr(base, 'layers', None), nn.ModuleList) or not hasattr(model, 'lm_head'):
+            raise DecoderError(f'{type(model).__name__} is not a LLaMA-style causal LM (model.layers, lm_head)')
+        self.device = model_device(model)
+        if mode == 'cuda_graph' and self.device.type != 'cuda':
+            raise DecoderError(f"decoder 'cuda_graph' needs the model on a CUDA device, it is on '{self.device}'")
+        if mode != 'static' and _unmerged_injection(model):
+            raise DecoderError(f"decoder '{mode}' needs a merged ImageBind-LLM (call merge_adapters() first): "
+                               'the unmerged model replaces its visual vectors per query, which a graph cannot see')
+        self.model = model
+        self.mode = mode
+        self.capacity = capacity
+        config = model.config
+        self.vocab_size: int = model.get_input_embeddings().num_embeddings
+        self._layers = base.layers
+        self._base = base
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        self._rotate = apply_rotary_pos_emb
+        first = self._layers[0].self_attn
+        self.head_dim: int = first.head_dim
+        self.num_kv_heads: int = config.num_key_value_heads or config.num_attention_heads
+        self.gqa = self.num_kv_heads != config.num_attention_heads
+        dtype = base.embed_tokens.weight.dtype  # the activations' dtype (never quantised)
+        shape = (1, self.num_kv_heads, capacity, self.head_dim)  # (B, nkv, L, hs)
+        self._keys = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in self._layers]
+        self._values = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in self._layers]
+        # Decode-step inputs as device tensors: a graph replays with whatever they hold.
+        self._token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self._position = torch.zeros((1,), dtype=torch.long, device=self.device)
+        self._slots = torch.arange(capacity, device=self.device)
+        self._length = 0
+        self._step_fn = self._decode_step
+        if mode == 'compile':
+            self._step_fn = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_logits: torch.Tensor | None = None
+
+    # ---- the public stepper interface --------------------------------------------------------------------------
+    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Start a sequence with `prompt_ids` (1 <= len <= capacity); returns the logits after its last token."""
+        length = len(prompt_ids)
+        if not 0 < length <= self.capacity:
+            raise DecoderError(f'prompt of {length} tokens does not fit the static cache of {self.capacity}')
+        if max(prompt_ids) >= self.vocab_size:
+            raise IndexError(f'token id {max(prompt_ids)} >= vocabulary size {self.vocab_size}')
+        for cache in self._keys + self._values:  # stale slots stay masked, but must not hold NaN/Inf (0 * NaN)
+            cache.zero_()
+        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        positions = torch.arange(length, device=self.device)
+        with torch.inference_mode():
+            logits = self._forward(input_ids, positions, decode=False)
+        self._length = length
+        return logits[0]
+
+    def step(self, token: int) -> torch.Tensor:
+        """Feed the next token (at position = tokens so far); returns the logits after it."""
+        if self._length >= self.capacity:
+            raise DecoderError(f'the static cache of {self.capacity} positions is full')
+        self._token.fill_(token)
+        self._position.fill_(self._length)
+        self._length += 1
+        if self.mode == 'static' or self.device.type != 'cuda':
+            with torch.inference_mode():
+                return self._step_fn()[0]
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        return self._graph_logits[0]
+
+    # ---- the model ---------------------------------------------------------------------------------------------
+    def _decode_step(self) -> torch.Tensor:
+        return self._forward(self._token, self._position, decode=True)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode: bool) -> torch.Tensor:
+        """The backbone's layers with the static cache; (1, T) ids at `positions` -> last position's (1, vocab)."""
+        hidden = self._base.embed_tokens(input_ids)  # (1, T, C)
+        rotary = self._base.rotary_emb(hidden, positions.unsqueeze(0))
+        mask = (self._slots <= positions[-1]).view(1, 1, 1, -1) if decode else None
+        for index, layer in enumerate(self._layers):
+            residual = hidden
+            hidden = self._attention(layer.self_attn, index, layer.input_layernorm(hidden), rotary, positions, mask)
+            hidden = residual + hidden
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = self._base.norm(hidden[:, -1:])
+        return self.model.lm_head(hidden)[:, -1]
+
+    def _attention(self, attn: nn.Module, index: int, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                   positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        shape = (batch, length, -1, self.head_dim)
+        query = attn.q_proj(x).view(shape).transpose(1, 2)  # (B, nh, T, hs)
+        key = attn.k_proj(x).view(shape).transpose(1, 2)  # (B, nkv, T, hs)
+        value = attn.v_proj(x).view(shape).transpose(1, 2)
+        query, key = self._rotate(query, key, *rotary)
+        keys, values = self._keys[index], self._values[index]
+        keys.index_copy_(2, positions, key)
+        values.index_copy_(2, positions, value)
+        if mask is None:  # prefill: causal attention within the prompt, which starts at position 0
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1, scale=attn.scaling,
+                                                 enable_gqa=self.gqa)
+        else:  # decode: the whole cache, unwritten slots masked
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=attn.scaling,
+                                                 enable_gqa=self.gqa)
+        return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    # ---- CUDA graph --------------------------------------------------------------------------------------------
+    def _capture(self) -> None:
+        """Warm the step up on a side stream (cuBLAS handles, compilation), then capture it into one graph.
+
+        The warm-up writes the current token's key/value to its slot, exactly as the replay that follows does.
+        """
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(3):
+                self._step_fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            self._graph_logits = self._step_fn()
+        self._graph = graph
+        logger.info("decode step captured into a CUDA graph (%d layers, %d cache positions, mode '%s')",
+                    len(self._layers), self.capacity, self.mode)

@@ -1,0 +1,209 @@
+"""Static-KV-cache decoding (`StaticDecoder`): the same tokens as the eager path, capture-safe, clear refusals.
+
+CUDA graphs cannot run here (CI has no GPU); what makes the decode step capturable is that it never reads a value
+back to the host, and `torch.compile(fullgraph=True)` proves that on the CPU: any data-dependent Python branch or
+`.item()` would be a graph break, which fullgraph turns into an error.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from mm_llm_ros.core.llm.backbones import tiny_random_backbone
+from mm_llm_ros.core.llm.decoding import DecoderError, StaticDecoder, resolve_decoder_mode
+from mm_llm_ros.core.llm.generation import GenerationConfig, GenerationError, generate
+from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
+
+GREEDY = GenerationConfig(max_new_tokens=40, temperature=0.0, stop_on_eos=False, context_length=128)
+PROMPTS = ('Describe the scene in front of the robot.', 'Is anyone speaking?', 'x')
+
+
+def _greedy_tokens(model, tokenizer, prompt: str, decoder=None, config=GREEDY) -> list[int]:
+    ids = tokenizer.encode(prompt, bos=True)
+    return generate(model, tokenizer, ids, config, decoder=decoder).token_ids
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    return tiny_random_backbone(seed=3)
+
+
+@pytest.fixture(scope='module')
+def merged():
+    """A merged ImageBind-LLM over a GQA backbone with open gates and trained-like adapter values."""
+    backbone = tiny_random_backbone(seed=4)
+    model = ImageBindLLM(backbone.model, ImageBindLLMConfig(embed_dim=16, lora_rank=2)).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(('gate', 'lora_b.weight', '.bias')):
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+    model.merge_adapters()
+    return model, backbone.tokenizer
+
+
+@pytest.mark.parametrize('num_kv_heads', [4, 2])  # multi-head and grouped-query attention
+def test_static_greedy_tokens_equal_the_eager_ones(num_kv_heads):
+    backbone = tiny_random_backbone(seed=5, num_kv_heads=num_kv_heads)
+    decoder = StaticDecoder(backbone.model, capacity=128)
+    for prompt in PROMPTS:
+        eager = _greedy_tokens(backbone.model, backbone.tokenizer, prompt)
+        assert _greedy_tokens(backbone.model, backbone.tokenizer, prompt, decoder) == eager
+
+
+def test_static_logits_match_the_eager_forward_at_every_step(tiny):
+    ids = tiny.tokenizer.encode('What is ahead?', bos=True)
+    decoder = StaticDecoder(tiny.model, capacity=64)
+    with torch.inference_mode():
+        static = [decoder.prefill(ids)]
+        for token in (65, 66, 67):
+            static.append(decoder.step(token))
+        full = tiny.model(input_ids=torch.tensor([ids + [65, 66, 67]])).logits[0, len(ids) - 1:]
+    torch.testing.assert_close(torch.stack(static), full, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_imagebind_llm_follows_each_querys_visual_features(merged):
+    """The visual vector lives in o_proj's bias buffer, updated in place: a reused decoder sees every new query."""
+    model, tokenizer = merged
+    decoder = StaticDecoder(model.backbone, capacity=128, mode='static')
+    answers = []
+    for seed in (0, 1):
+        model.set_visual_features(torch.randn(16, generator=torch.Generator().manual_seed(seed)))
+        eager = _greedy_tokens(model.backbone, tokenizer, PROMPTS[0])
+        assert _greedy_tokens(model.backbone, tokenizer, PROMPTS[0], decoder) == eager
+        answers.append(eager)
+    assert answers[0] != answers[1]  # the features matter, so the equality above is not vacuous
+
+
+def test_seeded_sampling_draws_the_same_tokens_as_the_eager_path(tiny):
+    config = GenerationConfig(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=11, stop_on_eos=False,
+                              context_length=128)
+    decoder = StaticDecoder(tiny.model, capacity=128)
+    eager = _greedy_tokens(tiny.model, tiny.tokenizer, PROMPTS[0], config=config)
+    assert _greedy_tokens(tiny.model, tiny.tokenizer, PROMPTS[0], decoder, config) == eager
+
+
+def test_the_decoder_is_reused_across_generations_of_different_lengths(tiny):
+    """Stale keys from a longer earlier sequence must not leak into a shorter later one."""
+    decoder = StaticDecoder(tiny.model, capacity=128)
+    _greedy_tokens(tiny.model, tiny.tokenizer, PROMPTS[0] * 2, decoder)
+    for prompt in PROMPTS[::-1]:
+        assert (_greedy_tokens(tiny.model, tiny.tokenizer, prompt, decoder)
+                == _greedy_tokens(tiny.model, tiny.tokenizer, prompt))
+
+
+def test_generation_fills_the_cache_exactly_to_the_context_length(tiny):
+    prompt = tiny.tokenizer.encode('a' * 20, bos=True)
+    config = GenerationConfig(max_new_tokens=100, temperature=0.0, stop_on_eos=False, context_length=len(prompt) + 9)
+    decoder = StaticDecoder(tiny.model, capacity=config.context_length)
+    result = generate(tiny.model, tiny.tokenizer, prompt, config, decoder=decoder)
+    assert result.stopped_reason == 'context'
+    assert result.token_ids == generate(tiny.model, tiny.tokenizer, prompt, config).token_ids
+
+
+def test_a_sequence_longer_than_the_cache_is_decoded_eagerly(tiny, caplog):
+    decoder = StaticDecoder(tiny.model, capacity=16)
+    with caplog.at_level(logging.WARNING):
+        tokens = _greedy_tokens(tiny.model, tiny.tokenizer, PROMPTS[0], decoder)
+    assert tokens == _greedy_tokens(tiny.model, tiny.tokenizer, PROMPTS[0])
+    assert 'exceed the static cache' in caplog.text
+
+
+def test_cancellation_stops_the_static_loop_between_steps(tiny):
+    decoder = StaticDecoder(tiny.model, capacity=128)
+    steps = []
+
+    def stop_after_five() -> bool:
+        steps.append(1)
+        return len(steps) > 5
+
+    ids = tiny.tokenizer.encode(PROMPTS[0], bos=True)
+    result = generate(tiny.model, tiny.tokenizer, ids, GREEDY, should_stop=stop_after_five, decoder=decoder)
+    assert result.stopped_reason == 'cancelled'
+    assert result.n_tokens == 5
+
+
+def test_token_ids_outside_the_vocabulary_are_a_generation_error(tiny):
+    decoder = StaticDecoder(tiny.model, capacity=64)
+    with pytest.raises(GenerationError, match='vocabulary'):
+        generate(tiny.model, tiny.tokenizer, [1, 2, 10_000], GREEDY, decoder=decoder)
+
+
+def test_the_decode_step_compiles_as_one_graph_without_host_synchronisation(tiny):
+    """fullgraph=True fails on any graph break (`.item()`, a data-dependent branch): what a CUDA graph needs."""
+    decoder = StaticDecoder(tiny.model, capacity=64)
+    compiled = torch.compile(decoder._decode_step, fullgraph=True, dynamic=False, backend='eager')
+    ids = tiny.tokenizer.encode('Go', bos=True)
+    decoder.prefill(ids)
+    decoder._token.fill_(70)
+    decoder._position.fill_(len(ids))
+    with torch.inference_mode():
+        traced = compiled()[0].clone()
+    decoder.prefill(ids)
+    torch.testing.assert_close(traced, decoder.step(70))
+
+
+@pytest.mark.parametrize('name, device, expected', [
+    ('auto', 'cpu', 'eager'), ('auto', 'cuda', 'cuda_graph'), ('static', 'cpu', 'static'),
+    ('compile', 'cpu', 'compile'), ('EAGER', 'cuda', 'eager'), ('', 'cpu', 'eager'),
+])
+def test_decoder_modes_resolve_per_device(name, device, expected):
+    assert resolve_decoder_mode(name, torch.device(device)) == expected
+
+
+def test_unusable_decoder_settings_are_refused_with_the_reason(tiny):
+    with pytest.raises(DecoderError, match="'cuda_graph' needs a CUDA device"):
+        resolve_decoder_mode('cuda_graph', torch.device('cpu'))
+    with pytest.raises(DecoderError, match='must be one of'):
+        resolve_decoder_mode('fast', torch.device('cpu'))
+    with pytest.raises(DecoderError, match='needs the model on a CUDA device'):
+        StaticDecoder(tiny.model, capacity=32, mode='cuda_graph')
+    unmerged = ImageBindLLM(tiny_random_backbone(seed=6).model, ImageBindLLMConfig(embed_dim=16, lora_rank=2))
+    with pytest.raises(DecoderError, match='merge_adapters'):
+        StaticDecoder(unmerged.backbone, capacity=32, mode='compile')
+    with pytest.raises(DecoderError, match='not a LLaMA-style'):
+        StaticDecoder(torch.nn.Linear(2, 2), capacity=32)
+
+
+def _answer(answerer, question: str, embeddings) -> str:
+    pieces: list[str] = []
+    generated = answerer.answer(question, embeddings, 24, pieces.append, lambda: False)
+    assert ''.join(pieces) == generated.text
+    return generated.text
+
+
+def test_build_answerer_serves_through_the_configured_decoder():
+    import numpy as np
+
+    from mm_llm_ros.core.embedding_store import StoredInput
+    from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
+
+    generation = GenerationConfig(max_new_tokens=24, temperature=0.0, context_length=256)
+    assert build_answerer(LLMConfig(preset='tiny', decoder='eager', generation=generation)).decoder is None
+    answerer = build_answerer(LLMConfig(preset='tiny', decoder='static', generation=generation))
+    decoder = answerer.decoder
+    assert (decoder.mode, decoder.capacity) == ('static', 256)
+    assert 'static decoder' in answerer.description
+    vision = StoredInput('vision', np.random.default_rng(0).standard_normal(1024).astype(np.float32), 0, 0.0,
+                         'tiny', 'embedding/vision')
+    for embeddings in ([], [vision]):  # text only, then with the (open-gated) visual injection
+        answerer.decoder = decoder
+        static = _answer(answerer, 'What is ahead?', embeddings)
+        answerer.decoder = None  # the same model decoded eagerly
+        assert static == _answer(answerer, 'What is ahead?', embeddings)
+
+
+def test_the_compiled_decoder_gives_the_eager_greedy_tokens(tiny):
+    """mode 'compile' with inductor on the CPU (on CUDA the compiled step is also captured into a graph)."""
+    decoder = StaticDecoder(tiny.model, capacity=128, mode='compile')
+    assert _greedy_tokens(tiny.model, tiny.tokenizer, PROMPTS[0], decoder) == _greedy_tokens(
+        tiny.model, tiny.tokenizer, PROMPTS[0])
+
+
+def test_a_decoder_the_device_cannot_run_is_refused_before_loading():
+    from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
+
+    with pytest.raises(DecoderError, match="'cuda_graph' needs a CUDA device"):
+        build_answerer(LLMConfig(preset='tiny', device='cpu', decoder='cuda_graph'))
