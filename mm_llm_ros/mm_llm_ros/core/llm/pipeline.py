@@ -30,6 +30,7 @@ from mm_llm_ros.core.llm.fusion import fuse_embeddings
 from mm_llm_ros.core.llm.generation import GenerationConfig, generate_stream
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 from mm_llm_ros.core.llm.prompt import PromptBuilder, PromptConfig
+from mm_llm_ros.core.llm.quantization import check_quantization, parameter_bytes, quantize_linear_weights
 from mm_llm_ros.core.llm.tokenizer import TextTokenizer
 from mm_llm_ros.core.llm.visual_cache import VisualCache
 
@@ -158,6 +159,7 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     decoder_mode = resolve_decoder_mode(config.decoder, device)  # refused before any weight is loaded
+    check_quantization(config.quantization, device, dtype)  # likewise
     model_config = ImageBindLLMConfig(embed_dim=config.embedding_dim)
     if config.preset in ('tiny', 'embedded'):
         from mm_llm_ros.core.llm.backbones import load_smollm2, tiny_random_backbone
@@ -189,6 +191,11 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     model = model.to(device=device, dtype=dtype).eval()
     # Every weight is loaded: fold the LoRA pairs and biases into the base weights (inference only, see model.py).
     model.merge_adapters()
+    if config.quantization != 'none':  # after the merge, which writes W + B A into the base weights
+        before = parameter_bytes(model)
+        count = quantize_linear_weights(model, config.quantization)
+        logger.info('quantised %d linear weights to %s (weight-only, torchao): parameters %.1f -> %.1f MB',
+                    count, config.quantization, before / 1e6, parameter_bytes(model) / 1e6)
     decoder = _static_decoder(model, decoder_mode, config.generation.context_length)
     cache = None
     if config.cache_index_path:

@@ -1,0 +1,269 @@
+"""Weight-only quantisation of the LLM backbone (`llm.quantization: none | int8 | int4`) with torchao.
+
+Applied after `ImageBindLLM.merge_adapters()` (the merge writes W + B A into the base weight in place, which a
+quantised weight cannot take), to the seven projections of every decoder layer: q/k/v/o and gate/up/down. What
+stays in the model dtype, and why:
+- `lm_head` and the token embeddings: SmolLM2 ties them (quantising the head would need a second, untied copy of
+  the embedding matrix), the logits are what greedy decoding compares, and for LLaMA-7B they are 4% of the weights;
+- the bind network and the prefix queries: they run once per query, not per token, so they cost no decode time;
+- the rank-16 LoRA factors kept by the merge: they only serve the once-per-query visual path (`base_output`).
+
+Modes (see docs/quantization.md for the measured drift and the GPUs each suits):
+- `int8`: symmetric per-output-channel int8 (`Int8WeightOnlyConfig`, `Int8Tensor`). The linear runs
+  `x @ W_int8.to(x.dtype) * scale`: in eager mode the cast materialises a float copy of the weight per call (less
+  memory at rest, no speed-up); torch.compile fuses the cast into the matmul.
+- `int4`: asymmetric groupwise int4 (group 128; the largest of 128, 64, 32 that divides the input width, so
+  SmolLM2's 576-wide projections use 64 and the 64-wide tiny model 64) in torch's own tinygemm kernels: on CUDA
+  `Int4WeightOnlyConfig(int4_packing_format='tile_packed_to_4d')` (`aten._weight_int4pack_mm`, bfloat16 only,
+  compute capability >= 8.0: weights are quantised from bfloat16 and activations cast to it inside the op), on
+  the CPU torchao's `PrototypeInt4WeightOnlyConfig` (`aten._weight_int4pack_mm_for_cpu`, another packing).
+
+Both quantised linears are pure tensor programs (no `.item()`, no data-dependent Python branch), so a decode step
+can be captured into a CUDA graph. torchao's own C++/CUDA extensions (fp8/mxfp8 CUTLASS kernels) are not used by
+these paths; `import_torchao` skips loading them, so a torchao wheel built for another torch or CUDA imports
+quietly and still works.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import warnings
+from types import ModuleType
+from typing import Iterator
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MODES = ('none', 'int8', 'int4')
+INT4_GROUP_SIZES = (128, 64, 32)  # preferred first; tinygemm supports 32..256
+TORCHAO_PIN = 'torchao==0.18.0'
+# aten ops behind the int4 path, per device type: (pack, matmul).
+INT4_KERNELS = {'cpu': ('_convert_weight_to_int4pack_for_cpu', '_weight_int4pack_mm_for_cpu'),
+                'cuda': ('_convert_weight_to_int4pack', '_weight_int4pack_mm')}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SKIP_EXTENSIONS_ENV = 'TORCHAO_FORCE_SKIP_LOADING_SO_FILES'
+_LORA_FACTORS = ('lora_a', 'lora_b')
+
+
+class QuantizationError(ValueError):
+    """A quantisation mode this build or device cannot run, or a model it cannot be applied to."""
+
+
+@contextlib.contextmanager
+def _quiet_import() -> Iterator[None]:
+    """Skip torchao's C++ extensions and silence its import-time warnings (restored afterwards)."""
+    loggers = [logging.getLogger(name) for name in ('torchao', 'torch.utils._pytree')]
+    levels = [log.level for log in loggers]
+    previous = os.environ.get(_SKIP_EXTENSIONS_ENV)
+    os.environ[_SKIP_EXTENSIONS_ENV] = '1'
+    try:
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+        if previous is None:
+            os.environ.pop(_SKIP_EXTENSIONS_ENV, None)
+        else:
+            os.environ[_SKIP_EXTENSIONS_ENV] = previous
+
+
+def import_torchao() -> ModuleType:
+    """`torchao.quantization`, imported quietly; QuantizationError if torchao is missing or broken."""
+    try:
+        with _quiet_import():
+            importlib.import_module('torchao')
+            return importlib.import_module('torchao.quantization')
+    except ImportError as exc:
+        raise QuantizationError(f'weight-only quantisation needs torchao, which does not import ({exc}); '
+                                f'install it with: pip install {TORCHAO_PIN}') from exc
+
+
+def preload_torchao() -> None:
+    """Import torchao quietly now if it is installed, whatever the mode.
+
+    transformers imports torchao with its modeling code whenever torchao is installed, which on a CPU build of
+    torch prints a warning per CUDA extension it fails to load; importing it first, quietly, keeps that off the
+    nodes' stderr. It costs nothing extra: transformers would import it a moment later anyway.
+    """
+    if 'torchao' not in sys.modules and importlib.util.find_spec('torchao') is not None:
+        with contextlib.suppress(QuantizationError):
+            import_torchao()
+
+
+def _refuse(mode: str, reason: str) -> QuantizationError:
+    return QuantizationError(f"llm.quantization '{mode}' {reason}")
+
+
+def check_quantization(mode: str, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Raise QuantizationError (one line naming the mode and the reason) unless `mode` runs on `device`/`dtype`.
+
+    Checks the mode name, that torchao imports, that torch has the int4 kernels of the device (and, on CUDA,
+    compute capability >= 8.0), and then quantises and runs a small probe layer on the device. Touches no model.
+    """
+    if mode not in MODES:
+        raise QuantizationError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
+    if mode == 'none':
+        preload_torchao()
+        return
+    device = torch.device(device)
+    if device.type not in INT4_KERNELS:
+        raise _refuse(mode, f'needs a CPU or CUDA device, got {device}')
+    if dtype not in _FLOAT_DTYPES:
+        raise _refuse(mode, f'needs a float32, float16 or bfloat16 model, got {dtype}')
+    import_torchao()
+    if mode == 'int4':
+        if device.type == 'cuda' and torch.version.hip is not None:
+            raise _refuse(mode, 'is not supported on ROCm builds (the tinygemm packing differs); use int8')
+        missing = [op for op in INT4_KERNELS[device.type] if not hasattr(torch.ops.aten, op)]
+        if missing:
+            raise _refuse(mode, f'needs the {device.type} int4 kernels, which this torch {torch.__version__} build '
+                                f'lacks ({", ".join(missing)}); use int8')
+        if device.type == 'cuda':
+            capability = torch.cuda.get_device_capability(device)
+            if capability < (8, 0):
+                raise _refuse(mode, f'needs compute capability >= 8.0 for the tinygemm kernel, '
+                                    f'{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}; '
+                                    'use int8')
+    _probe(mode, str(device), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(mode: str, device: str, dtype: torch.dtype) -> None:
+    """Quantise and run a 256 -> 64 linear layer on the device; refuse if that fails or computes garbage."""
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(256, 64, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(64, 256, generator=generator) / 16)
+    linear = linear.to(device=device, dtype=dtype)
+    x = torch.randn(3, 256, generator=generator).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        reference = linear(x).float()
+        try:
+            _quantize_linear(linear, mode)
+            y = linear(x).float()
+        except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
+            raise _refuse(mode, f'fails on this {device} build of torch {torch.__version__}: '
+                                f'{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}') from exc
+        error = float((y - reference).norm() / reference.norm())
+    if not error < 0.3:  # int4 gives about 0.1, int8 about 0.005; NaN fails too
+        raise _refuse(mode, f'computes wrong results on this {device} build (relative error {error:.3g})')
+
+
+def int4_group_size(in_features: int) -> int | None:
+    """The int4 group size for a weight `in_features` wide: 128, else the largest of 64, 32 dividing it."""
+    return next((size for size in INT4_GROUP_SIZES if in_features % size == 0), None)
+
+
+def _config(mode: str, device: torch.device, in_features: int):
+    quantization = import_torchao()
+    # set_inductor_config=False: torchao would otherwise flip process-wide inductor settings
+    # (coordinate-descent tuning: much longer compiles) as a side effect of quantising.
+    if mode == 'int8':
+        return quantization.Int8WeightOnlyConfig(set_inductor_config=False)  # per-row (output channel) scales
+    group = int4_group_size(in_features)
+    if group is None:
+        return None
+    if device.type == 'cuda':
+        return quantization.Int4WeightOnlyConfig(group_size=group, int4_packing_format='tile_packed_to_4d',
+                                                 set_inductor_config=False)
+    with _quiet_import():
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    return PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False)
+
+
+@torch.no_grad()
+def _quantize_linear(linear: nn.Linear, mode: str) -> bool:
+    """Replace `linear.weight` by its torchao quantised tensor; False (left as is) if the shape does not fit."""
+    config = _config(mode, linear.weight.device, linear.in_features)
+    if config is None:
+        return False
+    if mode == 'int4' and linear.weight.device.type == 'cuda' and linear.weight.dtype != torch.bfloat16:
+        # tinygemm on CUDA is bfloat16-only: quantise from bfloat16 (its range covers float16 and float32 weights).
+        linear.weight = nn.Parameter(linear.weight.to(torch.bfloat16), requires_grad=False)
+    import_torchao().quantize_(linear, config)
+    return not is_plain(linear.weight)
+
+
+def is_plain(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is an ordinary tensor or parameter, not a (torchao quantised) tensor subclass."""
+    return type(tensor) in (torch.Tensor, nn.Parameter)
+
+
+def _decoder_layers(module: nn.Module) -> nn.ModuleList:
+    backbone = getattr(module, 'backbone', module)  # ImageBindLLM or a bare LlamaForCausalLM
+    layers = getattr(getattr(backbone, 'model', None), 'layers', None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise QuantizationError(f'cannot quantise {type(module).__name__}: not a LLaMA-style causal LM '
+                                '(no model.layers)')
+    return layers
+
+
+def _holders(module: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (submodule, attribute) that holds each parameter, keyed by the parameter's id (shared weights)."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for submodule in module.modules():
+        for name, parameter in submodule._parameters.items():
+            if parameter is not None:
+                holders.setdefault(id(parameter), []).append((submodule, name))
+    return holders
+
+
+def quantize_linear_weights(module: nn.Module, mode: str) -> int:
+    """Quantise (weight-only, in place) every linear weight of the decoder layers; return how many.
+
+    `module` is a transformers LLaMA (`LlamaForCausalLM`) or an `ImageBindLLM` whose adapters are merged. A weight
+    shared by several modules (the merged wo and its `ServedOutputProjection`) is quantised once and stays shared.
+    Leaves lm_head, embeddings, norms, the bind network and the LoRA factors in the model dtype (module docstring).
+    Call `check_quantization` first for a clear refusal; 'none' returns 0 and changes nothing.
+    """
+    if mode not in MODES:
+        raise QuantizationError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
+    if mode == 'none':
+        return 0
+    if getattr(module, 'merged', True) is False:
+        raise QuantizationError(f"llm.quantization '{mode}': merge the adapters first (merge_adapters writes "
+                                'W + B A into the base weights, which a quantised weight cannot take)')
+    layers = _decoder_layers(module)
+    holders = _holders(module)
+    count, skipped = 0, []
+    for index, layer in enumerate(layers):
+        for name, linear in layer.named_modules():
+            if not isinstance(linear, nn.Linear) or name.rsplit('.', 1)[-1] in _LORA_FACTORS:
+                continue
+            original = linear.weight
+            if not is_plain(original):
+                continue  # already quantised (shared with a module seen before, or a second call)
+            if not _quantize_linear(linear, mode):
+                skipped.append(f'{index}.{name}')
+                continue
+            for holder, attribute in holders.get(id(original), []):
+                if holder is not linear:
+                    setattr(holder, attribute, linear.weight)  # e.g. ServedOutputProjection.weight: still shared
+            count += 1
+    if skipped:
+        logger.warning("llm.quantization '%s': %d weights left unquantised (input width not a multiple of 32): %s",
+                       mode, len(skipped), ', '.join(skipped[:4]))
+    return count
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if is_plain(tensor):
+        return tensor.numel() * tensor.element_size()
+    names, _ = tensor.__tensor_flatten__()
+    return sum(_tensor_bytes(inner) for name in names if (inner := getattr(tensor, name)) is not None)
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes held by `module`'s parameters, each shared parameter once, quantised tensors by their packed data."""
+    return sum(_tensor_bytes(parameter) for parameter in module.parameters())
