@@ -126,10 +126,12 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def llama7b_shape_backbone(device, dtype, layers: int = 32):
+def llama7b_shape_backbone(device, dtype, layers: int = 32, hidden: int = 4096, intermediate: int = 11008,
+                           heads: int = 32):
     """Random weights in the shape of the official LLaMA-7B `params.json` (dim 4096, 32 heads, FFN 11008, vocab
     32000), initialised directly on `device` in `dtype`, with the tiny preset's byte-level tokenizer (prompts use
-    ids below 259; sampled ids beyond it decode to nothing, which the timing does not care about)."""
+    ids below 259; sampled ids beyond it decode to nothing, which the timing does not care about). `layers`,
+    `hidden`, `intermediate` and `heads` shrink it for CPU smoke runs."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -137,14 +139,15 @@ def llama7b_shape_backbone(device, dtype, layers: int = 32):
     from mm_llm_ros.core.llm.tokenizer import HFTokenizer
 
     tokenizer = byte_tokenizer()
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
-                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         rms_norm_eps=1e-6, max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
-    return Backbone(model=model.eval(), tokenizer=HFTokenizer(tokenizer), name=f'llama7b-shape ({layers} layers)')
+    shape = f'{layers} layers' if hidden == 4096 else f'{layers} layers, width {hidden}'
+    return Backbone(model=model.eval(), tokenizer=HFTokenizer(tokenizer), name=f'llama7b-shape ({shape})')
 
 
 def _presets(cache_dir: pathlib.Path | None, device, dtype, llama7b_layers: int) -> dict[str, Callable]:

@@ -1,0 +1,515 @@
+"""The robot-GPU workload in one run: LLaMA-7B-shaped ImageBind-LLM decoding and ImageBind-huge encoding.
+
+    python bench/gpu.py                        # on a GPU machine: fp16, about 5-8 minutes on an H100/H200
+    .venv/bin/python bench/gpu.py --device cpu --smoke   # here: every code path on small shapes in about a minute
+
+Imports only the ROS-free core (torch, transformers, torchao; ImageBind's official model code for its section), so
+it runs on a bare CUDA Python with the few missing pure-Python packages carried as wheels (see docs/gpu.md).
+
+What it measures, all in the same process and run:
+- **ceilings**: device copy bandwidth (bytes read + written by a large device-to-device copy) and matrix throughput
+  (a large product in the model dtype);
+- **LLM** (random weights in the LLaMA-7B shape; `--smoke`: 2 layers of width 256): for the bare backbone, the
+  served ImageBind-LLM (adapters merged, random non-zero adapter values, one visual feature set) and Hugging Face
+  `generate()` on the same backbone: TTFT for 100- and 400-token prompts, batch-1 greedy decode tokens/s over
+  `--new-tokens`, per decoder (`eager`: the transformers forward with its dynamic cache; `cuda_graph`: static KV
+  cache + the decode step replayed as a CUDA graph; `compile`: the same step through torch.compile first) and per
+  weight format (fp16, int8, int4 weight-only), with peak GPU memory, and the bandwidth limit of each row: weight
+  bytes read per token / copy bandwidth;
+- **greedy agreement** of the fast decoders with the eager one (tiny fp32 model: identical; 7B fp16: reported);
+- **ImageBind-huge** (random weights): `bench/imagebind_gpu.py`;
+- **goals** of the GPU issue, each met or not, computed from the tables above.
+
+Rows that fail (an unsupported kernel, out of memory) are reported with their error; `--budget-s` skips what is
+left once the time is spent, so a slow machine still writes a table. The Markdown is rewritten after each section.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / 'mm_llm_ros'), str(REPO / 'bench')]  # the source tree and the sibling benches
+
+import torch  # noqa: E402
+
+from llm import _injected, llama7b_shape_backbone  # noqa: E402  (bench/llm.py)
+from mm_llm_ros.core.llm.decoding import StaticDecoder  # noqa: E402
+from mm_llm_ros.core.llm.generation import GenerationConfig, generate  # noqa: E402
+
+# LLaMA-7B (published shape) and the CPU smoke stand-in.
+SHAPES = {'llama7b': {'layers': 32, 'hidden': 4096, 'intermediate': 11008, 'heads': 32},
+          'smoke': {'layers': 2, 'hidden': 256, 'intermediate': 688, 'heads': 4}}
+PROMPT_LENGTHS = (100, 400)
+CONTEXT_LENGTH = 512  # the official max_seq_len and the node's default: the static cache's size
+WEIGHT_NAMES = {'none': 'fp16', 'int8': 'int8', 'int4': 'int4'}
+
+
+@dataclass
+class LLMRow:
+    model: str
+    weights: str
+    decoder: str
+    ttft_ms: dict[int, float] = field(default_factory=dict)
+    tokens_per_s: float = float('nan')
+    weight_bytes_per_token: int = 0
+    peak_gib: float = float('nan')
+    tokens: list[int] = field(default_factory=list)
+    note: str = ''
+
+
+@dataclass
+class Ceilings:
+    copy_gb_s: float
+    matmul_tflops: float
+
+
+@dataclass
+class Report:
+    header: list[str]
+    ceilings: Ceilings | None = None
+    llm: list[LLMRow] = field(default_factory=list)
+    agreement: list[str] = field(default_factory=list)
+    imagebind: str = ''
+    imagebind_values: dict = field(default_factory=dict)
+    device_type: str = 'cuda'
+
+
+# ---- timing helpers ----------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `fn` after one warm-up call, with the device synchronised around each call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, smoke: bool) -> Ceilings:
+    """Copy bandwidth (read + write bytes / s) and matrix throughput in `dtype`, measured here and now."""
+    elements = (1 << 24) if smoke else (1 << 30)  # 2 GiB of fp16 on a GPU
+    source = torch.randn(elements, device=device, dtype=dtype)
+    target = torch.empty_like(source)
+    copy_s = _timed(device, lambda: target.copy_(source), 5 if smoke else 20)
+    copy_gb_s = 2 * source.numel() * source.element_size() / copy_s / 1e9
+    del source, target
+    n = 1024 if smoke else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    matmul_s = _timed(device, lambda: a @ b, 3 if smoke else 20)
+    return Ceilings(copy_gb_s, 2 * n ** 3 / matmul_s / 1e12)
+
+
+# ---- LLM ---------------------------------------------------------------------------------------------------------
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Storage bytes of a tensor, including the inner tensors of a quantised tensor subclass (data + scales)."""
+    flatten = getattr(tensor, '__tensor_flatten__', None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = flatten()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of the weights a decode step reads: every parameter and buffer of the decoder layers, the final norm
+    and lm_head (the embedding table contributes one row). The bind network runs once per query: not counted."""
+    base = model.model
+    modules = [base.layers, base.norm, model.lm_head]
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor_bytes(tensor)
+    embedding = base.embed_tokens.weight
+    return total + embedding.shape[1] * embedding.element_size()
+
+
+def _prompt(length: int, bos: int) -> list[int]:
+    generator = torch.Generator().manual_seed(length)
+    return [bos] + torch.randint(32, 127, (length - 1,), generator=generator).tolist()  # printable bytes
+
+
+def _greedy(new_tokens: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, stop_on_eos=False,
+                            context_length=CONTEXT_LENGTH)
+
+
+def time_our_loop(model, tokenizer, decoder: StaticDecoder | None, device: torch.device, repeats: int,
+                  new_tokens: int, row: LLMRow) -> None:
+    """TTFT per prompt length and decode tokens/s (median over repeats) through `generation.generate`."""
+    for length in PROMPT_LENGTHS:
+        prompt = _prompt(length, tokenizer.bos_id)
+        budget = new_tokens if length == PROMPT_LENGTHS[0] else 1
+        results = [generate(model, tokenizer, prompt, _greedy(budget), decoder=decoder) for _ in range(repeats + 1)]
+        row.ttft_ms[length] = 1000 * statistics.median(r.time_to_first_token_s for r in results[1:])
+        if budget > 1:
+            row.tokens_per_s = statistics.median(r.tokens_per_s for r in results[1:])
+            row.tokens = results[-1].token_ids
+
+
+def time_hf_generate(model, tokenizer, device: torch.device, repeats: int, new_tokens: int, row: LLMRow) -> None:
+    """Hugging Face `generate()` (greedy, its default dynamic cache): TTFT = a 1-token call, decode from the rest."""
+    def run(prompt: list[int], count: int) -> list[int]:
+        ids = torch.tensor([prompt], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=count,
+                             min_new_tokens=count, do_sample=False, pad_token_id=tokenizer.eos_id)
+        return out[0, len(prompt):].tolist()
+
+    for length in PROMPT_LENGTHS:
+        prompt = _prompt(length, tokenizer.bos_id)
+        row.ttft_ms[length] = 1000 * _timed(device, lambda: run(prompt, 1), repeats)
+    prompt = _prompt(PROMPT_LENGTHS[0], tokenizer.bos_id)
+    total = _timed(device, lambda: run(prompt, new_tokens), repeats)
+    row.tokens_per_s = (new_tokens - 1) / (total - row.ttft_ms[PROMPT_LENGTHS[0]] / 1000)
+    row.tokens = run(prompt, new_tokens)
+
+
+def _peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else float('nan')
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def _fast_modes(device: torch.device) -> tuple[str, ...]:
+    return ('cuda_graph',) if device.type == 'cuda' else ('static',)
+
+
+class Budget:
+    """Skips work once `seconds` have passed since the start of the run."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    @property
+    def spent(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+def _run_row(rows: list[LLMRow], row: LLMRow, budget: Budget, device: torch.device,
+             measure: Callable[[LLMRow], None], log: Callable[[str], None]) -> None:
+    """Append `row` and fill it with `measure(row)`, unless the budget is spent; a failure becomes its note."""
+    rows.append(row)
+    if budget.spent:
+        row.note = 'skipped: time budget spent'
+        return
+    _reset_peak(device)
+    start = time.perf_counter()
+    try:
+        measure(row)
+    except Exception as exc:  # one unsupported kernel or an OOM must not lose the rest of the table
+        row.note = f'failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}'
+        traceback.print_exc()
+    row.peak_gib = _peak_gib(device)
+    log(f'{row.model} {row.weights} {row.decoder}: {row.tokens_per_s:.1f} tok/s, TTFT {row.ttft_ms} '
+        f'({time.perf_counter() - start:.1f} s) {row.note}')
+
+
+def _our_loop(model, tokenizer, decoder_mode: str, device: torch.device, repeats: int,
+              new_tokens: int) -> Callable[[LLMRow], None]:
+    def measure(row: LLMRow) -> None:
+        decoder = None if decoder_mode == 'eager' else StaticDecoder(model, CONTEXT_LENGTH, decoder_mode)
+        time_our_loop(model, tokenizer, decoder, device, repeats, new_tokens, row)
+    return measure
+
+
+def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Sequence[str], repeats: int,
+                new_tokens: int, compile_modes: Sequence[str], budget: Budget,
+                log: Callable[[str], None]) -> list[LLMRow]:
+    """Every (model, weights, decoder) row; one freshly built backbone per weight format (same seed, same weights)."""
+    from mm_llm_ros.core.llm.quantization import check_quantization, quantize_linear_weights
+
+    rows: list[LLMRow] = []
+    for mode in modes:
+        weights = WEIGHT_NAMES[mode] if dtype == torch.float16 or mode != 'none' else str(dtype).split('.')[-1]
+        if budget.spent:
+            rows.append(LLMRow('imagebind-llm merged', weights, '-', note='skipped: time budget spent'))
+            continue
+        try:
+            check_quantization(mode, device, dtype)
+        except ValueError as exc:
+            rows.append(LLMRow('imagebind-llm merged', weights, '-', note=f'refused: {exc}'))
+            continue
+        _free(device)
+        backbone = llama7b_shape_backbone(device, dtype, **shape)
+        tokenizer = backbone.tokenizer
+        if mode == 'none':  # the references: the bare backbone, eager and fast, and what a Python user picks
+            plain = backbone.model
+            per_token = weight_bytes_per_token(plain)
+            for name in ('eager',) + _fast_modes(device):
+                _run_row(rows, LLMRow('backbone', weights, name, weight_bytes_per_token=per_token), budget, device,
+                         _our_loop(plain, tokenizer, name, device, repeats, new_tokens), log)
+            _run_row(rows, LLMRow('backbone', weights, 'HF generate()', weight_bytes_per_token=per_token), budget,
+                     device, lambda row: time_hf_generate(plain, tokenizer, device, repeats, new_tokens, row), log)
+        model, _ = _injected(backbone, merge=True)  # patches the backbone in place: merged ImageBind-LLM
+        served = model.backbone
+        if mode != 'none':
+            quantize_linear_weights(served, mode)
+        per_token = weight_bytes_per_token(served)
+        for name in ('eager',) + _fast_modes(device) + (('compile',) if mode in compile_modes else ()):
+            _run_row(rows, LLMRow('imagebind-llm merged', weights, name, weight_bytes_per_token=per_token), budget,
+                     device, _our_loop(served, tokenizer, name, device, repeats, new_tokens), log)
+        del model, served, backbone
+        _free(device)
+    return rows
+
+
+def greedy_agreement(device: torch.device, rows: list[LLMRow]) -> list[str]:
+    """Tiny fp32 model on `device`: fast decoders vs eager must agree exactly; then the 7B rows' agreement."""
+    from mm_llm_ros.core.llm.backbones import tiny_random_backbone
+    from mm_llm_ros.core.llm.model import ImageBindLLM
+
+    lines = []
+    backbone = tiny_random_backbone(seed=0)
+    backbone.model.to(device)
+    model, _ = _injected(backbone, merge=True)
+    prompt = _prompt(100, backbone.tokenizer.bos_id)
+    config = _greedy(64)
+    eager = generate(model.backbone, backbone.tokenizer, prompt, config).token_ids
+    assert isinstance(model, ImageBindLLM)
+    for mode in _fast_modes(device):
+        fast = generate(model.backbone, backbone.tokenizer, prompt, config,
+                        decoder=StaticDecoder(model.backbone, CONTEXT_LENGTH, mode)).token_ids
+        lines.append(f'- tiny merged ImageBind-LLM, float32 on {device.type}: `{mode}` vs `eager`, 64 greedy tokens: '
+                     + ('**identical**' if fast == eager else f'DIFFERENT from token {_first_difference(fast, eager)}'))
+    reference = {(r.weights, r.model): r.tokens for r in rows if r.decoder == 'eager' and r.tokens}
+    for row in rows:
+        base = reference.get((row.weights, row.model))
+        if row.decoder != 'eager' and row.tokens and base:
+            same = sum(a == b for a, b in zip(row.tokens, base))
+            first = _first_difference(row.tokens, base)
+            lines.append(f'- {row.model} {row.weights}: `{row.decoder}` vs `eager`: {same}/{len(base)} greedy tokens '
+                         f'equal' + ('' if first is None else f', first difference at token {first}'))
+    return lines
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> list[str]:
+    import transformers
+
+    try:
+        import torchao
+        torchao_version = torchao.__version__
+    except ImportError:
+        torchao_version = 'not installed'
+    if device.type == 'cuda':
+        props = torch.cuda.get_device_properties(device)
+        try:
+            driver = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                                    capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            driver = 'unknown'
+        where = (f'{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), '
+                 f'driver {driver}, CUDA {torch.version.cuda}')
+    else:
+        where = f'CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+    return [f'{where}; torch {torch.__version__}, transformers {transformers.__version__}, torchao {torchao_version}, '
+            f'Python {platform.python_version()}.']
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return '-' if value != value else f'{value:.{digits}f}'
+
+
+def llm_table(report: Report) -> list[str]:
+    copy = report.ceilings.copy_gb_s if report.ceilings else float('nan')
+    lines = ['| model | weights | decoder | TTFT 100 tok (ms) | TTFT 400 tok (ms) | decode tok/s | '
+             'weight MB read/token | limit tok/s (copy bw) | % of limit | peak memory (GiB) | note |',
+             '|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|']
+    for row in report.llm:
+        limit = copy * 1e9 / row.weight_bytes_per_token if row.weight_bytes_per_token else float('nan')
+        lines.append(f'| {row.model} | {row.weights} | {row.decoder} | {_fmt(row.ttft_ms.get(100, float("nan")))} | '
+                     f'{_fmt(row.ttft_ms.get(400, float("nan")))} | {_fmt(row.tokens_per_s)} | '
+                     f'{_fmt(row.weight_bytes_per_token / 1e6, 0)} | {_fmt(limit, 0)} | '
+                     f'{_fmt(100 * row.tokens_per_s / limit, 0)} | {_fmt(row.peak_gib)} | {row.note} |')
+    return lines
+
+
+def _find(rows: list[LLMRow], model: str, weights: str, decoder: str) -> LLMRow | None:
+    return next((r for r in rows if (r.model, r.weights, r.decoder) == (model, weights, decoder)
+                 and r.tokens_per_s == r.tokens_per_s), None)
+
+
+def goals(report: Report) -> list[str]:
+    """The GPU issue's goals, each with its measured value and verdict (on a GPU run)."""
+    rows, fast = report.llm, 'cuda_graph' if report.device_type == 'cuda' else 'static'
+    served = _find(rows, 'imagebind-llm merged', 'fp16', fast)
+    backbone = _find(rows, 'backbone', 'fp16', fast)
+    hf = _find(rows, 'backbone', 'fp16', 'HF generate()')
+    int4 = max((r for r in rows if r.weights == 'int4' and r.tokens_per_s == r.tokens_per_s),
+               key=lambda r: r.tokens_per_s, default=None)
+    copy = report.ceilings.copy_gb_s if report.ceilings else float('nan')
+    lines = ['| goal | measured | verdict |', '|---|---|---|']
+
+    def add(goal: str, value: float | None, target: float, text: str, higher_is_better: bool = True) -> None:
+        if value is None or value != value:
+            lines.append(f'| {goal} | not measured | - |')
+            return
+        met = value >= target if higher_is_better else value <= target
+        ratio = value / target
+        lines.append(f'| {goal} | {text} | {"met" if met else "not met"} ({ratio:.2f}x the target) |')
+
+    if served:
+        limit = copy * 1e9 / served.weight_bytes_per_token
+        add('fp16 decode, batch 1 >= 60% of the bandwidth limit', served.tokens_per_s / limit, 0.6,
+            f'{served.tokens_per_s:.0f} tok/s = {100 * served.tokens_per_s / limit:.0f}% of {limit:.0f}')
+        add('TTFT for a 100-token prompt <= 50 ms', served.ttft_ms.get(100), 50.0,
+            f'{served.ttft_ms.get(100, float("nan")):.1f} ms', higher_is_better=False)
+    if served and int4:
+        add('int4 decode >= 1.8x fp16', int4.tokens_per_s / served.tokens_per_s, 1.8,
+            f'{int4.tokens_per_s:.0f} / {served.tokens_per_s:.0f} tok/s = {int4.tokens_per_s / served.tokens_per_s:.2f}x'
+            f' (`{int4.decoder}`)')
+    if served and backbone:
+        overhead = backbone.tokens_per_s / served.tokens_per_s - 1
+        add('ImageBind-LLM injection overhead <= 5% per token', overhead, 0.05,
+            f'{100 * overhead:+.1f}% ({served.tokens_per_s:.0f} vs {backbone.tokens_per_s:.0f} tok/s)',
+            higher_is_better=False)
+    if served and hf:
+        add('fast path >= 2x Hugging Face generate()', served.tokens_per_s / hf.tokens_per_s, 2.0,
+            f'{served.tokens_per_s:.0f} vs {hf.tokens_per_s:.0f} tok/s = {served.tokens_per_s / hf.tokens_per_s:.2f}x')
+    values = report.imagebind_values
+    if 'vision_batch1_ms' in values:
+        add('ImageBind-huge fp16 vision batch 1 <= 10 ms', values['vision_batch1_ms'], 10.0,
+            f"{values['vision_batch1_ms']:.2f} ms", higher_is_better=False)
+    if 'vision_images_per_s' in values:
+        add('ImageBind-huge fp16 vision batched >= 1000 images/s', values['vision_images_per_s'], 1000.0,
+            f"{values['vision_images_per_s']:.0f} images/s")
+    return lines
+
+
+def markdown(report: Report, args: argparse.Namespace) -> str:
+    lines = ['# The robot-GPU workload (`bench/gpu.py`)', '']
+    lines += report.header
+    lines += ['', f'Command: `python bench/gpu.py {" ".join(args.argv)}`. Greedy decoding of {args.new_tokens} tokens '
+              f'after a 100-token prompt (EOS ignored), median of {args.repeats} runs after one warm-up; TTFT = '
+              f'prefill + first token. Static KV cache of {CONTEXT_LENGTH} positions.', '']
+    if report.ceilings:
+        c = report.ceilings
+        lines += ['## Ceilings measured in this run', '',
+                  f'- copy bandwidth: **{c.copy_gb_s:.0f} GB/s** (bytes read + written by a device-to-device copy)',
+                  f'- matrix throughput: **{c.matmul_tflops:.1f} TFLOP/s** ({args.dtype_name} product)', '']
+    if report.llm:
+        lines += ['## ImageBind-LLM decoding (LLaMA-7B shape, random weights)' if not args.smoke
+                  else '## ImageBind-LLM decoding (smoke shape: 2 layers, width 256)', '']
+        lines += llm_table(report)
+        lines += ['', '"limit tok/s" is the copy bandwidth divided by the weight bytes one decode step reads (decoder '
+                  'layers, final norm, lm_head; the bind network runs once per query). `backbone` is the plain '
+                  'LLaMA; `imagebind-llm merged` is what `llm_node` serves (LoRA and biases folded, visual vector '
+                  'in the o_proj bias).', '']
+    if report.agreement:
+        lines += ['## Greedy tokens: fast decoders vs eager', ''] + report.agreement + ['']
+    if report.imagebind:
+        lines += [report.imagebind, '']
+    lines += ['## Goals of the GPU issue', ''] + goals(report) + ['']
+    return '\n'.join(lines)
+
+
+def write(out: pathlib.Path, text: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + '.tmp')
+    tmp.write_text(text)
+    tmp.replace(out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cuda', help='cuda, cuda:N or cpu')
+    parser.add_argument('--smoke', action='store_true', help='small shapes, few repeats: every code path quickly')
+    parser.add_argument('--sections', nargs='+', default=['ceilings', 'llm', 'agreement', 'imagebind'],
+                        choices=['ceilings', 'llm', 'agreement', 'imagebind'])
+    parser.add_argument('--quantization', nargs='+', default=['none', 'int4', 'int8'],
+                        choices=['none', 'int8', 'int4'], help='weight formats, measured in this order')
+    parser.add_argument('--compile', nargs='*', default=['int8'], choices=['none', 'int8', 'int4'],
+                        help="weight formats that also get a 'compile' decoder row (about a minute each on a GPU; "
+                             'int8 needs it: eager int8 casts the whole weight per call)')
+    parser.add_argument('--repeats', type=int, default=None, help='timed runs per row (default 5; smoke 1)')
+    parser.add_argument('--new-tokens', type=int, default=None, help='decoded tokens (default 64; smoke 8)')
+    parser.add_argument('--budget-s', type=float, default=420.0, help='skip the remaining rows after this long')
+    parser.add_argument('--out', type=pathlib.Path, default=None,
+                        help='default: bench/results/gpu.md (gpu-smoke.md with --smoke)')
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.repeats = args.repeats or (1 if args.smoke else 5)
+    args.new_tokens = args.new_tokens or (8 if args.smoke else 64)
+    out = args.out or REPO / 'bench' / 'results' / ('gpu-smoke.md' if args.smoke else 'gpu.md')
+
+    from mm_llm_ros.core.device import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = torch.float16 if device.type == 'cuda' else torch.float32
+    args.dtype_name = str(dtype).split('.')[-1]
+    budget = Budget(args.budget_s)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f'[{time.perf_counter() - started:6.1f} s] {message}', flush=True)
+
+    report = Report(header=environment(device), device_type=device.type)
+    shape = SHAPES['smoke' if args.smoke else 'llama7b']
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ('ceilings', lambda: setattr(report, 'ceilings', measure_ceilings(device, dtype, args.smoke))),
+        ('llm', lambda: report.llm.extend(measure_llm(device, dtype, shape, args.quantization, args.repeats,
+                                                      args.new_tokens, args.compile, budget, log))),
+        ('agreement', lambda: report.agreement.extend(greedy_agreement(device, report.llm))),
+        ('imagebind', lambda: _imagebind(report, device, args.smoke)),
+    ]
+    for name, step in steps:
+        if name not in args.sections:
+            continue
+        log(f'section {name}')
+        try:
+            step()
+        except Exception as exc:
+            traceback.print_exc()
+            report.header.append(f'Section `{name}` failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}')
+        write(out, markdown(report, args))
+    log(f'done in {time.perf_counter() - started:.0f} s; wrote {out}')
+    print(markdown(report, args))
+
+
+def _imagebind(report: Report, device: torch.device, smoke: bool) -> None:
+    from imagebind_gpu import imagebind_section  # bench/imagebind_gpu.py
+
+    dtype = torch.float16 if device.type == 'cuda' else torch.float32
+    result = imagebind_section(device, dtype, smoke)
+    if isinstance(result, tuple):  # (markdown, values for the goals)
+        report.imagebind, report.imagebind_values = result
+    else:
+        report.imagebind = result
+
+
+if __name__ == '__main__':
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

@@ -1,0 +1,79 @@
+"""bench/gpu.py --smoke runs every code path of the GPU benchmark on the CPU, so a GPU session only has to run it."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+BENCH = pathlib.Path(__file__).resolve().parents[3] / 'bench'
+
+
+@pytest.fixture(scope='module')
+def bench():
+    spec = importlib.util.spec_from_file_location('bench_gpu', BENCH / 'gpu.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def _rows(markdown: str, section: str) -> list[list[str]]:
+    body = markdown.split(section, 1)[1].split('\n## ', 1)[0]
+    return [[cell.strip() for cell in line.strip('|').split('|')] for line in body.splitlines()
+            if line.startswith('| ') and not line.startswith('| model') and not line.startswith('| goal')]
+
+
+def test_smoke_run_measures_every_decoder_and_weight_format(bench, tmp_path):
+    out = tmp_path / 'gpu.md'
+    bench.main(['--device', 'cpu', '--smoke', '--sections', 'ceilings', 'llm', 'agreement',
+                '--quantization', 'none', 'int8', '--compile', '--out', str(out)])
+    markdown = out.read_text()
+    rows = _rows(markdown, '## ImageBind-LLM decoding')
+    assert [row[:3] for row in rows] == [
+        ['backbone', 'float32', 'eager'], ['backbone', 'float32', 'static'], ['backbone', 'float32', 'HF generate()'],
+        ['imagebind-llm merged', 'float32', 'eager'], ['imagebind-llm merged', 'float32', 'static'],
+        ['imagebind-llm merged', 'int8', 'eager'], ['imagebind-llm merged', 'int8', 'static']]
+    for row in rows:
+        assert row[-1] == '', row  # no failure note
+        assert float(row[5]) > 0 and float(row[3]) > 0 and float(row[4]) > 0  # decode tok/s, both TTFTs
+    fp32_bytes, int8_bytes = float(rows[3][6]), float(rows[5][6])
+    assert int8_bytes < fp32_bytes  # int8 projections read fewer bytes per token
+    assert 'copy bandwidth: **' in markdown and 'TFLOP/s' in markdown
+    assert '`static` vs `eager`, 64 greedy tokens: **identical**' in markdown
+
+
+def test_a_failing_row_is_reported_and_the_run_goes_on(bench):
+    rows = []
+    row = bench.LLMRow('backbone', 'fp16', 'eager')
+
+    def fail(_row):
+        raise RuntimeError('no kernel for this\nsecond line')
+
+    bench._run_row(rows, row, bench.Budget(60), torch.device('cpu'), fail, lambda _: None)
+    assert rows == [row] and row.note == 'failed: RuntimeError: no kernel for this'
+    spent = bench.LLMRow('backbone', 'fp16', 'static')
+    bench._run_row(rows, spent, bench.Budget(-1), torch.device('cpu'), fail, lambda _: None)
+    assert spent.note == 'skipped: time budget spent'
+
+
+def test_goal_verdicts_compare_each_figure_with_its_target(bench):
+    report = bench.Report(header=[], ceilings=bench.Ceilings(copy_gb_s=4000.0, matmul_tflops=700.0))
+    per_token = 13_000_000_000  # limit: 4000e9 / 13e9 = 308 tok/s
+    report.llm = [
+        bench.LLMRow('backbone', 'fp16', 'cuda_graph', {100: 20.0}, 210.0, per_token),
+        bench.LLMRow('backbone', 'fp16', 'HF generate()', {100: 60.0}, 40.0, per_token),
+        bench.LLMRow('imagebind-llm merged', 'fp16', 'cuda_graph', {100: 21.0}, 205.0, per_token),
+        bench.LLMRow('imagebind-llm merged', 'int4', 'cuda_graph', {100: 30.0}, 300.0, per_token // 4),
+    ]
+    verdicts = {line.split(' | ')[0].strip('| '): line for line in bench.goals(report)[2:]}
+    assert 'met (1.11x' in verdicts['fp16 decode, batch 1 >= 60% of the bandwidth limit']  # 205/308 = 0.666
+    assert '| met' in verdicts['TTFT for a 100-token prompt <= 50 ms']
+    assert 'not met' in verdicts['int4 decode >= 1.8x fp16']  # 300/205 = 1.46
+    assert '+2.4%' in verdicts['ImageBind-LLM injection overhead <= 5% per token']
+    assert '5.12x' in verdicts['fast path >= 2x Hugging Face generate()']
