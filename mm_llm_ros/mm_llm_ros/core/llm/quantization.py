@@ -50,6 +50,8 @@ INT4_KERNELS = {'cpu': ('_convert_weight_to_int4pack_for_cpu', '_weight_int4pack
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SKIP_EXTENSIONS_ENV = 'TORCHAO_FORCE_SKIP_LOADING_SO_FILES'
 _LORA_FACTORS = ('lora_a', 'lora_b')
+# What transformers' torchao integration imports with its modeling code (quantizers/quantizer_torchao.py).
+_TRANSFORMERS_IMPORTS = 'torchao.prototype.safetensors.safetensors_support'
 
 
 class QuantizationError(ValueError):
@@ -99,6 +101,8 @@ def preload_torchao() -> None:
     if 'torchao' not in sys.modules and importlib.util.find_spec('torchao') is not None:
         with contextlib.suppress(QuantizationError):
             import_torchao()
+            with _quiet_import(), contextlib.suppress(ImportError):
+                importlib.import_module(_TRANSFORMERS_IMPORTS)
 
 
 def _refuse(mode: str, reason: str) -> QuantizationError:
