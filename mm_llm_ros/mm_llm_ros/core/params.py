@@ -48,6 +48,9 @@ IMAGEBIND_PARAMS = (
     Param('model.allow_random_weights', False,
           'Run with random weights when no checkpoint is given (tests/demos only; logged and marked in Embedding.model).'),
     Param('model.seed', 0, 'Seed for random initialisation, so processes with the same config agree.'),
+    Param('model.compile', False,
+          'Compile the transformer blocks with torch.compile (a slower start, and each new batch shape compiles on '
+          'first use; meant for CUDA); falls back to eager with a logged reason where compilation is impossible.'),
 )
 
 ENCODER_COMMON_PARAMS = DEVICE_PARAMS + IMAGEBIND_PARAMS + (

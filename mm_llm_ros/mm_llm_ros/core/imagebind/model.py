@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from mm_llm_ros.core.device import describe, resolve_device, resolve_dtype
 from mm_llm_ros.core.imagebind import official
+from mm_llm_ros.core.imagebind.inference import prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ class ImageBindConfig:
     """Which ImageBind to build, where its weights are, and where it runs.
 
     `overrides` replace individual `ImageBindModel` keyword arguments of the preset. Without a `checkpoint` the
-    model keeps its random initialisation (seeded by `seed`) only if `allow_random_weights` is set.
+    model keeps its random initialisation (seeded by `seed`) only if `allow_random_weights` is set. `compile`
+    compiles the transformer blocks with `torch.compile` (see `inference.py`; eager with a logged reason where that
+    is impossible).
     """
 
     preset: str = 'huge'
@@ -129,6 +132,7 @@ class ImageBindConfig:
     seed: int = 0
     device: str = 'auto'
     dtype: str = 'auto'
+    compile: bool = False
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -140,7 +144,7 @@ class ImageBindConfig:
         """The config of an encoder node's parameters (`core/params.py`: IMAGEBIND_PARAMS and device/dtype)."""
         return cls(preset=p['model.preset'], overrides=parse_overrides(p['model.overrides']),
                    checkpoint=p['model.checkpoint'], allow_random_weights=p['model.allow_random_weights'],
-                   seed=p['model.seed'], device=p['device'], dtype=p['dtype'])
+                   seed=p['model.seed'], device=p['device'], dtype=p['dtype'], compile=p['model.compile'])
 
     def __hash__(self) -> int:  # overrides is a dict, so hash the canonical form (the cache key)
         return hash(self.key)
@@ -150,7 +154,7 @@ class ImageBindConfig:
         """Canonical JSON of every field: equal configs give equal keys."""
         return json.dumps({'preset': self.preset, 'overrides': dict(self.overrides), 'checkpoint': self.checkpoint,
                            'allow_random_weights': self.allow_random_weights, 'seed': self.seed,
-                           'device': self.device, 'dtype': self.dtype}, sort_keys=True)
+                           'device': self.device, 'dtype': self.dtype, 'compile': self.compile}, sort_keys=True)
 
     def model_kwargs(self) -> dict[str, Any]:
         """All `ImageBindModel` keyword arguments: its defaults, updated by the preset, then by the overrides."""
@@ -290,8 +294,16 @@ class ImageBindEncoder:
         self._model = model.to(device=self._device, dtype=self._dtype)
         self._embedding_dim = int(kwargs['out_embed_dim'])
         self._sample_shapes = _sample_shapes(kwargs)
+        self.inference_setup = prepare_for_inference(
+            self._model, compile=config.compile, warmup=self._warmup_batch() if config.compile else None)
         self._lock = threading.Lock()
         logger.info('loaded %s on %s', self._model_name, describe(self._device, self._dtype))
+
+    def _warmup_batch(self) -> dict[str, torch.Tensor]:
+        """One input of each sensor modality, shaped as the nodes send them (audio: 3 clips)."""
+        shapes = {'vision': (1, *self._sample_shapes['vision']), 'audio': (1, 3, *self._sample_shapes['audio']),
+                  'depth': (1, *self._sample_shapes['depth'])}
+        return {m: torch.zeros(shape, device=self._device, dtype=self._dtype) for m, shape in shapes.items()}
 
     @property
     def model_name(self) -> str:

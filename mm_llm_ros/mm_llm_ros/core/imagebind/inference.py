@@ -1,0 +1,152 @@
+"""Prepare the official ImageBind model for fast inference without changing its weights or its math.
+
+The official code (untouched on disk) runs every trunk sequence-first: `EinOpsRearrange('b l d -> l b d')` before
+the blocks and back after them, with `nn.MultiheadAttention(batch_first=False)` called with `need_weights=False`.
+That already reaches `F.scaled_dot_product_attention` inside `F.multi_head_attention_forward`, with no mask for
+vision, audio and depth (text passes its float causal mask), so flash/memory-efficient SDPA is eligible in fp16 on
+CUDA. What it misses is torch's native MHA fast path (`torch._native_multi_head_attention`: one fused call for the
+QKV projection, bias, scaling, SDPA and output projection instead of ~40 Python-level ops), which torch takes only
+with `batch_first=True`, no `bias_k`/`bias_v` and no float mask. `prepare_for_inference` therefore:
+
+1. sets eval mode and freezes the parameters (the fast path also needs no autograd: the encoder runs under
+   `torch.inference_mode()`),
+2. runs every trunk batch-first: the two rearranges become identities and each attention module gets
+   `batch_first=True`; every other op of a block is per token, so the computation is the same. Vision (no
+   `bias_k`) then takes the fused fast path; audio, depth, thermal and IMU (`add_bias_kv=True`) and text (float
+   causal mask) keep the SDPA path they had, with the transpose moved inside torch,
+3. optionally (CUDA by default) stores the patch-embedding conv weights channels-last, so cuDNN runs NHWC/NDHWC
+   kernels and the stem's output is already token-major for the `flatten(2).transpose(1, 2)` that follows,
+4. optionally compiles each transformer block with `torch.compile` (regional compilation: equal blocks share one
+   compiled graph, so the 32 vision blocks compile once), checked by a warm-up forward; if compilation is
+   impossible the blocks stay eager and the reason is logged.
+
+Outputs equal the official model's to float rounding (tests: fp32 to 1e-5, fp16 within fp16 rounding).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_TO_SEQUENCE_FIRST = 'b l d -> l b d'
+_TO_BATCH_FIRST = 'l b d -> b l d'
+
+
+@dataclass
+class InferenceSetup:
+    """What `prepare_for_inference` applied, for logs and benchmarks."""
+    batch_first_trunks: tuple[str, ...] = ()
+    channels_last: bool = False
+    compiled: bool = False
+    compile_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = [f'batch-first trunks: {", ".join(self.batch_first_trunks) or "none"}',
+                 f'channels-last stems: {"yes" if self.channels_last else "no"}',
+                 f'compiled blocks: {f"yes ({self.compile_s:.1f} s)" if self.compiled else "no"}']
+        return '; '.join(parts + self.notes)
+
+
+def _is_rearrange(module: nn.Module, expression: str) -> bool:
+    return getattr(module, 'rearrange_expr', None) == expression and not getattr(module, 'kwargs', None)
+
+
+def _batch_first(trunk: nn.Module) -> bool:
+    """Turn one official `SimpleTransformer` batch-first in place; False (untouched) if it is not laid out as expected."""
+    pre, post = trunk.pre_transformer_layer, trunk.post_transformer_layer
+    attentions = [block.attn for block in trunk.blocks]
+    if isinstance(post, nn.Identity) and all(getattr(a, 'batch_first', False) for a in attentions):
+        return True  # prepared before
+    if not (isinstance(pre, nn.Sequential) and len(pre) and _is_rearrange(pre[-1], _TO_SEQUENCE_FIRST)
+            and _is_rearrange(post, _TO_BATCH_FIRST)
+            and all(isinstance(a, nn.MultiheadAttention) and not a.batch_first for a in attentions)):
+        return False
+    pre[-1] = nn.Identity()
+    trunk.post_transformer_layer = nn.Identity()
+    for attention in attentions:
+        attention.batch_first = True
+    return True
+
+
+def _channels_last(model: nn.Module) -> int:
+    """Store the conv stems' weights channels-last; returns how many convs were converted."""
+    count = 0
+    for module in model.modality_preprocessors.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            fmt = torch.channels_last_3d if isinstance(module, nn.Conv3d) else torch.channels_last
+            module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+            count += 1
+    return count
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return [block for trunk in model.modality_trunks.values() for block in trunk.blocks]
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause in one line (dynamo wraps compiler errors in BackendCompilerFailed.inner_exception)."""
+    while (inner := exc.__cause__ or getattr(exc, 'inner_exception', None)) is not None:
+        exc = inner
+    text = str(exc).strip()
+    return f'{type(exc).__name__}: {text.splitlines()[0]}' if text else type(exc).__name__
+
+
+def _compile_blocks(model: nn.Module, warmup: Mapping[str, torch.Tensor], backend: str) -> tuple[bool, str]:
+    """Compile every block in place and run `warmup` through the model; on failure undo it and return the reason."""
+    if not torch._dynamo.is_dynamo_supported():
+        version = '.'.join(map(str, sys.version_info[:2]))
+        return False, f'torch.compile does not support Python {version} with torch {torch.__version__}'
+    blocks = _blocks(model)
+    for block in blocks:
+        block.compile(backend=backend)
+    try:
+        with torch.inference_mode():
+            model(dict(warmup))
+    except Exception as exc:  # noqa: BLE001 - any compiler failure (no C++ compiler, no triton, ...) means eager
+        for block in blocks:
+            block._compiled_call_impl = None  # the inverse of nn.Module.compile(), which sets exactly this
+        return False, _reason(exc)
+    return True, ''
+
+
+def prepare_for_inference(model: nn.Module, *, channels_last: bool | None = None, compile: bool = False,
+                          warmup: Mapping[str, torch.Tensor] | None = None,
+                          compile_backend: str = 'inductor') -> InferenceSetup:
+    """Set up `model` (the official `ImageBindModel`, already on its device and dtype) for inference, in place.
+
+    `channels_last=None` means: on CUDA only. `compile` needs `warmup`, a batch of inputs (any modalities, on the
+    model's device and dtype) whose forward triggers and checks the compilation; later shapes compile on first use.
+    """
+    model.eval().requires_grad_(False)
+    setup = InferenceSetup()
+    trunks = dict(model.modality_trunks.items())
+    setup.batch_first_trunks = tuple(name for name, trunk in trunks.items() if _batch_first(trunk))
+    skipped = sorted(set(trunks) - set(setup.batch_first_trunks))
+    if skipped:
+        setup.notes.append(f'left sequence-first (unexpected layout): {", ".join(skipped)}')
+
+    device = next(model.parameters()).device
+    if channels_last if channels_last is not None else device.type == 'cuda':
+        setup.channels_last = _channels_last(model) > 0
+
+    if compile:
+        started = time.perf_counter()
+        if not warmup:
+            ok, reason = False, 'no warm-up inputs to check the compilation with'
+        else:
+            ok, reason = _compile_blocks(model, warmup, compile_backend)
+        setup.compile_s = time.perf_counter() - started
+        setup.compiled = ok
+        if not ok:
+            setup.notes.append(f'torch.compile fell back to eager: {reason}')
+            logger.warning('ImageBind: torch.compile is not possible here, running eager (%s)', reason)
+    logger.info('ImageBind inference setup: %s', setup.describe())
+    return setup
