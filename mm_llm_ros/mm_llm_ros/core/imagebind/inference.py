@@ -5,29 +5,34 @@ the blocks and back after them, with `nn.MultiheadAttention(batch_first=False)` 
 That already reaches `F.scaled_dot_product_attention` inside `F.multi_head_attention_forward`, with no mask for
 vision, audio and depth (text passes its float causal mask), so flash/memory-efficient SDPA is eligible in fp16 on
 CUDA. What it misses is torch's native MHA fast path (`torch._native_multi_head_attention`: one fused call for the
-QKV projection, bias, scaling, SDPA and output projection instead of ~40 Python-level ops), which torch takes only
-with `batch_first=True`, no `bias_k`/`bias_v` and no float mask. `prepare_for_inference` therefore:
+QKV projection, bias, scaling, SDPA and output projection instead of ~40 Python-level ops per block), which torch
+takes only with `batch_first=True`, no `bias_k`/`bias_v` and no float mask. `prepare_for_inference` therefore:
 
 1. sets eval mode and freezes the parameters (the fast path also needs no autograd: the encoder runs under
-   `torch.inference_mode()`),
-2. runs every trunk batch-first: the two rearranges become identities and each attention module gets
-   `batch_first=True`; every other op of a block is per token, so the computation is the same. Vision (no
-   `bias_k`) then takes the fused fast path; audio, depth, thermal and IMU (`add_bias_kv=True`) and text (float
-   causal mask) keep the SDPA path they had, with the transpose moved inside torch,
-3. optionally (CUDA by default) stores the patch-embedding conv weights channels-last, so cuDNN runs NHWC/NDHWC
-   kernels and the stem's output is already token-major for the `flatten(2).transpose(1, 2)` that follows,
-4. optionally compiles each transformer block with `torch.compile` (regional compilation: equal blocks share one
-   compiled graph, so the 32 vision blocks compile once), checked by a warm-up forward; if compilation is
-   impossible the blocks stay eager and the reason is logged.
+   `torch.inference_mode()`), and replaces the blocks' DropPath (the identity in eval mode) by `nn.Identity`,
+2. on CUDA by default, runs the trunks that can take the fast path batch-first: the two rearranges become identities
+   and each attention module gets `batch_first=True`; every other op of a block is per token, so the computation
+   is the same. That is the vision trunk: audio, depth, thermal and IMU have `add_bias_kv=True` and text passes a
+   float causal mask, so they keep the official layout and SDPA path. Not on CPU by default: there the fused
+   kernel measured slower (tiny preset, fp32, one thread: vision batch 8 +18%),
+3. on CUDA by default, stores the patch-embedding conv weights channels-last, so cuDNN runs NHWC/NDHWC kernels and
+   the stem's output is already token-major for the `flatten(2).transpose(1, 2)` that follows,
+4. optionally compiles each transformer block with `torch.compile(dynamic=True)` (regional compilation: equal
+   blocks share one compiled graph, so the 32 vision blocks compile once, and one dynamic-shape graph serves every
+   batch size above 1: torch specialises size 1, so the first batch of 2 compiles once more, later ones never),
+   checked by a warm-up forward; if compilation is impossible the blocks stay eager and the reason is logged.
+   Measured on CPU (tiny, inductor): vision + audio + depth warm-up 11.5 s, 4 graphs; batch 8 then 0.7 s, 1 more.
 
-Outputs equal the official model's to float rounding (tests: fp32 to 1e-5, fp16 within fp16 rounding).
+Outputs equal the official model's to float rounding (tests: fp32 to 1e-5, fp16 within fp16 rounding). Steps 2-4
+target CUDA (fewer kernel launches and less Python per block); their effect there is what `bench/imagebind_gpu.py`
+measures, eager against prepared, on the same model instance.
 """
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -59,21 +64,37 @@ def _is_rearrange(module: nn.Module, expression: str) -> bool:
     return getattr(module, 'rearrange_expr', None) == expression and not getattr(module, 'kwargs', None)
 
 
+def _fast_path_eligible(model: nn.Module, name: str) -> bool:
+    """Whether the attention of trunk `name` can take torch's fused MHA kernel (static conditions only)."""
+    if getattr(model.modality_preprocessors[name], 'causal_masking', False):
+        return False  # the text trunk gets a float causal mask, which the fast path refuses
+    return all(isinstance(a, nn.MultiheadAttention) and a.bias_k is None and a.bias_v is None
+               and not a.add_zero_attn and a._qkv_same_embed_dim
+               for a in (block.attn for block in model.modality_trunks[name].blocks))
+
+
 def _batch_first(trunk: nn.Module) -> bool:
     """Turn one official `SimpleTransformer` batch-first in place; False (untouched) if it is not laid out as expected."""
     pre, post = trunk.pre_transformer_layer, trunk.post_transformer_layer
     attentions = [block.attn for block in trunk.blocks]
-    if isinstance(post, nn.Identity) and all(getattr(a, 'batch_first', False) for a in attentions):
+    if isinstance(post, nn.Identity) and all(a.batch_first for a in attentions):
         return True  # prepared before
     if not (isinstance(pre, nn.Sequential) and len(pre) and _is_rearrange(pre[-1], _TO_SEQUENCE_FIRST)
-            and _is_rearrange(post, _TO_BATCH_FIRST)
-            and all(isinstance(a, nn.MultiheadAttention) and not a.batch_first for a in attentions)):
+            and _is_rearrange(post, _TO_BATCH_FIRST) and not any(a.batch_first for a in attentions)):
         return False
     pre[-1] = nn.Identity()
     trunk.post_transformer_layer = nn.Identity()
     for attention in attentions:
         attention.batch_first = True
     return True
+
+
+def _identity_drop_path(model: nn.Module) -> None:
+    """DropPath is the identity in eval mode; an `nn.Identity` also gives every block the same module types, so the
+    compiled blocks do not recompile for each of them."""
+    for block in _blocks(model):
+        if not isinstance(getattr(block, 'drop_path', None), (nn.Identity, type(None))):
+            block.drop_path = nn.Identity()
 
 
 def _channels_last(model: nn.Module) -> int:
@@ -99,14 +120,14 @@ def _reason(exc: BaseException) -> str:
     return f'{type(exc).__name__}: {text.splitlines()[0]}' if text else type(exc).__name__
 
 
-def _compile_blocks(model: nn.Module, warmup: Mapping[str, torch.Tensor], backend: str) -> tuple[bool, str]:
+def _compile_blocks(model: nn.Module, warmup: Mapping[str, torch.Tensor], backend: str | Callable) -> tuple[bool, str]:
     """Compile every block in place and run `warmup` through the model; on failure undo it and return the reason."""
     if not torch._dynamo.is_dynamo_supported():
         version = '.'.join(map(str, sys.version_info[:2]))
         return False, f'torch.compile does not support Python {version} with torch {torch.__version__}'
     blocks = _blocks(model)
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, dynamic=True)
     try:
         with torch.inference_mode():
             model(dict(warmup))
@@ -117,24 +138,25 @@ def _compile_blocks(model: nn.Module, warmup: Mapping[str, torch.Tensor], backen
     return True, ''
 
 
-def prepare_for_inference(model: nn.Module, *, channels_last: bool | None = None, compile: bool = False,
-                          warmup: Mapping[str, torch.Tensor] | None = None,
-                          compile_backend: str = 'inductor') -> InferenceSetup:
+def prepare_for_inference(model: nn.Module, *, batch_first: bool | None = None, channels_last: bool | None = None,
+                          compile: bool = False, warmup: Mapping[str, torch.Tensor] | None = None,
+                          compile_backend: str | Callable = 'inductor') -> InferenceSetup:
     """Set up `model` (the official `ImageBindModel`, already on its device and dtype) for inference, in place.
 
-    `channels_last=None` means: on CUDA only. `compile` needs `warmup`, a batch of inputs (any modalities, on the
-    model's device and dtype) whose forward triggers and checks the compilation; later shapes compile on first use.
+    `batch_first`/`channels_last` None means: on CUDA only. `compile` needs `warmup`, a batch of inputs (any
+    modalities, on the model's device and dtype) whose forward triggers and checks the compilation.
     """
     model.eval().requires_grad_(False)
+    _identity_drop_path(model)
     setup = InferenceSetup()
-    trunks = dict(model.modality_trunks.items())
-    setup.batch_first_trunks = tuple(name for name, trunk in trunks.items() if _batch_first(trunk))
-    skipped = sorted(set(trunks) - set(setup.batch_first_trunks))
-    if skipped:
-        setup.notes.append(f'left sequence-first (unexpected layout): {", ".join(skipped)}')
-
-    device = next(model.parameters()).device
-    if channels_last if channels_last is not None else device.type == 'cuda':
+    on_cuda = next(model.parameters()).device.type == 'cuda'
+    if batch_first if batch_first is not None else on_cuda:
+        eligible = [name for name in model.modality_trunks if _fast_path_eligible(model, name)]
+        setup.batch_first_trunks = tuple(name for name in eligible if _batch_first(model.modality_trunks[name]))
+        skipped = sorted(set(eligible) - set(setup.batch_first_trunks))
+        if skipped:
+            setup.notes.append(f'left sequence-first (unexpected layout): {", ".join(skipped)}')
+    if channels_last if channels_last is not None else on_cuda:
         setup.channels_last = _channels_last(model) > 0
 
     if compile:
