@@ -164,6 +164,11 @@ class StaticDecoder:
         self._graph_logits: torch.Tensor | None = None
 
     # ---- the public stepper interface --------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One prefill and one step: captures the CUDA graph (and compiles) now, not during the first question."""
+        self.prefill([0])
+        self.step(0)
+
     def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """Start a sequence with `prompt_ids` (1 <= len <= capacity); returns the logits after its last token."""
         length = len(prompt_ids)

@@ -165,8 +165,6 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
         from mm_llm_ros.core.llm.backbones import load_smollm2, tiny_random_backbone
         if config.preset == 'tiny':
             backbone = tiny_random_backbone(seed=config.seed)
-            # On the embeddings: every decoder (eager or static) calls them first in each forward.
-            _inject_faults(backbone.model.get_input_embeddings(), os.environ.get(TINY_FAULTS_ENV, ''))
         else:
             from pathlib import Path
             backbone = load_smollm2(Path(config.cache_dir) if config.cache_dir else None, dtype=dtype)
@@ -197,6 +195,8 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
         logger.info('quantised %d linear weights to %s (weight-only, torchao): parameters %.1f -> %.1f MB',
                     count, config.quantization, before / 1e6, parameter_bytes(model) / 1e6)
     decoder = _static_decoder(model, decoder_mode, config.generation.context_length)
+    if config.preset == 'tiny':  # armed after the warm-up; on the embeddings, which every decoder calls first
+        _inject_faults(model.backbone.get_input_embeddings(), os.environ.get(TINY_FAULTS_ENV, ''))
     cache = None
     if config.cache_index_path:
         cache = VisualCache.from_index_file(config.cache_index_path, config.cache_size, config.cache_temperature,
@@ -212,8 +212,10 @@ def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int) -> Op
     """The `generation.decoder` stepper for the merged model (None: eager), its KV cache sized to the context."""
     if mode == 'eager':
         return None
-    logger.info("generation.decoder '%s': static KV cache of %d positions", mode, capacity)
-    return StaticDecoder(model.backbone, capacity=capacity, mode=mode)
+    decoder = StaticDecoder(model.backbone, capacity=capacity, mode=mode)
+    decoder.warm_up()
+    logger.info("generation.decoder '%s': static KV cache of %d positions, warmed up", mode, capacity)
+    return decoder
 
 
 def _inject_faults(model: torch.nn.Module, faults: str) -> None:
