@@ -500,14 +500,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _imagebind(report: Report, device: torch.device, smoke: bool) -> None:
-    from imagebind_gpu import imagebind_section  # bench/imagebind_gpu.py
+    from imagebind_gpu import imagebind_results  # bench/imagebind_gpu.py
 
     dtype = torch.float16 if device.type == 'cuda' else torch.float32
-    result = imagebind_section(device, dtype, smoke)
-    if isinstance(result, tuple):  # (markdown, values for the goals)
-        report.imagebind, report.imagebind_values = result
-    else:
-        report.imagebind = result
+    report.imagebind, report.imagebind_values = imagebind_results(device, dtype, smoke)
 
 
 if __name__ == '__main__':
