@@ -7,9 +7,10 @@ Imported by `bench/gpu.py` (no rclpy, no ROS): `imagebind_section(device, dtype,
 
 The model is the official `ImageBindModel` (imagebind-unofficial) with random weights (its own initialisation,
 seeded), built directly on the device: the weights' values do not matter for speed. It is measured three ways on
-the same instance: `eager` (the official model as published), `fast` (`core/imagebind/inference.py` with
-every step on, as on CUDA: batch-first vision trunk for torch's fused MHA kernel, channels-last stems) and `compiled` (the fast
-setup plus `torch.compile` of every block; skipped in smoke mode), with the cosine of their embeddings against eager's.
+the same instance: `eager` (the official model as published), `fast` (`core/imagebind/inference.py` with every step
+on, as on CUDA: batch-first vision trunk for torch's fused MHA kernel, channels-last stems) and `compiled` (the
+fast setup plus `torch.compile` of every block; skipped in smoke mode), with the cosine of their embeddings against
+eager's.
 
 Physical limit: FLOPs per vision image (`torch.utils.flop_counter.FlopCounterMode` on the official forward) and the
 throughput of a large matmul in the same dtype measured in the same run give limit images/s = throughput / FLOPs.
@@ -61,6 +62,7 @@ class Variant:
     vision_ms: float = float('nan')
     audio_ms: float = float('nan')
     depth_ms: float = float('nan')
+    stem_ms: float = float('nan')      # vision patch conv + tokens alone, largest batch (channels-last or not)
     images_per_s: dict[int, float] = field(default_factory=dict)
     peak_gib: float = float('nan')
     min_cosine: float = float('nan')   # vision embeddings vs eager's, over the largest batch
@@ -175,6 +177,9 @@ def measure(model: torch.nn.Module, variant: Variant, inputs: Mapping[int, dict[
     for b in plan.batches:
         ms = median_ms(calls[b], device, plan.throughput_repeats, plan.warmup)
         variant.images_per_s[b] = b / (ms * 1e-3)
+    stem, images = model.modality_preprocessors['vision'], inputs[plan.batches[-1]]['vision']
+    with torch.inference_mode():
+        variant.stem_ms = median_ms(lambda: stem(vision=images), device, plan.throughput_repeats, plan.warmup)
     if device.type == 'cuda':
         variant.peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
     largest = calls[plan.batches[-1]]()['vision'].float()
@@ -261,10 +266,11 @@ def render(r: Results) -> str:
     name = f'ImageBind-{p.preset} {r.dtype} (random weights)'
     where = r.device if not r.device.startswith('cuda') else f'{r.device} ({torch.cuda.get_device_name(r.device)})'
     header = '| | ' + ' | '.join(v.name for v in r.variants) + ' |'
+    timer = 'CUDA events' if r.device.startswith('cuda') else 'wall clock'
     lines = [f'## {name} on {where}', '',
              f'One model instance (built on the device in {r.build_s:.1f} s) measured eager, then prepared in place. '
              f'Latency: median of {p.latency_repeats} calls after {p.warmup} warm-up calls; throughput: median of '
-             f'{p.throughput_repeats} forwards per batch size; {"CUDA events" if r.device.startswith("cuda") else "wall clock"}. '
+             f'{p.throughput_repeats} forwards per batch size; {timer}. '
              'Audio = one input of 3 clips of 2 s (the node\'s window); cosine = lowest over the batch of '
              f'{p.batches[-1]} vision embeddings against eager\'s.', '',
              header, '|---|' + '---:|' * len(r.variants)]
@@ -280,6 +286,7 @@ def render(r: Results) -> str:
         row(f'vision batch {b} (images/s)', cells(lambda v, b=b: v.images_per_s.get(b, float('nan')), 0))
     row('audio batch 1, 3 clips (ms)', cells(lambda v: v.audio_ms))
     row('depth batch 1 (ms)', cells(lambda v: v.depth_ms))
+    row(f'vision stem alone, batch {p.batches[-1]} (ms)', cells(lambda v: v.stem_ms))
     row('peak GPU memory (GiB)', cells(lambda v: v.peak_gib))
     row('min cosine vs eager', cells(lambda v: v.min_cosine, 5))
     row('setup / compile (s)', ['-' if v is r.variants[0] or not (v.images_per_s or v.setup_s) else _fmt(v.setup_s, 1)
@@ -322,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--dtype', default='float16', choices=('float16', 'bfloat16', 'float32'))
     parser.add_argument('--smoke', action='store_true', help='tiny preset, small batches, no compile')
     args = parser.parse_args(argv)
+    if args.device == 'cpu':
+        torch.set_num_threads(1)  # steadier on the shared 2-core machines
     started = time.perf_counter()
     print(imagebind_section(torch.device(args.device), getattr(torch, args.dtype), args.smoke))
     print(f'\n({time.perf_counter() - started:.1f} s)')

@@ -14,9 +14,12 @@ takes only with `batch_first=True`, no `bias_k`/`bias_v` and no float mask. `pre
    and each attention module gets `batch_first=True`; every other op of a block is per token, so the computation
    is the same. That is the vision trunk: audio, depth, thermal and IMU have `add_bias_kv=True` and text passes a
    float causal mask, so they keep the official layout and SDPA path. Not on CPU by default: there the fused
-   kernel measured slower (tiny preset, fp32, one thread: vision batch 8 +18%),
-3. on CUDA by default, stores the patch-embedding conv weights channels-last, so cuDNN runs NHWC/NDHWC kernels and
-   the stem's output is already token-major for the `flatten(2).transpose(1, 2)` that follows,
+   kernel is no faster in fp32 and much slower in fp16 (tiny preset, one thread, vision batch 4: fp32 +5%,
+   fp16 +48%),
+3. on CUDA by default, stores the patch-embedding conv weights channels-last, so cuDNN can pick its NHWC/NDHWC
+   tensor-core kernels and the stem's output is already token-major for the `flatten(2).transpose(1, 2)` that
+   follows. Not on CPU by default: the channels-last Conv3d vision stem measured slower there (fp32, vision
+   batch 4: +44% for the whole tiny model),
 4. optionally compiles each transformer block with `torch.compile(dynamic=True)` (regional compilation: equal
    blocks share one compiled graph, so the 32 vision blocks compile once, and one dynamic-shape graph serves every
    batch size above 1: torch specialises size 1, so the first batch of 2 compiles once more, later ones never),
@@ -24,8 +27,9 @@ takes only with `batch_first=True`, no `bias_k`/`bias_v` and no float mask. `pre
    Measured on CPU (tiny, inductor): vision + audio + depth warm-up 11.5 s, 4 graphs; batch 8 then 0.7 s, 1 more.
 
 Outputs equal the official model's to float rounding (tests: fp32 to 1e-5, fp16 within fp16 rounding). Steps 2-4
-target CUDA (fewer kernel launches and less Python per block); their effect there is what `bench/imagebind_gpu.py`
-measures, eager against prepared, on the same model instance.
+target CUDA (fewer kernel launches and less Python per block) and are not measured there yet: their effect is what
+`bench/imagebind_gpu.py` measures, eager against prepared on the same model instance, with the vision stem alone
+in its own row.
 """
 from __future__ import annotations
 
@@ -74,7 +78,7 @@ def _fast_path_eligible(model: nn.Module, name: str) -> bool:
 
 
 def _batch_first(trunk: nn.Module) -> bool:
-    """Turn one official `SimpleTransformer` batch-first in place; False (untouched) if it is not laid out as expected."""
+    """Turn one official `SimpleTransformer` batch-first in place; False (untouched) if laid out unexpectedly."""
     pre, post = trunk.pre_transformer_layer, trunk.post_transformer_layer
     attentions = [block.attn for block in trunk.blocks]
     if isinstance(post, nn.Identity) and all(a.batch_first for a in attentions):
