@@ -53,6 +53,7 @@ SHAPES = {'llama7b': {'layers': 32, 'hidden': 4096, 'intermediate': 11008, 'head
 PROMPT_LENGTHS = (100, 400)
 CONTEXT_LENGTH = 512  # the official max_seq_len and the node's default: the static cache's size
 WEIGHT_NAMES = {'none': 'fp16', 'int8': 'int8', 'int4': 'int4'}
+SECTIONS = ('ceilings', 'agreement', 'imagebind', 'llm')
 
 
 @dataclass
@@ -210,8 +211,15 @@ class Budget:
         self.deadline = time.monotonic() + seconds
 
     @property
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @property
     def spent(self) -> bool:
-        return time.monotonic() > self.deadline
+        return self.remaining < 0
+
+
+COMPILE_MIN_S = 120.0  # a LLaMA-7B decode step compiles in about a minute or two: not started with less left
 
 
 def _run_row(rows: list[LLMRow], row: LLMRow, budget: Budget, device: torch.device,
@@ -242,12 +250,12 @@ def _our_loop(model, tokenizer, decoder_mode: str, device: torch.device, repeats
 
 
 def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Sequence[str], repeats: int,
-                new_tokens: int, compile_modes: Sequence[str], budget: Budget,
-                log: Callable[[str], None]) -> list[LLMRow]:
-    """Every (model, weights, decoder) row; one freshly built backbone per weight format (same seed, same weights)."""
+                new_tokens: int, compile_modes: Sequence[str], budget: Budget, log: Callable[[str], None],
+                rows: list[LLMRow]) -> list[LLMRow]:
+    """Every (model, weights, decoder) row, appended to `rows` as measured (`log` is called after each); one
+    freshly built backbone per weight format (same seed, same weights)."""
     from mm_llm_ros.core.llm.quantization import check_quantization, quantize_linear_weights
 
-    rows: list[LLMRow] = []
     for mode in modes:
         weights = WEIGHT_NAMES[mode] if dtype == torch.float16 or mode != 'none' else str(dtype).split('.')[-1]
         if budget.spent:
@@ -275,32 +283,40 @@ def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Se
             quantize_linear_weights(served, mode)
         per_token = weight_bytes_per_token(served)
         for name in ('eager',) + _fast_modes(device) + (('compile',) if mode in compile_modes else ()):
-            _run_row(rows, LLMRow('imagebind-llm merged', weights, name, weight_bytes_per_token=per_token), budget,
-                     device, _our_loop(served, tokenizer, name, device, repeats, new_tokens), log)
+            row = LLMRow('imagebind-llm merged', weights, name, weight_bytes_per_token=per_token)
+            if name == 'compile' and 0 < budget.remaining < COMPILE_MIN_S:
+                rows.append(row)
+                row.note = f'skipped: less than {COMPILE_MIN_S:.0f} s of the time budget left to compile'
+                continue
+            _run_row(rows, row, budget, device, _our_loop(served, tokenizer, name, device, repeats, new_tokens), log)
         del model, served, backbone
         _free(device)
     return rows
 
 
-def greedy_agreement(device: torch.device, rows: list[LLMRow]) -> list[str]:
-    """Tiny fp32 model on `device`: fast decoders vs eager must agree exactly; then the 7B rows' agreement."""
+def tiny_agreement(device: torch.device) -> list[str]:
+    """Tiny fp32 merged ImageBind-LLM on `device`: the fast decoders must give exactly the eager greedy tokens."""
     from mm_llm_ros.core.llm.backbones import tiny_random_backbone
-    from mm_llm_ros.core.llm.model import ImageBindLLM
 
-    lines = []
     backbone = tiny_random_backbone(seed=0)
     backbone.model.to(device)
     model, _ = _injected(backbone, merge=True)
     prompt = _prompt(100, backbone.tokenizer.bos_id)
     config = _greedy(64)
     eager = generate(model.backbone, backbone.tokenizer, prompt, config).token_ids
-    assert isinstance(model, ImageBindLLM)
+    lines = []
     for mode in _fast_modes(device):
         fast = generate(model.backbone, backbone.tokenizer, prompt, config,
                         decoder=StaticDecoder(model.backbone, CONTEXT_LENGTH, mode)).token_ids
         lines.append(f'- tiny merged ImageBind-LLM, float32 on {device.type}: `{mode}` vs `eager`, 64 greedy tokens: '
                      + ('**identical**' if fast == eager else f'DIFFERENT from token {_first_difference(fast, eager)}'))
+    return lines
+
+
+def row_agreement(rows: list[LLMRow]) -> list[str]:
+    """Each timed row's greedy tokens against the eager row of the same model and weights."""
     reference = {(r.weights, r.model): r.tokens for r in rows if r.decoder == 'eager' and r.tokens}
+    lines = []
     for row in rows:
         base = reference.get((row.weights, row.model))
         if row.decoder != 'eager' and row.tokens and base:
@@ -371,6 +387,8 @@ def goals(report: Report) -> list[str]:
     int4 = max((r for r in rows if r.weights == 'int4' and r.tokens_per_s == r.tokens_per_s),
                key=lambda r: r.tokens_per_s, default=None)
     copy = report.ceilings.copy_gb_s if report.ceilings else float('nan')
+    if report.device_type != 'cuda':
+        return ['The goals are for an H100/H200-class GPU: a CPU run only shows that every path works.']
     lines = ['| goal | measured | verdict |', '|---|---|---|']
 
     def add(goal: str, value: float | None, target: float, text: str, higher_is_better: bool = True) -> None:
@@ -428,8 +446,9 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
                   'layers, final norm, lm_head; the bind network runs once per query). `backbone` is the plain '
                   'LLaMA; `imagebind-llm merged` is what `llm_node` serves (LoRA and biases folded, visual vector '
                   'in the o_proj bias).', '']
-    if report.agreement:
-        lines += ['## Greedy tokens: fast decoders vs eager', ''] + report.agreement + ['']
+    agreement = report.agreement + row_agreement(report.llm)
+    if agreement:
+        lines += ['## Greedy tokens: fast decoders vs eager', ''] + agreement + ['']
     if report.imagebind:
         lines += [report.imagebind, '']
     lines += ['## Goals of the GPU issue', ''] + goals(report) + ['']
@@ -447,21 +466,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cuda', help='cuda, cuda:N or cpu')
     parser.add_argument('--smoke', action='store_true', help='small shapes, few repeats: every code path quickly')
-    parser.add_argument('--sections', nargs='+', default=['ceilings', 'llm', 'agreement', 'imagebind'],
-                        choices=['ceilings', 'llm', 'agreement', 'imagebind'])
+    parser.add_argument('--sections', nargs='+', default=list(SECTIONS), choices=SECTIONS,
+                        help='what to run; always in the order ' + ', '.join(SECTIONS))
+    parser.add_argument('--imagebind-compile', action='store_true',
+                        help='also time ImageBind with torch.compile (about 30-60 s more on a GPU)')
     parser.add_argument('--quantization', nargs='+', default=['none', 'int4', 'int8'],
                         choices=['none', 'int8', 'int4'], help='weight formats, measured in this order')
     parser.add_argument('--compile', nargs='*', default=['int8'], choices=['none', 'int8', 'int4'],
                         help="weight formats that also get a 'compile' decoder row (about a minute each on a GPU; "
                              'int8 needs it: eager int8 casts the whole weight per call)')
-    parser.add_argument('--repeats', type=int, default=None, help='timed runs per row (default 5; smoke 1)')
+    parser.add_argument('--repeats', type=int, default=None, help='timed runs per row (default 3; smoke 1)')
     parser.add_argument('--new-tokens', type=int, default=None, help='decoded tokens (default 64; smoke 8)')
     parser.add_argument('--budget-s', type=float, default=420.0, help='skip the remaining rows after this long')
     parser.add_argument('--out', type=pathlib.Path, default=None,
                         help='default: bench/results/gpu.md (gpu-smoke.md with --smoke)')
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    args.repeats = args.repeats or (1 if args.smoke else 5)
+    args.repeats = args.repeats or (1 if args.smoke else 3)
     args.new_tokens = args.new_tokens or (8 if args.smoke else 64)
     out = args.out or REPO / 'bench' / 'results' / ('gpu-smoke.md' if args.smoke else 'gpu.md')
 
@@ -477,15 +498,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f'[{time.perf_counter() - started:6.1f} s] {message}', flush=True)
 
     report = Report(header=environment(device), device_type=device.type)
+
+    def log_and_write(message: str) -> None:  # after each LLM row: a run cut short still leaves its table
+        log(message)
+        write(out, markdown(report, args))
+
     shape = SHAPES['smoke' if args.smoke else 'llama7b']
-    steps: list[tuple[str, Callable[[], None]]] = [
-        ('ceilings', lambda: setattr(report, 'ceilings', measure_ceilings(device, dtype, args.smoke))),
-        ('llm', lambda: report.llm.extend(measure_llm(device, dtype, shape, args.quantization, args.repeats,
-                                                      args.new_tokens, args.compile, budget, log))),
-        ('agreement', lambda: report.agreement.extend(greedy_agreement(device, report.llm))),
-        ('imagebind', lambda: _imagebind(report, device, args.smoke)),
-    ]
-    for name, step in steps:
+    # Cheap and essential first: the LLM section ends with the slowest row (compiling), under the time budget.
+    steps: dict[str, Callable[[], None]] = {
+        'ceilings': lambda: setattr(report, 'ceilings', measure_ceilings(device, dtype, args.smoke)),
+        'agreement': lambda: report.agreement.extend(tiny_agreement(device)),
+        'imagebind': lambda: _imagebind(report, device, args.smoke, args.imagebind_compile),
+        'llm': lambda: measure_llm(device, dtype, shape, args.quantization, args.repeats, args.new_tokens,
+                                   args.compile, budget, log_and_write, report.llm),
+    }
+    for name, step in steps.items():
         if name not in args.sections:
             continue
         log(f'section {name}')
@@ -499,11 +526,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(markdown(report, args))
 
 
-def _imagebind(report: Report, device: torch.device, smoke: bool) -> None:
+def _imagebind(report: Report, device: torch.device, smoke: bool, compile: bool) -> None:
     from imagebind_gpu import imagebind_results  # bench/imagebind_gpu.py
 
     dtype = torch.float16 if device.type == 'cuda' else torch.float32
-    report.imagebind, report.imagebind_values = imagebind_results(device, dtype, smoke)
+    report.imagebind, report.imagebind_values = imagebind_results(device, dtype, smoke, compile and not smoke)
 
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import pathlib
 import statistics
@@ -209,8 +210,10 @@ class Results:
                 max(ips for v in measured for ips in v.images_per_s.values()))
 
 
-def run(device: torch.device, dtype: torch.dtype, smoke: bool) -> Results:
+def run(device: torch.device, dtype: torch.dtype, smoke: bool, compile: bool | None = None) -> Results:
     plan = SMOKE if smoke else FULL
+    if compile is not None:
+        plan = dataclasses.replace(plan, compile=compile)
     build_s = time.perf_counter()
     model = build_random(plan.preset, device, dtype)
     _sync(device)
@@ -245,7 +248,7 @@ def run(device: torch.device, dtype: torch.dtype, smoke: bool) -> Results:
         else:
             compiled.note = setup.notes[-1]
     else:
-        compiled.note = 'skipped in smoke mode'
+        compiled.note = 'skipped in smoke mode' if smoke else 'not asked for (compile=False)'
     variants.append(compiled)
     del model, inputs
     gc.collect()
@@ -309,10 +312,11 @@ def render(r: Results) -> str:
     return '\n'.join(lines)
 
 
-def imagebind_results(device: torch.device, dtype: torch.dtype, smoke: bool) -> tuple[str, dict[str, float]]:
+def imagebind_results(device: torch.device, dtype: torch.dtype, smoke: bool,
+                      compile: bool | None = None) -> tuple[str, dict[str, float]]:
     """The Markdown section and the headline numbers: vision_batch1_ms (best variant) and vision_images_per_s
-    (best variant and batch size)."""
-    results = run(torch.device(device), dtype, smoke)
+    (best variant and batch size). `compile` overrides the plan's (full: on, smoke: off)."""
+    results = run(torch.device(device), dtype, smoke, compile)
     best_ms, best_ips = results.best()
     return render(results), {'vision_batch1_ms': best_ms, 'vision_images_per_s': best_ips,
                              'vision_limit_images_per_s': results.limit_images_per_s}

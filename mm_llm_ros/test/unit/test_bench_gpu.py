@@ -31,7 +31,7 @@ def _rows(markdown: str, section: str) -> list[list[str]]:
 
 def test_smoke_run_measures_every_decoder_and_weight_format(bench, tmp_path):
     out = tmp_path / 'gpu.md'
-    bench.main(['--device', 'cpu', '--smoke', '--sections', 'ceilings', 'llm', 'agreement',
+    bench.main(['--device', 'cpu', '--smoke', '--sections', 'ceilings', 'agreement', 'llm',
                 '--quantization', 'none', 'int8', '--compile', '--out', str(out)])
     markdown = out.read_text()
     rows = _rows(markdown, '## ImageBind-LLM decoding')
@@ -63,7 +63,7 @@ def test_a_failing_row_is_reported_and_the_run_goes_on(bench):
 
 
 def test_goal_verdicts_compare_each_figure_with_its_target(bench):
-    report = bench.Report(header=[], ceilings=bench.Ceilings(copy_gb_s=4000.0, matmul_tflops=700.0))
+    report = bench.Report(header=[], ceilings=bench.Ceilings(copy_gb_s=4000.0, matmul_tflops=700.0), device_type='cuda')
     per_token = 13_000_000_000  # limit: 4000e9 / 13e9 = 308 tok/s
     report.llm = [
         bench.LLMRow('backbone', 'fp16', 'cuda_graph', {100: 20.0}, 210.0, per_token),
