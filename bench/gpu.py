@@ -219,7 +219,7 @@ class Budget:
         return self.remaining < 0
 
 
-COMPILE_MIN_S = 120.0  # a LLaMA-7B decode step compiles in about a minute or two: not started with less left
+COMPILE_MIN_S = 110.0  # a LLaMA-7B decode step compiles in about a minute or two: not started with less left
 
 
 def _run_row(rows: list[LLMRow], row: LLMRow, budget: Budget, device: torch.device,
