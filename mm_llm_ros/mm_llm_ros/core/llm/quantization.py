@@ -16,7 +16,8 @@ Modes (see docs/quantization.md for the measured drift and the GPUs each suits):
   SmolLM2's 576-wide projections use 64 and the 64-wide tiny model 64) in torch's own tinygemm kernels: on CUDA
   `Int4WeightOnlyConfig(int4_packing_format='tile_packed_to_4d')` (`aten._weight_int4pack_mm`, bfloat16 only,
   compute capability >= 8.0: weights are quantised from bfloat16 and activations cast to it inside the op), on
-  the CPU torchao's `PrototypeInt4WeightOnlyConfig` (`aten._weight_int4pack_mm_for_cpu`, another packing).
+  the CPU torchao's `PrototypeInt4WeightOnlyConfig` (`aten._weight_int4pack_mm_for_cpu`, another packing), which
+  is fast only for bfloat16 activations: `check_quantization` refuses CPU int4 for any other model dtype.
 
 Both quantised linears are pure tensor programs (no `.item()`, no data-dependent Python branch), so a decode step
 can be captured into a CUDA graph. torchao's own C++/CUDA extensions (fp8/mxfp8 CUTLASS kernels) are not used by
@@ -85,6 +86,8 @@ def import_torchao() -> ModuleType:
     try:
         with _quiet_import():
             importlib.import_module('torchao')
+            with contextlib.suppress(ImportError):  # what transformers imports next, as quietly
+                importlib.import_module(_TRANSFORMERS_IMPORTS)
             return importlib.import_module('torchao.quantization')
     except ImportError as exc:
         raise QuantizationError(f'weight-only quantisation needs torchao, which does not import ({exc}); '
@@ -101,8 +104,6 @@ def preload_torchao() -> None:
     if 'torchao' not in sys.modules and importlib.util.find_spec('torchao') is not None:
         with contextlib.suppress(QuantizationError):
             import_torchao()
-            with _quiet_import(), contextlib.suppress(ImportError):
-                importlib.import_module(_TRANSFORMERS_IMPORTS)
 
 
 def _refuse(mode: str, reason: str) -> QuantizationError:
@@ -133,6 +134,10 @@ def check_quantization(mode: str, device: torch.device | str, dtype: torch.dtype
         if missing:
             raise _refuse(mode, f'needs the {device.type} int4 kernels, which this torch {torch.__version__} build '
                                 f'lacks ({", ".join(missing)}); use int8')
+        if device.type == 'cpu' and dtype != torch.bfloat16:
+            raise _refuse(mode, f'on the CPU needs dtype bfloat16, got {str(dtype).removeprefix("torch.")}: torch\'s '
+                                'CPU int4 kernel is slow for other activations (measured 10x slower than float32 per '
+                                'token, 80x per prompt token); set dtype: bfloat16, or use int8')
         if device.type == 'cuda':
             capability = torch.cuda.get_device_capability(device)
             if capability < (8, 0):
@@ -240,21 +245,25 @@ def quantize_linear_weights(module: nn.Module, mode: str) -> int:
                                 'W + B A into the base weights, which a quantised weight cannot take)')
     layers = _decoder_layers(module)
     holders = _holders(module)
+    targets = [(f'{index}.{name}', linear) for index, layer in enumerate(layers)
+               for name, linear in layer.named_modules()
+               if isinstance(linear, nn.Linear) and name.rsplit('.', 1)[-1] not in _LORA_FACTORS]
+    weight = targets[0][1].weight if targets else None
+    if mode == 'int4' and weight is not None and weight.device.type == 'cpu' and weight.dtype != torch.bfloat16:
+        logger.warning("llm.quantization 'int4' on the CPU with %s weights: the kernel is only fast with bfloat16",
+                       weight.dtype)
     count, skipped = 0, []
-    for index, layer in enumerate(layers):
-        for name, linear in layer.named_modules():
-            if not isinstance(linear, nn.Linear) or name.rsplit('.', 1)[-1] in _LORA_FACTORS:
-                continue
-            original = linear.weight
-            if not is_plain(original):
-                continue  # already quantised (shared with a module seen before, or a second call)
-            if not _quantize_linear(linear, mode):
-                skipped.append(f'{index}.{name}')
-                continue
-            for holder, attribute in holders.get(id(original), []):
-                if holder is not linear:
-                    setattr(holder, attribute, linear.weight)  # e.g. ServedOutputProjection.weight: still shared
-            count += 1
+    for name, linear in targets:
+        original = linear.weight
+        if not is_plain(original):
+            continue  # already quantised (shared with a module seen before, or a second call)
+        if not _quantize_linear(linear, mode):
+            skipped.append(name)
+            continue
+        for holder, attribute in holders.get(id(original), []):
+            if holder is not linear:
+                setattr(holder, attribute, linear.weight)  # e.g. ServedOutputProjection.weight: still shared
+        count += 1
     if skipped:
         logger.warning("llm.quantization '%s': %d weights left unquantised (input width not a multiple of 32): %s",
                        mode, len(skipped), ', '.join(skipped[:4]))
