@@ -209,3 +209,15 @@ def test_build_answerer_serves_int8():
     pieces: list[str] = []
     generated = answerer.answer('What is ahead?', [], 12, pieces.append, lambda: False)
     assert generated.n_tokens > 0 and ''.join(pieces) == generated.text
+
+
+def test_int4_group_size_prefers_128_then_a_divisor():
+    from mm_llm_ros.core.llm.quantization import int4_group_size
+
+    assert int4_group_size(4096) == 128 and int4_group_size(11008) == 128
+    assert int4_group_size(576) == 64 and int4_group_size(64) == 64  # SmolLM2's width, the tiny model's
+    assert int4_group_size(576, preferred=32) == 32 and int4_group_size(96, preferred=64) == 32
+    assert int4_group_size(100) is None
+    model = tiny_random_backbone().model.to(torch.bfloat16)
+    quantize_linear_weights(model, 'int4', int4_group_size=32)
+    assert model.model.layers[0].mlp.down_proj.weight.block_size[-1] == 32

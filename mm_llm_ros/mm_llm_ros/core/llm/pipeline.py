@@ -191,7 +191,10 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     model.merge_adapters()
     if config.quantization != 'none':  # after the merge, which writes W + B A into the base weights
         before = parameter_bytes(model)
-        count = quantize_linear_weights(model, config.quantization)
+        # SmolLM2 ships as a Q4_1 GGUF (4-bit in groups of 32): int4 groups of 32 restore that grid (see
+        # docs/quantization.md: 3.5% of the logit range instead of 26% with groups of 64).
+        group = 32 if config.preset == 'embedded' else None
+        count = quantize_linear_weights(model, config.quantization, int4_group_size=group)
         logger.info('quantised %d linear weights to %s (weight-only, torchao): parameters %.1f -> %.1f MB',
                     count, config.quantization, before / 1e6, parameter_bytes(model) / 1e6)
     decoder = _static_decoder(model, decoder_mode, config.generation.context_length)

@@ -169,18 +169,20 @@ def _probe(mode: str, device: str, dtype: torch.dtype) -> None:
         raise _refuse(mode, f'computes wrong results on this {device} build (relative error {error:.3g})')
 
 
-def int4_group_size(in_features: int) -> int | None:
-    """The int4 group size for a weight `in_features` wide: 128, else the largest of 64, 32 dividing it."""
-    return next((size for size in INT4_GROUP_SIZES if in_features % size == 0), None)
+def int4_group_size(in_features: int, preferred: int | None = None) -> int | None:
+    """The int4 group size for a weight `in_features` wide: `preferred` (default 128) if it divides the width,
+    else the largest of 128, 64, 32 that does."""
+    sizes = INT4_GROUP_SIZES if preferred is None else (preferred, *INT4_GROUP_SIZES)
+    return next((size for size in sizes if in_features % size == 0), None)
 
 
-def _config(mode: str, device: torch.device, in_features: int):
+def _config(mode: str, device: torch.device, in_features: int, group_size: int | None = None):
     quantization = import_torchao()
     # set_inductor_config=False: torchao would otherwise flip process-wide inductor settings
     # (coordinate-descent tuning: much longer compiles) as a side effect of quantising.
     if mode == 'int8':
         return quantization.Int8WeightOnlyConfig(set_inductor_config=False)  # per-row (output channel) scales
-    group = int4_group_size(in_features)
+    group = int4_group_size(in_features, group_size)
     if group is None:
         return None
     if device.type == 'cuda':
@@ -192,9 +194,9 @@ def _config(mode: str, device: torch.device, in_features: int):
 
 
 @torch.no_grad()
-def _quantize_linear(linear: nn.Linear, mode: str) -> bool:
+def _quantize_linear(linear: nn.Linear, mode: str, group_size: int | None = None) -> bool:
     """Replace `linear.weight` by its torchao quantised tensor; False (left as is) if the shape does not fit."""
-    config = _config(mode, linear.weight.device, linear.in_features)
+    config = _config(mode, linear.weight.device, linear.in_features, group_size)
     if config is None:
         return False
     if mode == 'int4' and linear.weight.device.type == 'cuda' and linear.weight.dtype != torch.bfloat16:
@@ -228,13 +230,15 @@ def _holders(module: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return holders
 
 
-def quantize_linear_weights(module: nn.Module, mode: str) -> int:
+def quantize_linear_weights(module: nn.Module, mode: str, int4_group_size: int | None = None) -> int:
     """Quantise (weight-only, in place) every linear weight of the decoder layers; return how many.
 
     `module` is a transformers LLaMA (`LlamaForCausalLM`) or an `ImageBindLLM` whose adapters are merged. A weight
     shared by several modules (the merged wo and its `ServedOutputProjection`) is quantised once and stays shared.
     Leaves lm_head, embeddings, norms, the bind network and the LoRA factors in the model dtype (module docstring).
-    Call `check_quantization` first for a clear refusal; 'none' returns 0 and changes nothing.
+    `int4_group_size` overrides the default of 128 (e.g. 32 for weights that were 4-bit in groups of 32 before,
+    like the embedded SmolLM2's Q4_1 GGUF: the same grid comes back). Call `check_quantization` first for a clear
+    refusal; 'none' returns 0 and changes nothing.
     """
     if mode not in MODES:
         raise QuantizationError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
@@ -257,7 +261,7 @@ def quantize_linear_weights(module: nn.Module, mode: str) -> int:
         original = linear.weight
         if not is_plain(original):
             continue  # already quantised (shared with a module seen before, or a second call)
-        if not _quantize_linear(linear, mode):
+        if not _quantize_linear(linear, mode, int4_group_size):
             skipped.append(name)
             continue
         for holder, attribute in holders.get(id(original), []):
