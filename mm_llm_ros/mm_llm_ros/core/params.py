@@ -122,7 +122,8 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('generation.context_length', 512, 'Maximum tokens of prompt plus answer (official max_seq_len 512).'),
     Param('generation.decoder', 'auto', 'Token loop: eager (dynamic KV cache), static (preallocated KV cache), '
           'cuda_graph (static + the decode step replayed as one CUDA graph; CUDA only) or compile (static + '
-          'torch.compile of the decode step); auto = cuda_graph on CUDA, eager on the CPU. Greedy tokens are the same.',
+          'torch.compile of the decode step, compiled at start-up); auto = eager on the CPU, cuda_graph on CUDA, compile '
+          'on CUDA with int8 weights. Greedy tokens are the same up to rounding.',
           ('auto', 'eager', 'static', 'cuda_graph', 'compile')),
     Param('prompt.template', 'alpaca', "Prompt format: alpaca (as published) or chat (the backbone's chat template).",
           ('alpaca', 'chat')),

@@ -145,12 +145,13 @@ def test_the_decode_step_compiles_as_one_graph_without_host_synchronisation(tiny
     torch.testing.assert_close(traced, decoder.step(70))
 
 
-@pytest.mark.parametrize('name, device, expected', [
-    ('auto', 'cpu', 'eager'), ('auto', 'cuda', 'cuda_graph'), ('static', 'cpu', 'static'),
-    ('compile', 'cpu', 'compile'), ('EAGER', 'cuda', 'eager'), ('', 'cpu', 'eager'),
+@pytest.mark.parametrize('name, device, quantization, expected', [
+    ('auto', 'cpu', 'none', 'eager'), ('auto', 'cuda', 'none', 'cuda_graph'), ('auto', 'cuda', 'int4', 'cuda_graph'),
+    ('auto', 'cuda', 'int8', 'compile'), ('auto', 'cpu', 'int8', 'eager'), ('static', 'cpu', 'none', 'static'),
+    ('compile', 'cpu', 'none', 'compile'), ('EAGER', 'cuda', 'int8', 'eager'), ('', 'cpu', 'none', 'eager'),
 ])
-def test_decoder_modes_resolve_per_device(name, device, expected):
-    assert resolve_decoder_mode(name, torch.device(device)) == expected
+def test_decoder_modes_resolve_per_device_and_weights(name, device, quantization, expected):
+    assert resolve_decoder_mode(name, torch.device(device), quantization) == expected
 
 
 def test_unusable_decoder_settings_are_refused_with_the_reason(tiny):

@@ -18,6 +18,8 @@ every stepper gives the same greedy tokens as the eager one up to floating-point
   | `cuda_graph` | the step captured into one CUDA graph, replayed per token | CUDA |
   | `compile` | the step compiled by `torch.compile` (kernel fusion, e.g. of int8 dequantisation), then captured into a CUDA graph on CUDA | CPU (needs a C++ compiler) and CUDA |
 
+  `auto` (the node's default) is `eager` on the CPU, `cuda_graph` on CUDA, and `compile` on CUDA with int8 weights.
+
   The prefill runs eagerly (its length changes per prompt) with causal SDPA over the prompt.
 
 Per-query state stays in place for the graph: the merged ImageBind-LLM folds the visual vector into `o_proj`'s bias
@@ -48,13 +50,19 @@ class DecoderError(ValueError):
     """A decoder mode that this model or device cannot run."""
 
 
-def resolve_decoder_mode(name: str, device: torch.device) -> DecoderMode:
-    """Map the `generation.decoder` parameter to a mode for `device`; auto = cuda_graph on CUDA, eager on the CPU."""
+def resolve_decoder_mode(name: str, device: torch.device, quantization: str = 'none') -> DecoderMode:
+    """Map the `generation.decoder` parameter to a mode for `device`.
+
+    auto: eager on the CPU; on CUDA cuda_graph, or compile for int8 weights, whose dequantisation only pays off when
+    fused into the matmul (measured on an H200, LLaMA-7B shape: 41 tok/s graph-replayed, 100 compiled).
+    """
     name = (name or 'auto').strip().lower()
     if name not in DECODER_MODES:
         raise DecoderError(f"generation.decoder must be one of {', '.join(DECODER_MODES)}, got '{name}'")
     if name == 'auto':
-        return 'cuda_graph' if device.type == 'cuda' else 'eager'
+        if device.type != 'cuda':
+            return 'eager'
+        return 'compile' if quantization == 'int8' else 'cuda_graph'
     if name == 'cuda_graph' and device.type != 'cuda':
         raise DecoderError(f"generation.decoder 'cuda_graph' needs a CUDA device, the model is on '{device}' "
                            "(use 'static' or 'eager' on the CPU)")

@@ -158,7 +158,8 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     """Load the configured model once. Raises ValueError subclasses with a clear message on any problem."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    decoder_mode = resolve_decoder_mode(config.decoder, device)  # refused before any weight is loaded
+    # Refused before any weight is loaded.
+    decoder_mode = resolve_decoder_mode(config.decoder, device, config.quantization)
     check_quantization(config.quantization, device, dtype)  # likewise
     model_config = ImageBindLLMConfig(embed_dim=config.embedding_dim)
     if config.preset in ('tiny', 'embedded'):
