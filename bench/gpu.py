@@ -272,7 +272,7 @@ def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Se
         if mode == 'none':  # the references: the bare backbone, eager and fast, and what a Python user picks
             plain = backbone.model
             per_token = weight_bytes_per_token(plain)
-            for name in ('eager',) + _fast_modes(device):
+            for name in ('eager',) + _fast_modes(device) + (('compile',) if 'none' in compile_modes else ()):
                 _run_row(rows, LLMRow('backbone', weights, name, weight_bytes_per_token=per_token), budget, device,
                          _our_loop(plain, tokenizer, name, device, repeats, new_tokens), log)
             _run_row(rows, LLMRow('backbone', weights, 'HF generate()', weight_bytes_per_token=per_token), budget,
@@ -289,7 +289,8 @@ def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Se
                 row.note = f'skipped: less than {COMPILE_MIN_S:.0f} s of the time budget left to compile'
                 continue
             _run_row(rows, row, budget, device, _our_loop(served, tokenizer, name, device, repeats, new_tokens), log)
-        del model, served, backbone
+        del model, served, backbone, tokenizer
+        plain = None  # the fp16 backbone of the reference rows must not stay alive under the next format's rows
         _free(device)
     return rows
 
@@ -380,12 +381,13 @@ def _find(rows: list[LLMRow], model: str, weights: str, decoder: str) -> LLMRow 
 
 def goals(report: Report) -> list[str]:
     """The GPU issue's goals, each with its measured value and verdict (on a GPU run)."""
-    rows, fast = report.llm, 'cuda_graph' if report.device_type == 'cuda' else 'static'
+    rows = report.llm
+    # The served decoder: auto's compile where it was measured, else the CUDA graph; int4 compared on the same one.
+    fast = 'compile' if _find(rows, 'imagebind-llm merged', 'fp16', 'compile') else 'cuda_graph'
     served = _find(rows, 'imagebind-llm merged', 'fp16', fast)
-    backbone = _find(rows, 'backbone', 'fp16', fast)
+    backbone = _find(rows, 'backbone', 'fp16', fast) or _find(rows, 'backbone', 'fp16', 'cuda_graph')
     hf = _find(rows, 'backbone', 'fp16', 'HF generate()')
-    int4 = max((r for r in rows if r.weights == 'int4' and r.tokens_per_s == r.tokens_per_s),
-               key=lambda r: r.tokens_per_s, default=None)
+    int4 = _find(rows, 'imagebind-llm merged', 'int4', fast)
     copy = report.ceilings.copy_gb_s if report.ceilings else float('nan')
     if report.device_type != 'cuda':
         return ['The goals are for an H100/H200-class GPU: a CPU run only shows that every path works.']
@@ -409,7 +411,7 @@ def goals(report: Report) -> list[str]:
         add('int4 decode >= 1.8x fp16', int4.tokens_per_s / served.tokens_per_s, 1.8,
             f'{int4.tokens_per_s:.0f} / {served.tokens_per_s:.0f} tok/s = {int4.tokens_per_s / served.tokens_per_s:.2f}x'
             f' (`{int4.decoder}`)')
-    if served and backbone:
+    if served and backbone and backbone.decoder == served.decoder:
         overhead = backbone.tokens_per_s / served.tokens_per_s - 1
         add('ImageBind-LLM injection overhead <= 5% per token', overhead, 0.05,
             f'{100 * overhead:+.1f}% ({served.tokens_per_s:.0f} vs {backbone.tokens_per_s:.0f} tok/s)',
@@ -472,12 +474,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help='also time ImageBind with torch.compile (about 30-60 s more on a GPU)')
     parser.add_argument('--quantization', nargs='+', default=['none', 'int4', 'int8'],
                         choices=['none', 'int8', 'int4'], help='weight formats, measured in this order')
-    parser.add_argument('--compile', nargs='*', default=['int8'], choices=['none', 'int8', 'int4'],
-                        help="weight formats that also get a 'compile' decoder row (about a minute each on a GPU; "
-                             'int8 needs it: eager int8 casts the whole weight per call)')
+    parser.add_argument('--compile', nargs='*', default=['none', 'int4', 'int8'], choices=['none', 'int8', 'int4'],
+                        help="weight formats that also get 'compile' decoder rows (the node's CUDA default; about "
+                             'a minute of compiling each on a GPU)')
     parser.add_argument('--repeats', type=int, default=None, help='timed runs per row (default 3; smoke 1)')
     parser.add_argument('--new-tokens', type=int, default=None, help='decoded tokens (default 64; smoke 8)')
-    parser.add_argument('--budget-s', type=float, default=420.0, help='skip the remaining rows after this long')
+    parser.add_argument('--budget-s', type=float, default=400.0, help='skip the remaining rows after this long')
     parser.add_argument('--out', type=pathlib.Path, default=None,
                         help='default: bench/results/gpu.md (gpu-smoke.md with --smoke)')
     args = parser.parse_args(argv)

@@ -103,7 +103,8 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('llm.cache_dir', '', 'Where one-time conversions (the embedded GGUF) are cached; empty = ~/.cache/mm_llm_ros.'),
     Param('llm.seed', 0, 'Seed for generation sampling and random initialisation.'),
     Param('llm.quantization', 'none', 'Weight-only quantisation of the merged backbone (torchao): none, int8 or '
-          'int4 (int4 needs CUDA, or a CPU build with its packed kernels); see README "GPU and memory".',
+          'int4 (int4 needs CUDA with compute capability >= 8.0, or dtype bfloat16 on the CPU); see '
+          'docs/quantization.md.',
           ('none', 'int8', 'int4')),
     Param('embedding_dim', 1024, 'Width of the ImageBind embeddings (1024 for imagebind_huge).'),
     Param('modalities', list(MODALITIES), 'Embedding modalities to subscribe to on /mm_llm/embedding/<modality>.'),
@@ -122,8 +123,8 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('generation.context_length', 512, 'Maximum tokens of prompt plus answer (official max_seq_len 512).'),
     Param('generation.decoder', 'auto', 'Token loop: eager (dynamic KV cache), static (preallocated KV cache), '
           'cuda_graph (static + the decode step replayed as one CUDA graph; CUDA only) or compile (static + '
-          'torch.compile of the decode step, compiled at start-up); auto = eager on the CPU, cuda_graph on CUDA, compile '
-          'on CUDA with int8 weights. Greedy tokens are the same up to rounding.',
+          'torch.compile of the decode step, compiled at start-up); auto = eager on the CPU, compile on CUDA (falling '
+          'back to cuda_graph if compiling fails). Greedy tokens are the same up to rounding; see docs/gpu.md.',
           ('auto', 'eager', 'static', 'cuda_graph', 'compile')),
     Param('prompt.template', 'alpaca', "Prompt format: alpaca (as published) or chat (the backbone's chat template).",
           ('alpaca', 'chat')),

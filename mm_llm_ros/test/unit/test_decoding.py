@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mm_llm_ros.core.llm.backbones import tiny_random_backbone
-from mm_llm_ros.core.llm.decoding import DecoderError, StaticDecoder, resolve_decoder_mode
+from mm_llm_ros.core.llm.decoding import DecoderError, StaticDecoder, fallback_mode, resolve_decoder_mode
 from mm_llm_ros.core.llm.generation import GenerationConfig, GenerationError, generate
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 
@@ -145,13 +145,38 @@ def test_the_decode_step_compiles_as_one_graph_without_host_synchronisation(tiny
     torch.testing.assert_close(traced, decoder.step(70))
 
 
-@pytest.mark.parametrize('name, device, quantization, expected', [
-    ('auto', 'cpu', 'none', 'eager'), ('auto', 'cuda', 'none', 'cuda_graph'), ('auto', 'cuda', 'int4', 'cuda_graph'),
-    ('auto', 'cuda', 'int8', 'compile'), ('auto', 'cpu', 'int8', 'eager'), ('static', 'cpu', 'none', 'static'),
-    ('compile', 'cpu', 'none', 'compile'), ('EAGER', 'cuda', 'int8', 'eager'), ('', 'cpu', 'none', 'eager'),
+@pytest.mark.parametrize('name, device, expected', [
+    ('auto', 'cpu', 'eager'), ('auto', 'cuda', 'compile'), ('static', 'cpu', 'static'),
+    ('compile', 'cpu', 'compile'), ('EAGER', 'cuda', 'eager'), ('', 'cpu', 'eager'), ('cuda_graph', 'cuda', 'cuda_graph'),
 ])
-def test_decoder_modes_resolve_per_device_and_weights(name, device, quantization, expected):
-    assert resolve_decoder_mode(name, torch.device(device), quantization) == expected
+def test_decoder_modes_resolve_per_device(name, device, expected):
+    assert resolve_decoder_mode(name, torch.device(device)) == expected
+
+
+def test_only_autos_compile_falls_back_to_the_graph():
+    assert fallback_mode('auto', 'compile') == 'cuda_graph'
+    assert fallback_mode('compile', 'compile') is None  # asked for explicitly: refused, not replaced
+    assert fallback_mode('auto', 'eager') is None
+
+
+def test_a_decoder_that_cannot_warm_up_falls_back_or_is_refused_with_the_reason(monkeypatch, caplog):
+    from mm_llm_ros.core.llm import decoding
+    from mm_llm_ros.core.llm.pipeline import _static_decoder
+
+    def broken_compile(fn, **_):
+        def step():
+            raise RuntimeError('inductor: no C compiler found\nmore detail')
+        return step
+
+    monkeypatch.setattr(decoding.torch, 'compile', broken_compile)
+    model = ImageBindLLM(tiny_random_backbone(seed=7).model, ImageBindLLMConfig(embed_dim=16, lora_rank=2)).eval()
+    model.merge_adapters()
+    with pytest.raises(DecoderError, match="'compile' cannot start: RuntimeError: inductor: no C compiler found$"):
+        _static_decoder(model, 'compile', 64)
+    with caplog.at_level(logging.WARNING):
+        decoder = _static_decoder(model, 'compile', 64, fallback='static')
+    assert decoder.mode == 'static'
+    assert "'compile' cannot start (RuntimeError: inductor: no C compiler found); decoding with 'static'" in caplog.text
 
 
 def test_unusable_decoder_settings_are_refused_with_the_reason(tiny):

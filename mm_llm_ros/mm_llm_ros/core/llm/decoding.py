@@ -18,7 +18,8 @@ every stepper gives the same greedy tokens as the eager one up to floating-point
   | `cuda_graph` | the step captured into one CUDA graph, replayed per token | CUDA |
   | `compile` | the step compiled by `torch.compile` (kernel fusion, e.g. of int8 dequantisation), then captured into a CUDA graph on CUDA | CPU (needs a C++ compiler) and CUDA |
 
-  `auto` (the node's default) is `eager` on the CPU, `cuda_graph` on CUDA, and `compile` on CUDA with int8 weights.
+  `auto` (the node's default) is `eager` on the CPU and `compile` on CUDA, falling back to `cuda_graph` with a
+  logged reason when compiling fails (no Triton or C compiler, for example).
 
   The prefill runs eagerly (its length changes per prompt) with causal SDPA over the prompt.
 
@@ -50,23 +51,28 @@ class DecoderError(ValueError):
     """A decoder mode that this model or device cannot run."""
 
 
-def resolve_decoder_mode(name: str, device: torch.device, quantization: str = 'none') -> DecoderMode:
+def resolve_decoder_mode(name: str, device: torch.device) -> DecoderMode:
     """Map the `generation.decoder` parameter to a mode for `device`.
 
-    auto: eager on the CPU; on CUDA cuda_graph, or compile for int8 weights, whose dequantisation only pays off when
-    fused into the matmul (measured on an H200, LLaMA-7B shape: 41 tok/s graph-replayed, 100 compiled).
+    auto: eager on the CPU, compile on CUDA (measured on an H200, LLaMA-7B shape, tokens/s graph-replayed vs
+    compiled: fp16 145 vs 199, int8 41 vs 101, int4 155 vs 320; see docs/gpu.md). `fallback_mode` says what auto
+    falls back to when compiling fails.
     """
     name = (name or 'auto').strip().lower()
     if name not in DECODER_MODES:
         raise DecoderError(f"generation.decoder must be one of {', '.join(DECODER_MODES)}, got '{name}'")
     if name == 'auto':
-        if device.type != 'cuda':
-            return 'eager'
-        return 'compile' if quantization == 'int8' else 'cuda_graph'
+        return 'compile' if device.type == 'cuda' else 'eager'
     if name == 'cuda_graph' and device.type != 'cuda':
         raise DecoderError(f"generation.decoder 'cuda_graph' needs a CUDA device, the model is on '{device}' "
                            "(use 'static' or 'eager' on the CPU)")
     return name  # type: ignore[return-value]
+
+
+def fallback_mode(name: str, mode: DecoderMode) -> DecoderMode | None:
+    """What to decode with when `mode` cannot start: only auto's compile falls back (to cuda_graph); a mode the user
+    chose is refused instead."""
+    return 'cuda_graph' if (name or 'auto').strip().lower() == 'auto' and mode == 'compile' else None
 
 
 @functools.cache

@@ -25,7 +25,8 @@ import torch
 from mm_llm_ros.core.answering import Generated
 from mm_llm_ros.core.device import describe, resolve_device, resolve_dtype
 from mm_llm_ros.core.embedding_store import StoredInput
-from mm_llm_ros.core.llm.decoding import DecoderMode, StaticDecoder, resolve_decoder_mode
+from mm_llm_ros.core.llm.decoding import (DecoderError, DecoderMode, StaticDecoder, fallback_mode,
+                                          resolve_decoder_mode)
 from mm_llm_ros.core.llm.fusion import fuse_embeddings
 from mm_llm_ros.core.llm.generation import GenerationConfig, generate_stream
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
@@ -159,7 +160,7 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     # Refused before any weight is loaded.
-    decoder_mode = resolve_decoder_mode(config.decoder, device, config.quantization)
+    decoder_mode = resolve_decoder_mode(config.decoder, device)
     check_quantization(config.quantization, device, dtype)  # likewise
     model_config = ImageBindLLMConfig(embed_dim=config.embedding_dim)
     if config.preset in ('tiny', 'embedded'):
@@ -198,7 +199,8 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
         count = quantize_linear_weights(model, config.quantization, int4_group_size=group)
         logger.info('quantised %d linear weights to %s (weight-only, torchao): parameters %.1f -> %.1f MB',
                     count, config.quantization, before / 1e6, parameter_bytes(model) / 1e6)
-    decoder = _static_decoder(model, decoder_mode, config.generation.context_length)
+    decoder = _static_decoder(model, decoder_mode, config.generation.context_length,
+                              fallback_mode(config.decoder, decoder_mode))
     if config.preset == 'tiny':  # armed after the warm-up; on the embeddings, which every decoder calls first
         _inject_faults(model.backbone.get_input_embeddings(), os.environ.get(TINY_FAULTS_ENV, ''))
     cache = None
@@ -212,12 +214,21 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, name, decoder)
 
 
-def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int) -> Optional[StaticDecoder]:
-    """The `generation.decoder` stepper for the merged model (None: eager), its KV cache sized to the context."""
+def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int,
+                    fallback: Optional[DecoderMode] = None) -> Optional[StaticDecoder]:
+    """The `generation.decoder` stepper for the merged model (None: eager), its KV cache sized to the context and
+    warmed up (graph captured, step compiled). If that fails, `fallback` is used, else a `DecoderError` names why."""
     if mode == 'eager':
         return None
     decoder = StaticDecoder(model.backbone, capacity=capacity, mode=mode)
-    decoder.warm_up()
+    try:
+        decoder.warm_up()
+    except Exception as exc:  # torch.compile can fail in many ways (no Triton, no C compiler, an unsupported op)
+        reason = f'{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ""}'
+        if fallback is None:
+            raise DecoderError(f"generation.decoder '{mode}' cannot start: {reason}") from exc
+        logger.warning("generation.decoder auto: '%s' cannot start (%s); decoding with '%s'", mode, reason, fallback)
+        return _static_decoder(model, fallback, capacity)
     logger.info("generation.decoder '%s': static KV cache of %d positions, warmed up", mode, capacity)
     return decoder
 
