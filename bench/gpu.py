@@ -43,7 +43,7 @@ sys.path[:0] = [str(REPO / 'mm_llm_ros'), str(REPO / 'bench')]  # the source tre
 
 import torch  # noqa: E402
 
-from llm import _injected, llama7b_shape_backbone  # noqa: E402  (bench/llm.py)
+from llm import _injected, llama7b_shape_backbone, write_markdown  # noqa: E402  (bench/llm.py)
 from mm_llm_ros.core.llm.decoding import StaticDecoder  # noqa: E402
 from mm_llm_ros.core.llm.generation import GenerationConfig, generate  # noqa: E402
 
@@ -105,14 +105,16 @@ def _timed(device: torch.device, fn: Callable[[], object], repeats: int) -> floa
     return statistics.median(times)
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype, smoke: bool) -> Ceilings:
-    """Copy bandwidth (read + write bytes / s) and matrix throughput in `dtype`, measured here and now."""
-    elements = (1 << 24) if smoke else (1 << 30)  # 2 GiB of fp16 on a GPU
+def _copy_bandwidth(device: torch.device, dtype: torch.dtype, elements: int, repeats: int) -> float:
     source = torch.randn(elements, device=device, dtype=dtype)
     target = torch.empty_like(source)
-    copy_s = _timed(device, lambda: target.copy_(source), 5 if smoke else 20)
-    copy_gb_s = 2 * source.numel() * source.element_size() / copy_s / 1e9
-    del source, target
+    seconds = _timed(device, lambda: target.copy_(source), repeats)
+    return 2 * source.numel() * source.element_size() / seconds / 1e9
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, smoke: bool) -> Ceilings:
+    """Copy bandwidth (read + write bytes / s) and matrix throughput in `dtype`, measured here and now."""
+    copy_gb_s = _copy_bandwidth(device, dtype, (1 << 24) if smoke else (1 << 30), 5 if smoke else 20)  # 2 GiB fp16
     n = 1024 if smoke else 8192
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     matmul_s = _timed(device, lambda: a @ b, 3 if smoke else 20)
@@ -120,18 +122,11 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, smoke: bool) -> C
 
 
 # ---- LLM ---------------------------------------------------------------------------------------------------------
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Storage bytes of a tensor, including the inner tensors of a quantised tensor subclass (data + scales)."""
-    flatten = getattr(tensor, '__tensor_flatten__', None)
-    if flatten is not None and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
-        names, _ = flatten()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
-
-
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of the weights a decode step reads: every parameter and buffer of the decoder layers, the final norm
     and lm_head (the embedding table contributes one row). The bind network runs once per query: not counted."""
+    from mm_llm_ros.core.llm.quantization import tensor_bytes
+
     base = model.model
     modules = [base.layers, base.norm, model.lm_head]
     seen: set[int] = set()
@@ -289,7 +284,7 @@ def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Se
                 row.note = f'skipped: less than {COMPILE_MIN_S:.0f} s of the time budget left to compile'
                 continue
             _run_row(rows, row, budget, device, _our_loop(served, tokenizer, name, device, repeats, new_tokens), log)
-        del model, served, backbone, tokenizer
+        del model, served, backbone
         plain = None  # the fp16 backbone of the reference rows must not stay alive under the next format's rows
         _free(device)
     return rows
@@ -457,13 +452,6 @@ def markdown(report: Report, args: argparse.Namespace) -> str:
     return '\n'.join(lines)
 
 
-def write(out: pathlib.Path, text: str) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + '.tmp')
-    tmp.write_text(text)
-    tmp.replace(out)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cuda', help='cuda, cuda:N or cpu')
@@ -503,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def log_and_write(message: str) -> None:  # after each LLM row: a run cut short still leaves its table
         log(message)
-        write(out, markdown(report, args))
+        write_markdown(out, markdown(report, args))
 
     shape = SHAPES['smoke' if args.smoke else 'llama7b']
     # Cheap and essential first: the LLM section ends with the slowest row (compiling), under the time budget.
@@ -523,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except Exception as exc:
             traceback.print_exc()
             report.header.append(f'Section `{name}` failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}')
-        write(out, markdown(report, args))
+        write_markdown(out, markdown(report, args))
     log(f'done in {time.perf_counter() - started:.0f} s; wrote {out}')
     print(markdown(report, args))
 

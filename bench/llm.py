@@ -279,11 +279,16 @@ def run(presets: Sequence[str], threads: int, repeats: int, new_tokens: int, cac
         loads[preset] = _load_seconds(loaders[preset])
     rows = [row for preset in presets for row in _measure(preset, loaders[preset], repeats, new_tokens)]
     markdown = _markdown(rows, loads, device, dtype, threads, repeats, new_tokens)
+    write_markdown(out, markdown)
+    return markdown
+
+
+def write_markdown(out: pathlib.Path, text: str) -> None:
+    """Write a results table atomically (a reader never sees half a table), creating its folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + '.tmp')
-    tmp.write_text(markdown)
+    tmp.write_text(text)
     tmp.replace(out)
-    return markdown
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -34,6 +34,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO / 'bench') not in sys.path:
+    sys.path.insert(0, str(REPO / 'bench'))
+
+from llm import write_markdown  # noqa: E402  (bench/llm.py)
 QUESTIONS = [
     'Describe what a mobile robot should do when it sees a closed door in a corridor.',
     'What objects are usually found on a kitchen table?',
@@ -332,10 +336,7 @@ def run(presets: Sequence[str], modes: Sequence[str], prompt_count: int, new_tok
             for row in _measure(preset, loaders[preset], modes, prompt_count, new_tokens, threads)]
     markdown = _markdown(rows, prompt_count, new_tokens, threads, time.perf_counter() - start) + '\n' + \
         memory_markdown()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + '.tmp')
-    tmp.write_text(markdown)
-    tmp.replace(out)
+    write_markdown(out, markdown)
     return markdown
 
 

@@ -1,26 +1,15 @@
 """bench/gpu.py --smoke runs every code path of the GPU benchmark on the CPU, so a GPU session only has to run it."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
-
-BENCH = pathlib.Path(__file__).resolve().parents[3] / 'bench'
+from bench_modules import bench_module
 
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('bench_gpu', BENCH / 'gpu.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with bench_module('gpu') as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def _rows(markdown: str, section: str) -> list[list[str]]:

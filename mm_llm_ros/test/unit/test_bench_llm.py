@@ -1,27 +1,17 @@
 """bench/llm.py keeps working: its table, its variants, and the exact shape of its LLaMA-7B stand-in."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import re
-import sys
 
 import pytest
 import torch
-
-BENCH = pathlib.Path(__file__).resolve().parents[3] / 'bench' / 'llm.py'
+from bench_modules import bench_module
 
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('bench_llm', BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with bench_module('llm') as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_llama7b_shape_has_exactly_the_parameters_of_llama_7b(bench):

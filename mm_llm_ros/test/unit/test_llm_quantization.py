@@ -225,19 +225,11 @@ def test_int4_group_size_prefers_128_then_a_divisor():
 
 def test_the_bench_writes_its_tables(tmp_path):
     """bench/quantization.py: one row per variant, and the memory table from the model code (meta device)."""
-    import importlib.util
-    import pathlib
+    from bench_modules import bench_module
 
-    path = pathlib.Path(__file__).resolve().parents[3] / 'bench' / 'quantization.py'
-    spec = importlib.util.spec_from_file_location('bench_quantization', path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(bench)
+    with bench_module('quantization') as bench:
         markdown = bench.run(['tiny'], ['int8'], prompt_count=2, new_tokens=3, threads=[1], cache_dir=None,
                              out=tmp_path / 'q.md')
-    finally:
-        del sys.modules[spec.name]
     assert (tmp_path / 'q.md').read_text() == markdown
     assert [line.split(' | ')[1] for line in markdown.splitlines() if line.startswith('| tiny |')] == ['none', 'int8']
     # ImageBind-huge and ImageBind-LLM-7B parameter counts, and LLaMA-7B's published 6,738,415,616 inside the latter.
@@ -248,4 +240,4 @@ def test_the_bench_writes_its_tables(tmp_path):
     linear = torch.nn.Linear(96, 40, bias=False).half()
     torchao = quantization.import_torchao()
     torchao.quantize_(linear, torchao.Int8WeightOnlyConfig(set_inductor_config=False))
-    assert quantization._tensor_bytes(linear.weight) == bench._projection_bytes(40, 96, 'int8')
+    assert quantization.tensor_bytes(linear.weight) == bench._projection_bytes(40, 96, 'int8')

@@ -274,13 +274,14 @@ def quantize_linear_weights(module: nn.Module, mode: str, int4_group_size: int |
     return count
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> int:
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Storage bytes of a tensor; a quantised tensor subclass counts its inner tensors (packed data, scales)."""
     if is_plain(tensor):
         return tensor.numel() * tensor.element_size()
     names, _ = tensor.__tensor_flatten__()
-    return sum(_tensor_bytes(inner) for name in names if (inner := getattr(tensor, name)) is not None)
+    return sum(tensor_bytes(inner) for name in names if (inner := getattr(tensor, name)) is not None)
 
 
 def parameter_bytes(module: nn.Module) -> int:
     """Bytes held by `module`'s parameters, each shared parameter once, quantised tensors by their packed data."""
-    return sum(_tensor_bytes(parameter) for parameter in module.parameters())
+    return sum(tensor_bytes(parameter) for parameter in module.parameters())
