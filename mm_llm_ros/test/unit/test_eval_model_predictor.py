@@ -76,6 +76,15 @@ def test_unusable_configurations_fail_before_loading_anything(tmp_path, sections
         ModelPredictorConfig.from_params_file(_params_file(tmp_path, **sections), context)
 
 
+def test_the_gpu_settings_reach_evaluate_from_the_params_file(tmp_path):
+    llm = {**TINY_LLM, 'llm.quantization': 'int8', 'generation.decoder': 'static'}
+    config = ModelPredictorConfig.from_params_file(_params_file(tmp_path, encoder=TINY_ENCODER, llm_node=llm))
+    assert (config.llm.quantization, config.llm.decoder) == ('int8', 'static')
+    with pytest.raises(ParamsFileError, match="'generation.decoder' must be one of auto, eager"):
+        ModelPredictorConfig.from_params_file(_params_file(
+            tmp_path, encoder=TINY_ENCODER, llm_node={**TINY_LLM, 'generation.decoder': 'fast'}))
+
+
 def test_make_predictor_reports_the_config_and_file(tmp_path):
     path = _params_file(tmp_path, encoder=TINY_ENCODER, llm_node={**TINY_LLM, 'max_age_s': 'soon'})
     with pytest.raises(ConfigError, match=r"config 'x' \(.*params.yaml\): llm_node parameter 'max_age_s' must be a "
