@@ -123,7 +123,7 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('generation.context_length', 512, 'Maximum tokens of prompt plus answer (official max_seq_len 512).'),
     Param('generation.decoder', 'auto', 'Token loop: eager (dynamic KV cache), static (preallocated KV cache), '
           'cuda_graph (static + the decode step replayed as one CUDA graph; CUDA only) or compile (static + '
-          'torch.compile of the decode step, compiled at start-up); auto = eager on the CPU, compile on CUDA (falling '
+          'torch.compile of the decode step, compiled at start-up); auto = static on the CPU, compile on CUDA (falling '
           'back to cuda_graph if compiling fails). Greedy tokens are the same up to rounding; see docs/gpu.md.',
           ('auto', 'eager', 'static', 'cuda_graph', 'compile')),
     Param('prompt.template', 'alpaca', "Prompt format: alpaca (as published) or chat (the backbone's chat template).",

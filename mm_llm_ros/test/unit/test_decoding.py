@@ -146,8 +146,8 @@ def test_the_decode_step_compiles_as_one_graph_without_host_synchronisation(tiny
 
 
 @pytest.mark.parametrize('name, device, expected', [
-    ('auto', 'cpu', 'eager'), ('auto', 'cuda', 'compile'), ('static', 'cpu', 'static'),
-    ('compile', 'cpu', 'compile'), ('EAGER', 'cuda', 'eager'), ('', 'cpu', 'eager'), ('cuda_graph', 'cuda', 'cuda_graph'),
+    ('auto', 'cpu', 'static'), ('auto', 'cuda', 'compile'), ('eager', 'cpu', 'eager'),
+    ('compile', 'cpu', 'compile'), ('EAGER', 'cuda', 'eager'), ('', 'cpu', 'static'), ('cuda_graph', 'cuda', 'cuda_graph'),
 ])
 def test_decoder_modes_resolve_per_device(name, device, expected):
     assert resolve_decoder_mode(name, torch.device(device)) == expected
