@@ -16,20 +16,19 @@ takes only with `batch_first=True`, no `bias_k`/`bias_v` and no float mask. `pre
    float causal mask, so they keep the official layout and SDPA path. Not on CPU by default: there the fused
    kernel is no faster in fp32 and much slower in fp16 (tiny preset, one thread, vision batch 4: fp32 +5%,
    fp16 +48%),
-3. on CUDA by default, stores the patch-embedding conv weights channels-last, so cuDNN can pick its NHWC/NDHWC
-   tensor-core kernels and the stem's output is already token-major for the `flatten(2).transpose(1, 2)` that
-   follows. Not on CPU by default: the channels-last Conv3d vision stem measured slower there (fp32, vision
-   batch 4: +44% for the whole tiny model),
+3. if asked (`channels_last=True`), stores the patch-embedding conv weights channels-last, so cuDNN can pick its
+   NHWC/NDHWC kernels. Off by default: it measured slower on the CPU (fp32, vision batch 4: +44% for the whole
+   tiny model) and no faster on the H200 (the vision stem alone at batch 128: 4.85 ms against 4.60),
 4. optionally compiles each transformer block with `torch.compile(dynamic=True)` (regional compilation: equal
    blocks share one compiled graph, so the 32 vision blocks compile once, and one dynamic-shape graph serves every
    batch size above 1: torch specialises size 1, so the first batch of 2 compiles once more, later ones never),
    checked by a warm-up forward; if compilation is impossible the blocks stay eager and the reason is logged.
    Measured on CPU (tiny, inductor): vision + audio + depth warm-up 11.5 s, 4 graphs; batch 8 then 0.7 s, 1 more.
 
-Outputs equal the official model's to float rounding (tests: fp32 to 1e-5, fp16 within fp16 rounding). Steps 2-4
-target CUDA (fewer kernel launches and less Python per block) and are not measured there yet: their effect is what
-`bench/imagebind_gpu.py` measures, eager against prepared on the same model instance, with the vision stem alone
-in its own row.
+Outputs equal the official model's to float rounding (tests: fp32 to 1e-5, fp16 within fp16 rounding). Measured on
+an H200 in fp16 (`bench/results/gpu.md`, ImageBind-huge, eager official vs prepared): vision batch 1 14.9 -> 12.7 ms,
+batch 128 1085 -> 1303 images/s, audio 8.6 -> 6.9 ms, depth 7.9 -> 6.5 ms, embeddings' cosine 1.00000. Compiling
+(step 4) was not measured there.
 """
 from __future__ import annotations
 
@@ -142,12 +141,13 @@ def _compile_blocks(model: nn.Module, warmup: Mapping[str, torch.Tensor], backen
     return True, ''
 
 
-def prepare_for_inference(model: nn.Module, *, batch_first: bool | None = None, channels_last: bool | None = None,
+def prepare_for_inference(model: nn.Module, *, batch_first: bool | None = None, channels_last: bool = False,
                           compile: bool = False, warmup: Mapping[str, torch.Tensor] | None = None,
                           compile_backend: str | Callable = 'inductor') -> InferenceSetup:
     """Set up `model` (the official `ImageBindModel`, already on its device and dtype) for inference, in place.
 
-    `batch_first`/`channels_last` None means: on CUDA only. `compile` needs `warmup`, a batch of inputs (any
+    `batch_first` None means: on CUDA only. `channels_last` is off by default: on the H200 the channels-last vision
+    stem measured no faster (4.85 ms against 4.60 at batch 128). `compile` needs `warmup`, a batch of inputs (any
     modalities, on the model's device and dtype) whose forward triggers and checks the compilation.
     """
     model.eval().requires_grad_(False)
@@ -160,7 +160,7 @@ def prepare_for_inference(model: nn.Module, *, batch_first: bool | None = None, 
         skipped = sorted(set(eligible) - set(setup.batch_first_trunks))
         if skipped:
             setup.notes.append(f'left sequence-first (unexpected layout): {", ".join(skipped)}')
-    if channels_last if channels_last is not None else on_cuda:
+    if channels_last:
         setup.channels_last = _channels_last(model) > 0
 
     if compile:
