@@ -5,7 +5,8 @@ import pytest
 
 from mm_llm_ros.launch_plan import plan_nodes
 from mm_llm_ros.node_processes import executable_path
-from mm_llm_ros.ros.qos import SERVICE_QOS
+from mm_llm_ros.ros.qos import LATCHED_QOS, SERVICE_QOS
+from mm_llm_ros_interfaces.msg import PerceptionContext
 from mm_llm_ros_interfaces.srv import Ask
 
 
@@ -17,10 +18,14 @@ def test_launch_plan_graph_answers_about_a_replayed_scene(node_graph, test_node,
     node_graph.start('sensor_replay', params={'source': '', 'loop': True, 'duration_s': 120.0})
 
     client = test_node.node.create_client(Ask, '/ask', qos_profile=SERVICE_QOS)
+    ocr = test_node.collect(PerceptionContext, '/mm_llm/context/ocr', LATCHED_QOS)
     test_node.wait_for_service(client, timeout_s=60)
+    # OCR is the slowest input (seconds per frame on 2 loaded cores): wait for its first result, not for a number
+    # of answers, which take milliseconds with the tiny model.
+    ocr.wait_for(timeout_s=120, what='the first OCR result')
     wanted = {'vision', 'audio', 'depth', 'ocr', 'geometry'}
     response = None
-    for _ in range(120):  # the scene arrives within seconds; each try is a real request, bounded in count
+    for _ in range(120):  # the rest of the scene arrives within seconds; each try is a real request
         response = test_node.result(client.call_async(Ask.Request(question='What text can you read?',
                                                                   max_new_tokens=4, max_age_s=30.0)), 60)
         if wanted <= set(response.modalities_used):
@@ -30,6 +35,7 @@ def test_launch_plan_graph_answers_about_a_replayed_scene(node_graph, test_node,
     assert len(response.source_stamps) == len(response.modalities_used)
     assert all(p.alive() for p in processes)
     test_node.node.destroy_client(client)
+    ocr.close()
 
 
 @pytest.mark.slow
