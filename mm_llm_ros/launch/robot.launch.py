@@ -2,6 +2,10 @@
 
     ros2 launch mm_llm_ros robot.launch.py image_topic:=/usb_cam/image_raw llama_dir:=/models/LLaMA/7B \
         adapter_checkpoint:=/models/7B.pth imagebind_checkpoint:=/models/imagebind_huge.pth
+    ros2 launch mm_llm_ros robot.launch.py config:=demo      # no weights, no GPU: the embedded default
+
+A node that cannot start (a missing checkpoint, no CUDA) exits 1 with its one-line FATAL reason; the launch then
+shuts down with that node named, instead of running a partial graph.
 
 Which nodes start, with which parameters and remappings, is decided by `mm_llm_ros.launch_plan` (shared with the
 tests); this file only declares the arguments and turns that plan into launch_ros actions.
@@ -11,16 +15,17 @@ import re
 
 from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, GroupAction, OpaqueFunction, SetEnvironmentVariable
+from launch.actions import (DeclareLaunchArgument, EmitEvent, GroupAction, OpaqueFunction, RegisterEventHandler,
+                            SetEnvironmentVariable)
+from launch.event_handlers import OnProcessExit
+from launch.events import Shutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node, PushRosNamespace
 
-from mm_llm_ros.launch_plan import LAUNCH_ARGUMENTS, plan_nodes
+from mm_llm_ros.launch_plan import LAUNCH_ARGUMENTS, params_file_for, plan_nodes
 
 
 def _default(name: str, share: str) -> str:
-    if name == 'params_file':
-        return os.path.join(share, 'config', 'robot.yaml')
     if name == 'fastdds_profile':
         return os.path.join(share, 'config', 'fastdds_large_data.xml')
     return next(a.default for a in LAUNCH_ARGUMENTS if a.name == name)
@@ -40,20 +45,36 @@ def _fastdds_profile_variable() -> str:
     return 'FASTRTPS_DEFAULT_PROFILES_FILE' if major < 9 else 'FASTDDS_DEFAULT_PROFILES_FILE'
 
 
+def _shutdown_on_failure(node_name: str):
+    """Bring the whole launch down when a node exits with an error (its FATAL line says why); a node that exits 0
+    (Ctrl-C, a finished replay) does not."""
+    def on_exit(event, _context):
+        if event.returncode not in (0, None):
+            return [EmitEvent(event=Shutdown(
+                reason=f'{node_name} exited with code {event.returncode} (see its FATAL line above)'))]
+        return None
+    return on_exit
+
+
 def _launch_setup(context):
     values = {a.name: LaunchConfiguration(a.name).perform(context) for a in LAUNCH_ARGUMENTS}
+    values['params_file'] = params_file_for(values, os.path.join(get_package_share_directory('mm_llm_ros'),
+                                                                 'config'))
     actions = []
     profile = values['fastdds_profile']
     if profile and profile != 'none':
         actions.append(SetEnvironmentVariable(_fastdds_profile_variable(), profile))
-    nodes = [
-        Node(package='mm_llm_ros', executable=spec.executable, name=spec.name, output='screen',
-             parameters=list(spec.parameters), remappings=list(spec.remappings), respawn=spec.respawn,
-             respawn_delay=2.0, arguments=['--ros-args', '--log-level', spec.log_level])
-        for spec in plan_nodes(values)
-    ]
+    nodes, handlers = [], []
+    for spec in plan_nodes(values):
+        node = Node(package='mm_llm_ros', executable=spec.executable, name=spec.name, output='screen',
+                    parameters=list(spec.parameters), remappings=list(spec.remappings), respawn=spec.respawn,
+                    respawn_delay=2.0, arguments=['--ros-args', '--log-level', spec.log_level])
+        nodes.append(node)
+        if not spec.respawn:
+            handlers.append(RegisterEventHandler(OnProcessExit(target_action=node,
+                                                               on_exit=_shutdown_on_failure(spec.name))))
     actions.append(GroupAction([PushRosNamespace(values['namespace']), *nodes]))
-    return actions
+    return actions + handlers
 
 
 def generate_launch_description():

@@ -6,6 +6,7 @@ has no `ros2 launch`) exercises exactly what a robot runs.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -14,6 +15,8 @@ from typing import Mapping
 TOPICS = {'image': 'camera/image_raw', 'camera_info': 'camera/camera_info', 'depth': 'camera/depth/image_raw',
           'audio': 'audio', 'points': 'points'}
 EMBEDDING_TOPIC = 'mm_llm/embedding/{modality}'
+# Parameter files shipped in config/ that `config:=<name>` selects (tiny.yaml is for tests only).
+SHIPPED_CONFIGS = {'robot': 'robot.yaml', 'demo': 'demo.yaml'}
 CONTEXT_TOPIC = 'mm_llm/context/{kind}'
 
 
@@ -27,7 +30,9 @@ class LaunchArgument:
 # Defaults that are paths are filled in by the launch file (package share directory).
 LAUNCH_ARGUMENTS = (
     LaunchArgument('namespace', '', 'Namespace pushed onto every node of the stack.'),
-    LaunchArgument('params_file', '', 'Parameter YAML for all nodes (default: config/robot.yaml).'),
+    LaunchArgument('config', 'robot', 'Shipped parameter file: robot (official weights on a GPU; give their paths) '
+                   'or demo (runs anywhere with nothing downloaded). Ignored when params_file is given.'),
+    LaunchArgument('params_file', '', 'Parameter YAML for all nodes (default: config/<config>.yaml).'),
     LaunchArgument('use_camera', 'true', 'Start the camera encoder (vision).'),
     LaunchArgument('use_audio', 'true', 'Start the audio encoder.'),
     LaunchArgument('use_lidar', 'true', 'Start the lidar encoder (depth projection).'),
@@ -71,6 +76,17 @@ def _truthy(value: str, name: str = '') -> bool:
 
 def _non_empty(pairs: Mapping[str, str]) -> dict:
     return {k: v for k, v in pairs.items() if v}
+
+
+def params_file_for(args: Mapping[str, str], config_dir: str) -> str:
+    """The parameter file a launch uses: params_file when given, else the shipped file that `config` names."""
+    if args.get('params_file'):
+        return args['params_file']
+    name = (args.get('config') or 'robot').strip()
+    if name not in SHIPPED_CONFIGS:
+        raise ValueError(f"config: expected one of {', '.join(SHIPPED_CONFIGS)}, got '{name}' "
+                         '(or give params_file:=<path>)')
+    return os.path.join(config_dir, SHIPPED_CONFIGS[name])
 
 
 def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:

@@ -67,26 +67,41 @@ def command_for(spec: NodeSpec) -> list[str]:
                       remappings=spec.remappings, log_level=spec.log_level)]
 
 
-def start_process(command: list[str], log_path: pathlib.Path, env: Optional[Mapping[str, str]] = None
-                  ) -> subprocess.Popen:
-    """Start a node in its own process group (so it can be signalled as a whole), output into log_path."""
+def start_process(command: list[str], log_path: pathlib.Path, env: Optional[Mapping[str, str]] = None,
+                  process_group: Optional[int] = None, unset_env: Iterable[str] = ()) -> subprocess.Popen:
+    """Start a node in its own process group (so it can be signalled as a whole), output into log_path.
+
+    With `process_group`, join that group instead, as the nodes of `ros2 launch` in a terminal share the
+    terminal's group (Ctrl-C signals all of them at once). `unset_env` names variables removed for the process.
+    """
     proc_env = dict(os.environ, PYTHONUNBUFFERED='1', RCUTILS_LOGGING_BUFFERED_STREAM='0', **(env or {}))
+    for name in unset_env:
+        proc_env.pop(name, None)
+    group = {'start_new_session': True} if process_group is None else {'process_group': process_group}
     with open(log_path, 'wb') as log_file:
         return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=proc_env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, **group)
+
+
+def signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Send sig to the process group of a still-running process."""
+    if process.poll() is None:
+        try:
+            os.killpg(os.getpgid(process.pid), sig)
+        except ProcessLookupError:
+            pass
 
 
 def stop_processes(processes: Iterable[subprocess.Popen], timeout_s: float = 10.0) -> None:
     """SIGINT every still-running process group, then SIGKILL those that have not exited within timeout_s."""
     processes = list(processes)
     for process in processes:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
+        signal_group(process, signal.SIGINT)
     for process in processes:
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            signal_group(process, signal.SIGKILL)
             process.wait(5.0)
 
 

@@ -22,6 +22,10 @@ from mm_llm_ros.core.scheduling import RollingStats
 logger = logging.getLogger(__name__)
 
 BUSY = 'busy'
+# What the model reads in place of sensor readings when nothing fresh has been perceived, so that it does not
+# describe a scene it never saw (the answer's note says the same to the caller).
+NOTHING_PERCEIVED = ('Nothing has been perceived: no camera, microphone or lidar data and no perception result '
+                     'has arrived recently. Say that you cannot perceive anything yet.')
 CONTEXT_LABELS = {'ocr': 'Text read by the camera', 'audio_events': 'Sounds heard', 'geometry': 'Lidar obstacles'}
 
 
@@ -252,6 +256,8 @@ class AskEngine:
         embeddings = [e for e in fresh if isinstance(e.value, np.ndarray)]
         contexts = [c for c in fresh if isinstance(c.value, str)]
         context = '\n'.join(context_line(self.line_template, c.modality, c.value) for c in contexts) or None
+        if not fresh:
+            context = NOTHING_PERCEIVED
         generated = self.answerer.answer(request.question, embeddings, request.max_new_tokens, job.on_text,
                                          job.should_stop, context=context)
         cancelled = generated.stopped_reason == 'cancelled'
@@ -270,8 +276,9 @@ class AskEngine:
         notes = []
         if not fresh:
             # Name what was asked for, so that a caller learns which sensor went stale.
-            what = f"{', '.join(missing)} data" if request.modalities else 'sensor data'
-            notes.append(f'answered from text alone: no {what} fresher than {request.max_age_s:g} s')
+            what = f"{', '.join(missing)} data" if request.modalities else 'sensor data or perception context'
+            notes.append(f'nothing perceived: no {what} fresher than {request.max_age_s:g} s; answered from text '
+                         'alone, and the model was told that it perceives nothing')
         elif request.modalities and missing:
             notes.append(f"no fresh data for {', '.join(missing)}; answered without it")
         if any(isinstance(e.value, np.ndarray) for e in fresh) and not self.answerer.sensors_inform_answers:

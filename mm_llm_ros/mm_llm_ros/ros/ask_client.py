@@ -2,24 +2,41 @@
 
     ros2 run mm_llm_ros ask "What is in front of the robot?" [--modalities vision audio] [--stream]
 
-Prints the answer, the modalities used and the latency; exits 1 on failure, 2 on timeout.
+Prints the answer, the modalities used and the latency. Exit codes: 0 answered, 1 failed, 2 timed out,
+130 stopped by SIGINT (Ctrl-C) or SIGTERM.
+
+Stopping: however the client is stopped (one or several SIGINTs, as a terminal and `ros2 run` both send one, or
+SIGTERM), a streamed goal is cancelled before the client exits, so the node frees its slot at once. A plain /ask
+service call cannot be cancelled; that request runs to its end in the node.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 
 import rclpy
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
 from mm_llm_ros.ros.qos import SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.srv import Ask
 
-EXIT_FAILED, EXIT_TIMEOUT = 1, 2
+EXIT_FAILED, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 130
+CANCEL_TIMEOUT_S = 3.0
+
+# Set by SIGINT/SIGTERM. rclpy's own handlers are not installed: they would shut the context down at the first
+# signal, before the goal could be cancelled.
+_stop_requested = threading.Event()
+
+
+def _on_stop_signal(_signum, _frame) -> None:
+    _stop_requested.set()
 
 
 def parse_args(argv):
@@ -43,10 +60,31 @@ def _fill_request(request, args):
     return request
 
 
-def _wait(future, executor, deadline: float) -> bool:
-    while not future.done() and time.monotonic() < deadline:
+def _wait(future, executor, deadline: float, interruptible: bool = True) -> bool:
+    while not future.done() and time.monotonic() < deadline and not (interruptible and _stop_requested.is_set()):
         executor.spin_once(timeout_sec=0.1)
     return future.done()
+
+
+def _interrupted() -> int:
+    print('\ninterrupted', file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _cancel(goal_handle, executor) -> int:
+    """Cancel the goal and wait (bounded) until the node confirms, so the node frees the slot before we exit."""
+    cancel_future = goal_handle.cancel_goal_async()
+    if _wait(cancel_future, executor, time.monotonic() + CANCEL_TIMEOUT_S, interruptible=False):
+        print('\ninterrupted: goal cancelled', file=sys.stderr)
+    else:
+        print(f'\ninterrupted: the node did not confirm the cancel within {CANCEL_TIMEOUT_S:g} s', file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _wait_until_ready(is_ready, executor, deadline: float) -> bool:
+    while not is_ready() and time.monotonic() < deadline and not _stop_requested.is_set():
+        executor.spin_once(timeout_sec=0.1)
+    return is_ready()
 
 
 def _print_result(result) -> int:
@@ -64,11 +102,15 @@ def _print_result(result) -> int:
 def ask(node, executor, args) -> int:
     deadline = time.monotonic() + args.timeout
     client = node.create_client(Ask, args.service, qos_profile=SERVICE_QOS)
-    if not client.wait_for_service(timeout_sec=args.timeout):
+    if not _wait_until_ready(client.service_is_ready, executor, deadline):
+        if _stop_requested.is_set():
+            return _interrupted()
         print(f"error: service '{client.srv_name}' not available after {args.timeout:g} s", file=sys.stderr)
         return EXIT_TIMEOUT
     future = client.call_async(_fill_request(Ask.Request(), args))
     if not _wait(future, executor, deadline):
+        if _stop_requested.is_set():
+            return _interrupted()  # a service call cannot be cancelled: the node still answers it
         print(f'error: no answer within {args.timeout:g} s', file=sys.stderr)
         return EXIT_TIMEOUT
     result = future.result()
@@ -80,7 +122,9 @@ def ask(node, executor, args) -> int:
 def ask_stream(node, executor, args) -> int:
     deadline = time.monotonic() + args.timeout
     client = ActionClient(node, AskStream, args.action)
-    if not client.wait_for_server(timeout_sec=args.timeout):
+    if not _wait_until_ready(client.server_is_ready, executor, deadline):
+        if _stop_requested.is_set():
+            return _interrupted()
         print(f"error: action '{args.action}' not available after {args.timeout:g} s", file=sys.stderr)
         return EXIT_TIMEOUT
 
@@ -88,7 +132,8 @@ def ask_stream(node, executor, args) -> int:
         print(feedback_msg.feedback.new_text, end='', flush=True)
 
     goal_future = client.send_goal_async(_fill_request(AskStream.Goal(), args), feedback_callback=on_feedback)
-    if not _wait(goal_future, executor, deadline):
+    # Not interruptible: once sent, the goal must be known to be cancelled.
+    if not _wait(goal_future, executor, deadline, interruptible=False):
         print('error: goal not acknowledged in time', file=sys.stderr)
         return EXIT_TIMEOUT
     goal_handle = goal_future.result()
@@ -97,6 +142,8 @@ def ask_stream(node, executor, args) -> int:
         return EXIT_FAILED
     result_future = goal_handle.get_result_async()
     if not _wait(result_future, executor, deadline):
+        if _stop_requested.is_set():
+            return _cancel(goal_handle, executor)
         goal_handle.cancel_goal_async()
         print(f'\nerror: no answer within {args.timeout:g} s (goal cancelled)', file=sys.stderr)
         return EXIT_TIMEOUT
@@ -107,16 +154,18 @@ def ask_stream(node, executor, args) -> int:
 def main(argv=None) -> None:
     argv = sys.argv if argv is None else argv
     args = parse_args(remove_ros_args(argv)[1:])
-    rclpy.init(args=argv)
+    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_stop_signal)
     node = rclpy.create_node('ask_client')
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     code = EXIT_FAILED
     try:
         code = (ask_stream if args.stream else ask)(node, executor, args)
-    except KeyboardInterrupt:
-        code = EXIT_FAILED
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # nothing may interrupt the shutdown itself
+            signal.signal(sig, signal.SIG_IGN)
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

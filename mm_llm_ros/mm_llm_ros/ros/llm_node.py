@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
-import numpy as np
+# No tqdm progress bars in the node's log (transformers' GGUF conversion uses plain tqdm, which reads TQDM_* once,
+# when it is imported: so this comes before any import that may pull it in). A user's own setting wins.
+os.environ.setdefault('TQDM_DISABLE', '1')
+os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+
+import numpy as np  # noqa: E402
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
@@ -39,6 +45,7 @@ class LLMNode(Node):
         params = declare_parameters(self, LLM_PARAMS)
         self.config = LLMConfig.from_params(params)
         self.executor_threads = self.config.max_queue + 4
+        _no_progress_bars()
         try:
             self.answerer = build_answerer(self.config)
         except ValueError as exc:  # missing/corrupt/mismatched checkpoints, no LLM configured
@@ -180,6 +187,13 @@ class LLMNode(Node):
         status = make_status(f'{self.get_name()}: ImageBind-LLM', self.answerer.device_description, level,
                              f'{self.engine.queue_length} request(s) in flight', values)
         self.diagnostics_pub.publish(make_array(self.get_clock().now().to_msg(), [status]))
+
+
+def _no_progress_bars() -> None:
+    """transformers draws its own progress bars while loading weights ('Loading weights: 100%|####| 272/272'); in a
+    node's log they are noise. Logged lines say what was loaded."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
 
 
 def _to_ask_request(msg) -> AskRequest:

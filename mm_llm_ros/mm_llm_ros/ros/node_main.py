@@ -2,11 +2,18 @@
 
 A configuration error (missing checkpoint, bad parameter) ends start-up with one clear log line and exit code 1,
 not a stack trace.
+
+Signals: a terminal's Ctrl-C reaches every node of a `ros2 launch` twice (the terminal signals the process group,
+then launch signals each node again). The first SIGINT or SIGTERM stops the executor; from then on SIGINT and
+SIGTERM are ignored, so a repeated one cannot interrupt the shutdown with a KeyboardInterrupt traceback and exit
+code -2. Every node then exits 0.
 """
 from __future__ import annotations
 
 import logging
 import os
+import pathlib
+import signal
 import sys
 from typing import Callable, Optional
 
@@ -15,11 +22,55 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, Si
 from rclpy.node import Node
 
 
+PROFILE_VARIABLES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
+LARGE_DATA_PROFILE = 'fastdds_large_data.xml'
+
+
 class StartupError(RuntimeError):
     """Raised by a node constructor for configuration problems the user must fix."""
 
 
+def default_fastdds_profile(environ=os.environ) -> Optional[str]:
+    """Point Fast DDS at the package's large-data profile unless the user chose a profile; returns the path set.
+
+    Best-effort camera frames larger than Fast DDS's default 512 KB shared-memory segment are nearly all lost
+    without it (measured with `ros2 run mm_llm_ros sensor_replay`: 9 of 60 1600x900 frames arrived). Must run
+    before rclpy.init (the middleware reads the variable once). Both variable names are set: Fast DDS 3 (Kilted)
+    reads the first, Fast DDS 2 (Humble, Jazzy) the second; a user's own setting of either always wins.
+    """
+    if any(environ.get(name) for name in PROFILE_VARIABLES):
+        return None
+    path = _installed_profile()
+    if path is None:
+        return None
+    for name in PROFILE_VARIABLES:
+        environ[name] = path
+    return path
+
+
+def _installed_profile() -> Optional[str]:
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+        path = pathlib.Path(get_package_share_directory('mm_llm_ros')) / 'config' / LARGE_DATA_PROFILE
+    except (ImportError, LookupError, PackageNotFoundError):
+        return None
+    return str(path) if path.is_file() else None
+
+
+def _ignore_stop_signals() -> None:
+    """From here on, SIGINT and SIGTERM cannot interrupt the shutdown (a KeyboardInterrupt already raised by the
+    C-level handler but not yet delivered is absorbed by retrying)."""
+    for _ in range(3):
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 def run_node(factory: Callable[[], Node], args: Optional[list] = None, num_threads: Optional[int] = None) -> int:
+    default_fastdds_profile()
     rclpy.init(args=args)
     node = None
     try:
@@ -38,13 +89,24 @@ def run_node(factory: Callable[[], Node], args: Optional[list] = None, num_threa
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        if node is not None:
-            close = getattr(node, 'close', None)
-            if close is not None:
-                close()
-            node.destroy_node()
-        rclpy.try_shutdown()
+        _ignore_stop_signals()
+        _shut_down(node)
     return 0
+
+
+def _shut_down(node: Optional[Node]) -> None:
+    for _ in range(3):  # a KeyboardInterrupt delivered late (raised before SIG_IGN) restarts the idempotent steps
+        try:
+            if node is not None:
+                close = getattr(node, 'close', None)
+                if close is not None:
+                    close()
+                node.destroy_node()
+            rclpy.try_shutdown()
+            break
+        except KeyboardInterrupt:
+            continue
+    _ignore_stop_signals()  # rclpy's shutdown restores the handlers it replaced (Python's KeyboardInterrupt)
 
 
 def exit_now(code: int) -> None:

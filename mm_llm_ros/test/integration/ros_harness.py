@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from mm_llm_ros.launch_plan import NodeSpec
-from mm_llm_ros.node_processes import command_for, executable_path, ros_args, start_process, stop_processes
+from mm_llm_ros.node_processes import (command_for, executable_path, ros_args, signal_group, start_process,
+                                       stop_processes)
 
 DEFAULT_TIMEOUT_S = 20.0
 POLL_S = 0.02
@@ -50,8 +51,7 @@ class NodeProcess:
         return self.log_path.read_text(errors='replace') if self.log_path.exists() else ''
 
     def signal(self, sig: int) -> None:
-        if self.alive():
-            os.killpg(self.popen.pid, sig)
+        signal_group(self.popen, sig)
 
     def stop(self, timeout_s: float = 10.0) -> Optional[int]:
         """SIGINT, then SIGKILL of the whole process group if it does not exit in time."""
@@ -72,21 +72,23 @@ class NodeGraph:
 
     def start(self, executable: str, *, name: Optional[str] = None, params: Optional[dict] = None,
               params_files: Iterable[str | os.PathLike] = (), remap: Optional[dict] = None,
-              args: Iterable[str] = (), env: Optional[dict] = None, log_level: str = 'info') -> NodeProcess:
+              args: Iterable[str] = (), env: Optional[dict] = None, log_level: str = 'info',
+              process_group: Optional[int] = None, unset_env: Iterable[str] = ()) -> NodeProcess:
         name = name or executable
         parameters = [*params_files, *([params] if params else [])]
         command = [str(executable_path(executable)), *args,
                    *ros_args(name=name, default_name=executable, parameters=parameters,
                              remappings=(remap or {}).items(), log_level=log_level)]
-        return self.start_command(name, command, env)
+        return self.start_command(name, command, env, process_group, unset_env)
 
     def start_spec(self, spec: NodeSpec, env: Optional[dict] = None) -> NodeProcess:
         """Start a node exactly as robot.launch.py would for this plan entry."""
         return self.start_command(spec.name, command_for(spec), env)
 
-    def start_command(self, name: str, command: list[str], env: Optional[dict] = None) -> NodeProcess:
+    def start_command(self, name: str, command: list[str], env: Optional[dict] = None,
+                      process_group: Optional[int] = None, unset_env: Iterable[str] = ()) -> NodeProcess:
         log_path = self.log_dir / f'{name}-{len(self.processes)}.log'
-        process = NodeProcess(name, start_process(command, log_path, env), log_path)
+        process = NodeProcess(name, start_process(command, log_path, env, process_group, unset_env), log_path)
         self.processes.append(process)
         return process
 

@@ -44,6 +44,7 @@ def test_text_only_answer_says_so(llm_node, ask):
     response = ask(max_new_tokens=8)
     assert response.success and response.answer and response.error == ''
     assert response.modalities_used == [] and 'text alone' in response.note
+    assert 'nothing perceived' in response.note  # asked before any sensor data or context arrived
     assert 0 < response.tokens_generated <= 8 and response.latency_s > 0
 
 

@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from mm_llm_ros.core.answering import BUSY, AskEngine, AskLimits, AskRequest, Generated
+from mm_llm_ros.core.answering import BUSY, NOTHING_PERCEIVED, AskEngine, AskLimits, AskRequest, Generated
 from mm_llm_ros.core.embedding_store import ModalityStore
 
 MODALITIES = ('vision', 'audio', 'depth', 'point', 'ocr', 'geometry')
@@ -94,6 +94,18 @@ def test_text_only_answer_says_so(engine):
     result = engine.submit(AskRequest('hello')).wait(5)
     assert result.success and result.answer == 'olleh'
     assert result.modalities_used == [] and 'text alone' in result.note
+
+
+def test_a_question_before_anything_was_perceived_says_so_and_the_model_is_told(engine, clock):
+    result = engine.submit(AskRequest('What text can you read?')).wait(5)
+    assert 'nothing perceived' in result.note and 'perception context' in result.note
+    assert engine.answerer.contexts[-1] == NOTHING_PERCEIVED
+    engine.store.update('ocr', "'POKKA' (0.98, left)", stamp_ns=1)
+    result = engine.submit(AskRequest('What text can you read?')).wait(5)
+    assert result.note == '' and 'POKKA' in engine.answerer.contexts[-1]
+    clock[0] += 60.0  # the context goes stale: nothing is perceived again
+    result = engine.submit(AskRequest('What text can you read?')).wait(5)
+    assert 'nothing perceived' in result.note and engine.answerer.contexts[-1] == NOTHING_PERCEIVED
 
 
 def test_fresh_modalities_are_used_with_their_stamps(engine, clock):

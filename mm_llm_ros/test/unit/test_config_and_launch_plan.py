@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mm_llm_ros.core.params import NODE_PARAMS
-from mm_llm_ros.launch_plan import LAUNCH_ARGUMENTS, plan_nodes
+from mm_llm_ros.launch_plan import LAUNCH_ARGUMENTS, SHIPPED_CONFIGS, params_file_for, plan_nodes
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2]
 REPO = PACKAGE.parent
@@ -89,6 +89,26 @@ def test_plan_resolves_for_every_sensor_combination(single, camera, audio, lidar
     for node in nodes:
         for params in node.parameters[1:]:
             assert set(params) <= set(NODE_PARAMS[node.executable]), node.executable
+
+
+@pytest.mark.parametrize('single', ['true', 'false'])
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
+def test_every_config_has_a_section_for_every_node_of_both_launch_modes(path, single):
+    """single_process:=false with demo.yaml started encoders with no section (no checkpoint: FATAL)."""
+    sections = dict(node_sections(path))
+    for node in plan_nodes({'params_file': str(path), 'single_process': single}):
+        assert node.name in sections, f'{path.name} has no /**/{node.name} section (single_process:={single})'
+
+
+def test_config_argument_selects_a_shipped_file_and_params_file_wins():
+    config_dir = str(PACKAGE / 'config')
+    assert params_file_for({'config': 'demo', 'params_file': ''}, config_dir) == str(PACKAGE / 'config' / 'demo.yaml')
+    assert params_file_for({'config': 'robot'}, config_dir).endswith('robot.yaml')
+    assert params_file_for({}, config_dir).endswith('robot.yaml')
+    assert params_file_for({'config': 'demo', 'params_file': '/my.yaml'}, config_dir) == '/my.yaml'
+    assert all((PACKAGE / 'config' / f).is_file() for f in SHIPPED_CONFIGS.values())
+    with pytest.raises(ValueError, match='config: expected one of robot, demo'):
+        params_file_for({'config': 'demos'}, config_dir)
 
 
 def test_plan_applies_paths_device_and_remappings():

@@ -8,7 +8,7 @@ import pytest
 from mm_llm_ros.core.grounding import (AudioEventConfig, AudioEventExtractor, GroundingConfigError,
                                        GroundingModelError)
 from mm_llm_ros.core.grounding.audio_events import (PATCH_FRAMES, SAMPLE_RATE, log_mel_patches, log_mel_spectrogram,
-                                                    mel_weights, read_wav, resample)
+                                                    mel_weights, read_wav, resample, sigmoid)
 
 DOG_LABELS = {'Dog', 'Bark', 'Animal', 'Domestic animals, pets', 'Bow-wow', 'Yip', 'Growling', 'Howl',
               'Whimper (dog)', 'Canidae, dogs, wolves'}
@@ -158,3 +158,15 @@ def test_missing_or_broken_model_files_fail_clearly_at_load(tmp_path, field, con
     extractor = AudioEventExtractor(AudioEventConfig(**{field: str(path)}))
     with pytest.raises(GroundingModelError, match=str(path)):
         extractor.load()
+
+
+def test_sigmoid_of_extreme_logits_is_exact_and_silent():
+    import warnings
+    logits = np.array([-1e4, -200.0, -30.0, 0.0, 30.0, 200.0, 1e4], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # the old 1 / (1 + exp(-x)) raised 'overflow encountered in exp' here
+        probs = sigmoid(logits)
+    assert probs.dtype == np.float32 and np.all(np.isfinite(probs))
+    moderate = logits[1:-1].astype(np.float64)
+    np.testing.assert_allclose(probs[1:-1], 1.0 / (1.0 + np.exp(-moderate)), atol=1e-6)
+    assert probs[0] == 0.0 and probs[3] == 0.5 and probs[-1] == 1.0

@@ -148,6 +148,11 @@ def _load_zipped_onnx(path: pathlib.Path):
     return model
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function without overflow: 1 / (1 + exp(-x)) overflowed (a RuntimeWarning in node logs) for the
+    large negative logits the int8 YAMNet gives absent classes; tanh is bounded."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float32)))
+
 class YamnetModel:
     """YAMNet on (96, 64) log-mel patches -> 521 AudioSet class probabilities.
 
@@ -187,7 +192,7 @@ class YamnetModel:
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         """(N, 96, 64) log-mel patches -> (N, 521) probabilities."""
         logits = np.stack([self._logits(patch) for patch in patches])   # the export has a fixed batch of 1
-        return 1.0 / (1.0 + np.exp(-logits))
+        return sigmoid(logits)
 
     def _logits(self, patch: np.ndarray) -> np.ndarray:
         x = patch[None, None].astype(np.float32)   # (1, 1, 96, 64)
