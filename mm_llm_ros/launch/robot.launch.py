@@ -15,8 +15,8 @@ import re
 
 from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import (DeclareLaunchArgument, EmitEvent, GroupAction, OpaqueFunction, RegisterEventHandler,
-                            SetEnvironmentVariable)
+from launch.actions import (DeclareLaunchArgument, EmitEvent, GroupAction, LogInfo, OpaqueFunction,
+                            RegisterEventHandler, SetEnvironmentVariable)
 from launch.event_handlers import OnProcessExit
 from launch.events import Shutdown
 from launch.substitutions import LaunchConfiguration
@@ -50,8 +50,8 @@ def _shutdown_on_failure(node_name: str):
     (Ctrl-C, a finished replay) does not."""
     def on_exit(event, _context):
         if event.returncode not in (0, None):
-            return [EmitEvent(event=Shutdown(
-                reason=f'{node_name} exited with code {event.returncode} (see its FATAL line above)'))]
+            reason = f'{node_name} exited with code {event.returncode} (its FATAL line above says why)'
+            return [LogInfo(msg=f'shutting the launch down: {reason}'), EmitEvent(event=Shutdown(reason=reason))]
         return None
     return on_exit
 

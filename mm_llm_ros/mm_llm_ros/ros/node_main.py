@@ -77,8 +77,16 @@ def run_node(factory: Callable[[], Node], args: Optional[list] = None, num_threa
         try:
             node = factory()
         except (StartupError, ValueError, FileNotFoundError) as exc:
+            if not rclpy.ok():
+                return 0  # stopped while starting (see below)
             rclpy.logging.get_logger('mm_llm_ros').fatal(f'cannot start: {exc}')
             return 1
+        except Exception:
+            if rclpy.ok():
+                raise
+            # A SIGINT/SIGTERM during start-up (a launch shutting down) shut the context down under the
+            # constructor, whose next create_* call then failed: a requested stop, not an error.
+            return 0
         threads = num_threads or getattr(node, 'executor_threads', 4)
         # rclpy's MultiThreadedExecutor polls in a hot loop while a mutually exclusive group is busy with one of its
         # ready callbacks; under a burst of sensor messages that starved the callbacks (15-47 of 150 frames reached a
