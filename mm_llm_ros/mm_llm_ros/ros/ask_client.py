@@ -60,10 +60,15 @@ def _fill_request(request, args):
     return request
 
 
-def _wait(future, executor, deadline: float, interruptible: bool = True) -> bool:
-    while not future.done() and time.monotonic() < deadline and not (interruptible and _stop_requested.is_set()):
+def _spin_until(condition, executor, deadline: float, interruptible: bool = True) -> bool:
+    """Spin until `condition()` holds, the deadline passes or (if interruptible) a stop signal arrives."""
+    while not condition() and time.monotonic() < deadline and not (interruptible and _stop_requested.is_set()):
         executor.spin_once(timeout_sec=0.1)
-    return future.done()
+    return condition()
+
+
+def _wait(future, executor, deadline: float, interruptible: bool = True) -> bool:
+    return _spin_until(future.done, executor, deadline, interruptible)
 
 
 def _interrupted() -> int:
@@ -81,12 +86,6 @@ def _cancel(goal_handle, executor) -> int:
     return EXIT_INTERRUPTED
 
 
-def _wait_until_ready(is_ready, executor, deadline: float) -> bool:
-    while not is_ready() and time.monotonic() < deadline and not _stop_requested.is_set():
-        executor.spin_once(timeout_sec=0.1)
-    return is_ready()
-
-
 def _print_result(result) -> int:
     if not result.success:
         print(f'error: {result.error}', file=sys.stderr)
@@ -102,7 +101,7 @@ def _print_result(result) -> int:
 def ask(node, executor, args) -> int:
     deadline = time.monotonic() + args.timeout
     client = node.create_client(Ask, args.service, qos_profile=SERVICE_QOS)
-    if not _wait_until_ready(client.service_is_ready, executor, deadline):
+    if not _spin_until(client.service_is_ready, executor, deadline):
         if _stop_requested.is_set():
             return _interrupted()
         print(f"error: service '{client.srv_name}' not available after {args.timeout:g} s", file=sys.stderr)
@@ -122,7 +121,7 @@ def ask(node, executor, args) -> int:
 def ask_stream(node, executor, args) -> int:
     deadline = time.monotonic() + args.timeout
     client = ActionClient(node, AskStream, args.action)
-    if not _wait_until_ready(client.server_is_ready, executor, deadline):
+    if not _spin_until(client.server_is_ready, executor, deadline):
         if _stop_requested.is_set():
             return _interrupted()
         print(f"error: action '{args.action}' not available after {args.timeout:g} s", file=sys.stderr)
