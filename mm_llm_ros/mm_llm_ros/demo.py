@@ -22,14 +22,17 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from mm_llm_ros.core.specs import CONTEXT_KINDS, SENSOR_SPECS
+
 QUESTIONS = (
     ('ask', 'What text can you read?'),
     ('ask_stream', 'What do you hear?'),
     ('ask', 'How far away is the nearest obstacle ahead, and where is it?'),
     ('ask_stream', 'Describe what is in front of the robot.'),
 )
-WAIT_FOR = ('vision', 'audio', 'depth')  # embeddings the demo waits for before asking
-CONTEXT_WAIT_FOR = ('ocr', 'audio_events', 'geometry')
+
+WAIT_FOR = tuple(s.name for s in SENSOR_SPECS if s.enabled_by_default)  # embeddings the demo waits for before asking
+CONTEXT_WAIT_FOR = tuple(CONTEXT_KINDS)
 
 
 @dataclass
@@ -89,12 +92,12 @@ class DemoClient:
         rclpy.try_shutdown()
 
     def watch_inputs(self) -> None:
-        from mm_llm_ros.launch_plan import CONTEXT_TOPIC, EMBEDDING_TOPIC
+        from mm_llm_ros.core.specs import CONTEXT_TOPIC, EMBEDDING_TOPIC
         from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS
         from mm_llm_ros_interfaces.msg import Embedding, PerceptionContext
-        for modality in WAIT_FOR:
-            self.node.create_subscription(Embedding, EMBEDDING_TOPIC.format(modality=modality),
-                                          lambda msg: self._saw(msg.modality, msg.model), EMBEDDING_QOS)
+        for source in WAIT_FOR:
+            self.node.create_subscription(Embedding, EMBEDDING_TOPIC.format(source=source),
+                                          lambda msg, s=source: self._saw(s, msg.model), EMBEDDING_QOS)
         for kind in CONTEXT_WAIT_FOR:
             self.node.create_subscription(PerceptionContext, CONTEXT_TOPIC.format(kind=kind),
                                           lambda msg: self._saw(msg.kind, msg.text), LATCHED_QOS)

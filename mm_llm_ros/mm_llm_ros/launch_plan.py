@@ -10,14 +10,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, LAUNCH_SWITCHES, SENSOR_SPECS
 
-# Input topic names as the encoder nodes use them (relative, so a pushed namespace applies).
-TOPICS = {'image': 'camera/image_raw', 'camera_info': 'camera/camera_info', 'depth': 'camera/depth/image_raw',
-          'audio': 'audio', 'points': 'points'}
-EMBEDDING_TOPIC = 'mm_llm/embedding/{modality}'
 # Parameter files shipped in config/ that `config:=<name>` selects (tiny.yaml is for tests only).
 SHIPPED_CONFIGS = {'robot': 'robot.yaml', 'demo': 'demo.yaml'}
-CONTEXT_TOPIC = 'mm_llm/context/{kind}'
 
 
 @dataclass(frozen=True)
@@ -33,17 +29,15 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument('config', 'robot', 'Shipped parameter file: robot (official weights on a GPU; give their paths) '
                    'or demo (runs anywhere with nothing downloaded). Ignored when params_file is given.'),
     LaunchArgument('params_file', '', 'Parameter YAML for all nodes (default: config/<config>.yaml).'),
-    LaunchArgument('use_camera', 'true', 'Start the camera encoder (vision).'),
-    LaunchArgument('use_audio', 'true', 'Start the audio encoder.'),
-    LaunchArgument('use_lidar', 'true', 'Start the lidar encoder (depth projection).'),
+    *(LaunchArgument(f'use_{switch}', 'true', f'Start the {switch} encoder (' + ', '.join(
+        s.name for s in SENSOR_SPECS if s.launch_switch == switch) + ').') for switch in LAUNCH_SWITCHES),
     LaunchArgument('use_grounding', 'true', 'Start grounding_node: OCR, audio events and lidar geometry as prompt '
                    'context for the LLM (each part switchable in the parameter file).'),
-    LaunchArgument('image_topic', 'camera/image_raw', 'sensor_msgs/Image input (its /compressed sibling when '
-                   'camera.transport is compressed).'),
-    LaunchArgument('camera_info_topic', 'camera/camera_info', 'sensor_msgs/CameraInfo for lidar projection.'),
-    LaunchArgument('depth_topic', 'camera/depth/image_raw', 'Depth image input (16UC1 mm or 32FC1 m).'),
-    LaunchArgument('audio_topic', 'audio', 'mm_llm_ros_interfaces/AudioChunk input.'),
-    LaunchArgument('points_topic', 'points', 'sensor_msgs/PointCloud2 input.'),
+    *(LaunchArgument(s.topic_argument, s.topic, f"{s.msg_type.replace('/msg/', '/')} input of the {s.name} sensor"
+                     + (f' (its /compressed sibling when {s.compressed_param} is compressed).' if s.compressed_param
+                        else '.')) for s in SENSOR_SPECS),
+    LaunchArgument('camera_info_topic', CAMERA_INFO_TOPIC, 'sensor_msgs/CameraInfo for the depth camera\'s focal '
+                   'length and lidar projection.'),
     LaunchArgument('device', '', "Torch device for all models (auto, cpu, cuda, cuda:N); empty keeps the YAML's."),
     LaunchArgument('imagebind_checkpoint', '', "ImageBind checkpoint (imagebind_huge.pth); empty keeps the YAML's."),
     LaunchArgument('llama_dir', '', "LLaMA backbone directory (Meta or HF format); empty keeps the YAML's."),
@@ -98,7 +92,7 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     values = {a.name: a.default for a in LAUNCH_ARGUMENTS} | dict(args)
     if not values['params_file']:
         raise ValueError('params_file must be resolved to a YAML path')
-    use = {s: _truthy(values[f'use_{s}'], f'use_{s}') for s in ('camera', 'audio', 'lidar')}
+    use = {s: _truthy(values[f'use_{s}'], f'use_{s}') for s in LAUNCH_SWITCHES}
     respawn = _truthy(values['respawn'], 'respawn')
     log_level = values['log_level']
     device = _non_empty({'device': values['device']})
@@ -106,13 +100,7 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     llm_overrides = device | _non_empty({'llm.backbone_path': values['llama_dir'],
                                          'llm.adapter_checkpoint': values['adapter_checkpoint'],
                                          'cache.index_path': values['cache_index']})
-    remaps = {
-        'camera': ((TOPICS['image'], values['image_topic']),
-                   (TOPICS['image'] + '/compressed', values['image_topic'] + '/compressed'),
-                   (TOPICS['depth'], values['depth_topic'])),
-        'audio': ((TOPICS['audio'], values['audio_topic']),),
-        'lidar': ((TOPICS['points'], values['points_topic']), (TOPICS['camera_info'], values['camera_info_topic'])),
-    }
+    remaps = {switch: _remappings(switch, values) for switch in LAUNCH_SWITCHES}
 
     def spec(executable, overrides, remappings=()):
         parameters = (values['params_file'],) + ((overrides,) if overrides else ())
@@ -125,11 +113,22 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
             nodes.append(spec('encoder', encoder_overrides | flags,
                               [r for s in use if use[s] for r in remaps[s]]))
     else:
-        for sensor, executable in (('camera', 'camera_encoder'), ('audio', 'audio_encoder'),
-                                   ('lidar', 'lidar_encoder')):
-            if use[sensor]:
-                nodes.append(spec(executable, encoder_overrides, remaps[sensor]))
+        for switch in LAUNCH_SWITCHES:
+            if use[switch]:
+                nodes.append(spec(f'{switch}_encoder', encoder_overrides, remaps[switch]))
     if _truthy(values['use_grounding'], 'use_grounding'):
-        nodes.append(spec('grounding_node', {}, [r for s in ('camera', 'audio', 'lidar') for r in remaps[s]]))
+        nodes.append(spec('grounding_node', {}, dict.fromkeys(r for s in LAUNCH_SWITCHES for r in remaps[s])))
     nodes.append(spec('llm_node', llm_overrides))
     return nodes
+
+
+def _remappings(switch: str, values: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Input remappings of the sensors a launch switch starts (topic arguments of core/specs.py)."""
+    pairs = []
+    for sensor in (s for s in SENSOR_SPECS if s.launch_switch == switch):
+        pairs.append((sensor.topic, values[sensor.topic_argument]))
+        if sensor.compressed_param:
+            pairs.append((sensor.topic + '/compressed', values[sensor.topic_argument] + '/compressed'))
+        if sensor.uses_camera_info and (CAMERA_INFO_TOPIC, values['camera_info_topic']) not in pairs:
+            pairs.append((CAMERA_INFO_TOPIC, values['camera_info_topic']))
+    return tuple(pairs)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from mm_llm_ros.core import specs
 
 @dataclass(frozen=True)
 class Param:
@@ -28,8 +29,8 @@ def _index(params: Iterable[Param]) -> dict[str, Param]:
     return {p.name: p for p in params}
 
 
-MODALITIES = ('vision', 'audio', 'depth', 'point')
-CONTEXT_KINDS = ('ocr', 'audio_events', 'geometry')
+MODALITIES = tuple(specs.MODALITIES)
+CONTEXT_KINDS = tuple(specs.CONTEXT_KINDS)
 
 # ---- Shared by every node that runs a model ---------------------------------------------------
 DEVICE_PARAMS = (
@@ -58,17 +59,14 @@ ENCODER_COMMON_PARAMS = DEVICE_PARAMS + IMAGEBIND_PARAMS + (
     Param('max_message_mb', 64.0, 'Messages larger than this are dropped and counted before decoding.'),
 )
 
-SENSOR_SELECTION_PARAMS = (
-    Param('use_camera', True, 'Encode camera images (vision).'),
-    Param('use_audio', True, 'Encode microphone audio.'),
-    Param('use_lidar', True, 'Encode lidar point clouds via depth projection.'),
-)
+# `use_<sensor>` for every sensor of core/specs.py, grouped by the launch switch that starts its encoder.
+SENSOR_SELECTION_PARAMS = {switch: tuple(Param(s.enable_param, s.enabled_by_default, s.description)
+                                         for s in specs.SENSOR_SPECS if s.launch_switch == switch)
+                           for switch in specs.LAUNCH_SWITCHES}
 
 CAMERA_PARAMS = (
     Param('camera.transport', 'raw', 'Camera input: raw (sensor_msgs/Image on camera/image_raw) or compressed '
           '(sensor_msgs/CompressedImage on camera/image_raw/compressed).', ('raw', 'compressed')),
-    Param('use_depth_camera', False, 'Also encode a depth image stream (camera/depth/image_raw, 16UC1 mm or 32FC1 m) '
-          'with the depth encoder.'),
 )
 
 AUDIO_PARAMS = (
@@ -107,7 +105,8 @@ LLM_PARAMS = DEVICE_PARAMS + (
           'docs/quantization.md.',
           ('none', 'int8', 'int4')),
     Param('embedding_dim', 1024, 'Width of the ImageBind embeddings (1024 for imagebind_huge).'),
-    Param('modalities', list(MODALITIES), 'Embedding modalities to subscribe to on /mm_llm/embedding/<modality>.'),
+    Param('modalities', list(MODALITIES), 'Embedding modalities to use: the node subscribes to '
+          'mm_llm/embedding/<source> of every sensor (source) of these modalities.'),
     Param('context.kinds', list(CONTEXT_KINDS), 'Perception-context kinds to subscribe to on mm_llm/context/<kind> '
           '(grounding_node); their text is added to the prompt under the same freshness rule.'),
     Param('context.line_template', '{label}: {text}', 'How one context result becomes a prompt line; {kind} is '
@@ -131,10 +130,10 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('prompt.system', '', "System message for the chat template ('' keeps the template's default)."),
     Param('prompt.chat_context_template', 'Sensor readings:\n{context}\n\nQuestion: {instruction}',
           'Chat user message when perception context is present (Alpaca puts it in the "### Input:" section).'),
-    Param('fusion.weights.vision', 1.0, 'Fusion weight of the vision embedding.'),
-    Param('fusion.weights.audio', 1.0, 'Fusion weight of the audio embedding.'),
-    Param('fusion.weights.depth', 1.0, 'Fusion weight of the depth embedding.'),
-    Param('fusion.weights.point', 1.0, 'Fusion weight of the point embedding.'),
+    *(Param(f'fusion.weights.{m.name}', m.fusion_weight, f'Fusion weight of {m.name} embeddings (the default weight '
+            'of each source of that modality).') for m in specs.MODALITY_SPECS),
+    *(Param(f'fusion.source_weights.{s.name}', -1.0, f'Fusion weight of the {s.name} source; negative: its '
+            f'modality\'s weight (fusion.weights.{s.modality}).') for s in specs.SENSOR_SPECS),
     Param('cache.index_path', '', 'FAISS index of ImageBind image features (visual cache); empty disables it.'),
     Param('cache.size', 10, 'Visual cache: neighbours retrieved (top-k).'),
     Param('cache.temperature', 20.0, 'Visual cache: softmax temperature over cosine similarities.'),
@@ -164,11 +163,7 @@ REPLAY_PARAMS = (
 # ---- Grounding node (perception context for the prompt) ----------------------------------------
 GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
                          if p.name in ('diagnostics_period_s', 'max_message_mb', 'camera.transport')) + (
-    Param('use_ocr', True, 'Read scene text in camera images (RapidOCR) and publish it on mm_llm/context/ocr.'),
-    Param('use_audio_events', True, 'Name the sounds in microphone audio and tell whether someone speaks (YAMNet + '
-          'Silero VAD); published on mm_llm/context/audio_events.'),
-    Param('use_geometry', True, 'Find the ground, the nearest obstacle per sector and object clusters in lidar scans '
-          '(open3d); published on mm_llm/context/geometry.'),
+    *(Param(k.enable_param, True, k.description) for k in specs.CONTEXT_KIND_SPECS),
     Param('text_max_chars', 200, 'Length bound of PerceptionContext.text, the line meant for prompts.'),
     Param('ocr.max_rate_hz', 0.5, 'Maximum OCR runs per second (a 1600x900 frame takes about 2 s on 2 CPU cores).'),
     Param('ocr.min_confidence', 0.6, 'Text lines with a lower recogniser score are left out.'),
@@ -203,11 +198,21 @@ GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
     Param('geometry.max_clusters', 10, 'Nearest object clusters reported.'),
 )
 
+# Settings of the sensors that one launch switch starts (a sensor without settings needs no entry).
+SENSOR_SETTINGS_PARAMS = {'camera': CAMERA_PARAMS, 'audio': AUDIO_PARAMS, 'lidar': LIDAR_PARAMS}
+
+
+def _encoder_params(switches: Iterable[str]) -> tuple[Param, ...]:
+    return ENCODER_COMMON_PARAMS + tuple(p for switch in switches for p in SENSOR_SELECTION_PARAMS[switch]) + tuple(
+        p for switch in switches for p in SENSOR_SETTINGS_PARAMS.get(switch, ()))
+
+
+# The encoder executables: `encoder` hosts every sensor, `<switch>_encoder` those of one launch switch.
+ENCODER_NODES = ('encoder',) + tuple(f'{switch}_encoder' for switch in specs.LAUNCH_SWITCHES)
+
 NODE_PARAMS: dict[str, dict[str, Param]] = {
-    'camera_encoder': _index(ENCODER_COMMON_PARAMS + CAMERA_PARAMS),
-    'audio_encoder': _index(ENCODER_COMMON_PARAMS + AUDIO_PARAMS),
-    'lidar_encoder': _index(ENCODER_COMMON_PARAMS + LIDAR_PARAMS),
-    'encoder': _index(ENCODER_COMMON_PARAMS + SENSOR_SELECTION_PARAMS + CAMERA_PARAMS + AUDIO_PARAMS + LIDAR_PARAMS),
+    'encoder': _index(_encoder_params(specs.LAUNCH_SWITCHES)),
+    **{f'{switch}_encoder': _index(_encoder_params((switch,))) for switch in specs.LAUNCH_SWITCHES},
     'llm_node': _index(LLM_PARAMS),
     'grounding_node': _index(GROUNDING_PARAMS),
     'sensor_replay': _index(REPLAY_PARAMS),

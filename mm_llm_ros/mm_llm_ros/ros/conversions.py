@@ -57,6 +57,18 @@ def audio_from_msg(msg, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedAudio:
     return decode_audio(msg.encoding, msg.channels, msg.sample_rate, msg.data, limits)
 
 
+# The reader of each message type a sensor of core/specs.py may have (keyed by the message class name).
+DECODERS = {'Image': image_from_msg, 'CompressedImage': compressed_image_from_msg, 'PointCloud2': pointcloud_from_msg,
+            'AudioChunk': audio_from_msg}
+
+
+def message_class(type_name: str):
+    """The message class of 'package/msg/Name' (imported now)."""
+    import importlib
+    package, _, name = type_name.split('/')
+    return getattr(importlib.import_module(f'{package}.msg'), name)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Builders
 

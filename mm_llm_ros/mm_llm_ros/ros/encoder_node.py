@@ -1,53 +1,50 @@
-"""The shared ImageBind encoder node: camera, depth camera, microphone and lidar inputs to Embedding messages.
+"""The shared ImageBind encoder node: the sensors of `core/specs.py` (camera, depth camera, microphone, lidar) to
+Embedding messages on `mm_llm/embedding/<sensor>`.
 
-`camera_encoder`, `audio_encoder` and `lidar_encoder` are this node with one sensor; `encoder` hosts any subset
-(use_camera/use_audio/use_lidar) with ONE shared model. Callbacks only hand messages to the `EncoderWorker`
+`encoder` hosts any subset (`use_<sensor>`) with ONE shared model; `camera_encoder`, `audio_encoder` and
+`lidar_encoder` are this node with the sensors of one launch switch. Callbacks only hand messages to the `EncoderWorker`
 (core/encoding_pipeline.py); decoding, preprocessing and encoding happen on its thread.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, PointCloud2
 
 from mm_llm_ros.core.audio_buffer import AudioRingBuffer
 from mm_llm_ros.core.device import DeviceError, describe
 from mm_llm_ros.core.encoding_pipeline import EncoderWorker, InputRejected, Prepared, Stream
-from mm_llm_ros.core.imagebind.lidar_projection import (T_OPTICAL_FROM_LIDAR, PinholeCamera, lidar_to_depth_input,
-                                                        virtual_camera, yaw_to_forward)
+from mm_llm_ros.core.imagebind.lidar_projection import (T_OPTICAL_FROM_LIDAR, PinholeCamera, virtual_camera,
+                                                        yaw_to_forward)
 from mm_llm_ros.core.imagebind.model import (CheckpointError, ImageBindConfig, ImageBindConfigError,
                                              get_shared_encoder)
 from mm_llm_ros.core.imagebind.official import ImageBindUnavailableError
-from mm_llm_ros.core.imagebind.preprocess import preprocess_audio, preprocess_depth, preprocess_vision
 from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits
-from mm_llm_ros.launch_plan import EMBEDDING_TOPIC, TOPICS
-from mm_llm_ros.ros.conversions import (audio_from_msg, compressed_image_from_msg, image_from_msg,
-                                        pointcloud_from_msg, stamp_to_ns)
+from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, SENSOR_SPECS, SENSORS, SensorSpec, resolve
+from mm_llm_ros.ros.conversions import DECODERS, audio_from_msg, message_class, pointcloud_from_msg, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.node_main import StartupError
 from mm_llm_ros.ros.parameters import declare_parameters
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, SENSOR_QOS
 from mm_llm_ros_interfaces.msg import AudioChunk, Embedding
 
-SENSORS = ('camera', 'audio', 'lidar')
-
 
 class EncoderNode(Node):
 
     executor_threads = 1  # callbacks only hand messages to the worker thread
 
-    def __init__(self, node_name: str, sensors: Optional[Sequence[str]] = None):
+    def __init__(self, node_name: str):
         super().__init__(node_name)
         self.params = p = declare_parameters(self, NODE_PARAMS[node_name].values())
-        if sensors is None:
-            sensors = [s for s in SENSORS if p[f'use_{s}']]
+        sensors = [spec for spec in SENSOR_SPECS if p.get(spec.enable_param)]
         if not sensors:
-            raise StartupError('no sensor enabled: set use_camera, use_audio or use_lidar')
+            raise StartupError('no sensor enabled: set ' + ' or '.join(
+                spec.enable_param for spec in SENSOR_SPECS if spec.enable_param in p))
         if p.get('point.checkpoint'):
             raise StartupError('point.checkpoint is set, but the Point-Bind point modality is not implemented in this '
                                'version (its encoder needs a CUDA-only extension); unset it to encode lidar as depth')
@@ -57,14 +54,10 @@ class EncoderNode(Node):
         self.embedding_pubs: dict[str, object] = {}
         self.streams: list[Stream] = []
         inputs = MutuallyExclusiveCallbackGroup()
-        if 'camera' in sensors:
-            self._add_camera(p, inputs)
-        if 'audio' in sensors:
-            self._add_audio(p, inputs)
-        if 'lidar' in sensors:
-            self._add_lidar(p, inputs)
-        if 'camera' in sensors or (p.get('lidar.projection') == 'camera' and 'lidar' in sensors):
-            self.create_subscription(CameraInfo, TOPICS['camera_info'], self._camera_info_callback, SENSOR_QOS,
+        for spec in sensors:
+            self._add_sensor(spec, p, inputs)
+        if any(spec.uses_camera_info for spec in sensors):
+            self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self._camera_info_callback, SENSOR_QOS,
                                      callback_group=inputs)
         self.worker = EncoderWorker(self.encoder, self.streams, self._publish,
                                     now_ns=lambda: self.get_clock().now().nanoseconds,
@@ -91,41 +84,39 @@ class EncoderNode(Node):
                                       'for real ones')
         return encoder
 
-    def _publisher(self, modality: str):
-        if modality not in self.embedding_pubs:
-            self.embedding_pubs[modality] = self.create_publisher(
-                Embedding, EMBEDDING_TOPIC.format(modality=modality), EMBEDDING_QOS)
-        return self.embedding_pubs[modality]
+    def _add_sensor(self, spec: SensorSpec, p, group) -> None:
+        """Subscribe to the sensor's topic; its messages are decoded and preprocessed on the worker thread."""
+        msg_type, topic = message_class(spec.msg_type), spec.topic
+        if spec.compressed_param and p[spec.compressed_param] == 'compressed':
+            msg_type, topic = CompressedImage, topic + '/compressed'
+        decode = DECODERS[msg_type.__name__]
+        preprocess = resolve(spec.preprocess)
+        if spec.decoder == 'audio':
+            self._add_audio(spec, p, group, preprocess)
+        elif spec.decoder == 'pointcloud':
+            self._add_lidar(spec, p, group, preprocess)
+        else:
+            self._add_stream(spec, msg_type, topic, lambda msg: self._prepare_image(
+                msg, decode(msg, self.limits), spec, preprocess), group)
+        self.embedding_pubs[spec.name] = self.create_publisher(Embedding, spec.embedding_topic, EMBEDDING_QOS)
 
-    def _add_stream(self, name: str, msg_type, topic: str, prepare, group, offer=None) -> Stream:
-        stream = Stream(name, '', prepare, self.params['max_rate_hz'])
+    def _add_stream(self, spec: SensorSpec, msg_type, topic: str, prepare, group, offer=None) -> Stream:
+        stream = Stream(spec.name, '', prepare, self.params['max_rate_hz'])
         subscription = self.create_subscription(msg_type, topic, offer or stream.offer, SENSOR_QOS,
                                                 callback_group=group)
         stream.source_topic = subscription.topic_name
         self.streams.append(stream)
         return stream
 
-    def _add_camera(self, p, group) -> None:
-        if p['camera.transport'] == 'compressed':
-            self._add_stream('camera', CompressedImage, TOPICS['image'] + '/compressed',
-                             lambda msg: self._prepare_image(msg, compressed_image_from_msg(msg, self.limits)), group)
-        else:
-            self._add_stream('camera', Image, TOPICS['image'],
-                             lambda msg: self._prepare_image(msg, image_from_msg(msg, self.limits)), group)
-        self._publisher('vision')
-        if p['use_depth_camera']:
-            self._add_stream('depth_camera', Image, TOPICS['depth'],
-                             lambda msg: self._prepare_image(msg, image_from_msg(msg, self.limits)), group)
-            self._publisher('depth')
-
-    def _add_audio(self, p, group) -> None:
+    def _add_audio(self, spec: SensorSpec, p, group, preprocess) -> None:
         self.audio_buffer = AudioRingBuffer(p['audio.window_s'])
         self.audio_min_s = p['audio.min_window_s']
-        stream = self._add_stream('audio', AudioChunk, TOPICS['audio'], self._prepare_audio, group,
+        self.preprocess_audio = preprocess
+        stream = self._add_stream(spec, AudioChunk, spec.topic, self._prepare_audio, group,
                                   offer=lambda msg: self._audio_callback(stream, msg))
-        self._publisher('audio')
 
-    def _add_lidar(self, p, group) -> None:
+    def _add_lidar(self, spec: SensorSpec, p, group, preprocess) -> None:
+        self.lidar_to_depth_input = preprocess
         self.lidar_camera = None
         self.lidar_extrinsic = np.asarray(p['lidar.extrinsic'], dtype=np.float64)
         if self.lidar_extrinsic.size != 16:
@@ -143,8 +134,7 @@ class EncoderNode(Node):
                 raise StartupError('lidar.use_tf needs tf2_ros (apt: ros-<distro>-tf2-ros-py)') from exc
             self.tf_buffer = Buffer()
             self._tf_listener = TransformListener(self.tf_buffer, self)
-        self._add_stream('lidar', PointCloud2, TOPICS['points'], self._prepare_points, group)
-        self._publisher('depth')
+        self._add_stream(spec, PointCloud2, spec.topic, self._prepare_points, group)
 
     # ---- callbacks (never block) ---------------------------------------------------------------
     def _camera_info_callback(self, msg: CameraInfo) -> None:
@@ -162,28 +152,31 @@ class EncoderNode(Node):
         stream.offer(msg.header.frame_id)
 
     # ---- worker-side preparation -----------------------------------------------------------------
-    def _prepare_image(self, msg, image) -> Prepared:
+    def _prepare_image(self, msg, image, spec: SensorSpec, preprocess) -> Prepared:
         stamp, frame = stamp_to_ns(msg.header.stamp), msg.header.frame_id
+        if image.is_depth != spec.uses_camera_info:   # a depth frame on a colour topic, or the other way round
+            raise InputRejected('unsupported', f"{'a depth' if image.is_depth else 'a colour'} image "
+                                f'({image.encoding}) cannot feed the {spec.name} sensor ({spec.modality})')
         if image.is_depth:
             info = self.camera_info
             focal = float(info.k[0]) if info is not None and info.k[0] > 0 else None
-            return Prepared('depth', preprocess_depth(image.depth_m, focal), stamp, frame)
-        return Prepared('vision', preprocess_vision(image.rgb), stamp, frame)
+            return Prepared(spec.modality, preprocess(image.depth_m, focal), stamp, frame)
+        return Prepared(spec.modality, preprocess(image.rgb), stamp, frame)
 
     def _prepare_audio(self, frame_id: str) -> Optional[Prepared]:
         snapshot = self.audio_buffer.snapshot()
         if snapshot is None or snapshot.waveform.shape[-1] < self.audio_min_s * snapshot.sample_rate:
             return None  # keep listening until the first window is long enough
-        return Prepared('audio', preprocess_audio(snapshot.waveform, snapshot.sample_rate),
+        return Prepared(SENSORS['audio'].modality, self.preprocess_audio(snapshot.waveform, snapshot.sample_rate),
                         snapshot.end_stamp_ns, frame_id)
 
     def _prepare_points(self, msg: PointCloud2) -> Prepared:
         cloud = pointcloud_from_msg(msg, self.limits)
         camera, transform = self._projection_for(msg)
-        tensor = lidar_to_depth_input(cloud.xyz, camera, transform, self.params['lidar.min_range_m'],
+        tensor = self.lidar_to_depth_input(cloud.xyz, camera, transform, self.params['lidar.min_range_m'],
                                       self.params['lidar.max_range_m'],
                                       fill_kernel_size=2 * int(self.params['lidar.hole_fill_px']) + 1)
-        return Prepared('depth', tensor, stamp_to_ns(msg.header.stamp), msg.header.frame_id)
+        return Prepared(SENSORS['lidar'].modality, tensor, stamp_to_ns(msg.header.stamp), msg.header.frame_id)
 
     def _projection_for(self, msg: PointCloud2):
         if self.lidar_camera is not None:  # virtual forward-looking camera
@@ -211,7 +204,7 @@ class EncoderNode(Node):
         msg.header.frame_id = item.frame_id
         msg.embedding = np.asarray(vector, dtype=np.float32).ravel().tolist()
         try:
-            self._publisher(item.modality).publish(msg)
+            self.embedding_pubs[stream.name].publish(msg)
         except Exception:
             if self.context.ok():
                 raise

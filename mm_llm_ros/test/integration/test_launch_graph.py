@@ -23,7 +23,7 @@ def test_launch_plan_graph_answers_about_a_replayed_scene(node_graph, test_node,
     # OCR is the slowest input (seconds per frame on 2 loaded cores): wait for its first result, not for a number
     # of answers, which take milliseconds with the tiny model.
     ocr.wait_for(timeout_s=120, what='the first OCR result')
-    wanted = {'vision', 'audio', 'depth', 'ocr', 'geometry'}
+    wanted = {'camera', 'audio', 'lidar', 'ocr', 'geometry'}  # sources and context kinds
     response = None
     for _ in range(120):  # the rest of the scene arrives within seconds; each try is a real request
         response = test_node.result(client.call_async(Ask.Request(question='What text can you read?',

@@ -81,12 +81,12 @@ def test_answers_use_fresh_encoder_embeddings_with_their_stamps(node_graph, llm_
         response = ask('Describe the scene.', modalities=['vision'], max_new_tokens=12)
         if response.modalities_used:
             break
-    assert response.success and response.modalities_used == ['vision']
+    assert response.success and response.modalities_used == ['camera']
     assert [(s.sec, s.nanosec) for s in response.source_stamps] == [divmod(STAMP_NS, 10**9)]
     assert response.answer != text_only.answer  # the tiny model's open gates inject the image features
 
     missing = ask('And the sound?', modalities=['vision', 'audio'], max_new_tokens=4)
-    assert missing.success and missing.modalities_used == ['vision'] and 'audio' in missing.note
+    assert missing.success and missing.modalities_used == ['camera'] and 'audio' in missing.note
 
 
 def test_stream_feedback_and_cancel(llm_node, test_node):
@@ -143,7 +143,7 @@ def test_late_subscriber_gets_the_latest_description(node_graph, llm_node, test_
     test_node.publish_until(pub, lambda: frame, lambda: early.messages, period_s=0.2, timeout_s=40,
                             what='a scene description')
     described = early.messages[0]
-    assert described.description and described.modalities == ['vision']
+    assert described.description and described.modalities == ['camera']
     assert [(s.sec, s.nanosec) for s in described.source_stamps] == [divmod(STAMP_NS, 10**9)]
 
     late = test_node.collect(SceneDescription, '/scene_description', LATCHED_QOS)

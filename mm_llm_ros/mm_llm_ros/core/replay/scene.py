@@ -49,13 +49,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mm_llm_ros.core.replay.sensor_files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, POINT_SUFFIXES
-from mm_llm_ros.launch_plan import TOPICS  # plain data, no ROS imports
+from mm_llm_ros.core.specs import SENSOR_SPECS
 
 
-# The encoders' input topics (relative, so a namespace applies), keyed by stream kind.
-DEFAULT_TOPICS = {kind: TOPICS[kind] for kind in ('image', 'depth', 'audio', 'points')}
-DEFAULT_FRAMES = {'image': 'camera_optical_frame', 'depth': 'camera_optical_frame', 'audio': 'microphone',
-                  'points': 'lidar'}
+# The encoders' input topics (relative, so a namespace applies) and frames, keyed by stream kind (core/specs.py).
+DEFAULT_TOPICS = {s.replay_kind: s.topic for s in SENSOR_SPECS if s.replay_kind}
+DEFAULT_FRAMES = {s.replay_kind: s.default_frame for s in SENSOR_SPECS if s.replay_kind}
 
 NUSCENES_CAMERAS = ('CAM_FRONT', 'CAM_FRONT_LEFT', 'CAM_FRONT_RIGHT', 'CAM_BACK', 'CAM_BACK_LEFT', 'CAM_BACK_RIGHT')
 NUSCENES_AUDIO = 'audio/imagebind_car.wav'  # street sound: nuScenes has no microphone
