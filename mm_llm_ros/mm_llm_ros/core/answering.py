@@ -12,7 +12,7 @@ import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -33,6 +33,15 @@ def context_line(template: str, kind: str, text: str) -> str:
     """One prompt line for a perception-context result, e.g. 'Text read by the camera: 'POKKA' (0.98, left)'."""
     spec = CONTEXT_KINDS.get(kind)
     return template.format(kind=kind, label=spec.label if spec else kind, text=text)
+
+
+def context_block(template: str, texts: Iterable[tuple[str, str]]) -> Optional[str]:
+    """The prompt's perception context: one `context_line` per (kind, text), in the given order; None if empty.
+
+    This is the one formatter of perception context (llm_node, the evaluation and the grounding benchmark use it);
+    the prompt builder bounds the block to `context.max_chars` (`core/llm/prompt.py: bound_context`).
+    """
+    return '\n'.join(context_line(template, kind, text) for kind, text in texts) or None
 
 
 @dataclass
@@ -259,7 +268,7 @@ class AskEngine:
             return AskResult(False, error='cancelled', cancelled=True)
         embeddings = [e for e in fresh if isinstance(e.value, np.ndarray)]
         contexts = [c for c in fresh if isinstance(c.value, str)]
-        context = '\n'.join(context_line(self.line_template, c.modality, c.value) for c in contexts) or None
+        context = context_block(self.line_template, ((c.modality, c.value) for c in contexts))
         if not fresh:
             context = NOTHING_PERCEIVED
         generated = self.answerer.answer(request.question, embeddings, request.max_new_tokens, job.on_text,

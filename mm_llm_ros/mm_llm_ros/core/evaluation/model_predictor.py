@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from mm_llm_ros.core.answering import context_line, validate_question
+from mm_llm_ros.core.answering import context_block, validate_question
 from mm_llm_ros.core.embedding_store import StoredInput
 from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor, config_from_params
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder
@@ -225,4 +225,4 @@ class ModelPredictor:
             return None
         ocr = _ocr_extractors.get(_key(self.config.ocr), lambda: OcrExtractor(self.config.ocr))
         text = ocr(image).to_text(self.config.context_text_max_chars)
-        return context_line(self.config.llm.context_line, IMAGE_CONTEXT_KINDS[0], text)
+        return context_block(self.config.llm.context_line, [(IMAGE_CONTEXT_KINDS[0], text)])
