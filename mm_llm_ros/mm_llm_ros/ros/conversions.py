@@ -57,6 +57,13 @@ def audio_from_msg(msg, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedAudio:
     return decode_audio(msg.encoding, msg.channels, msg.sample_rate, msg.data, limits)
 
 
+def append_audio(buffer, msg, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    """Decode an AudioChunk into an `AudioRingBuffer`, stamped by its header (raises DecodeError or
+    AudioBufferError; the window then stays what it was: a lost chunk is no evidence of silence)."""
+    audio = audio_from_msg(msg, limits)
+    buffer.append(audio.waveform, audio.sample_rate, stamp_to_ns(msg.header.stamp))
+
+
 # The reader of each message type a sensor of core/specs.py may have (keyed by the message class name).
 DECODERS = {'Image': image_from_msg, 'CompressedImage': compressed_image_from_msg, 'PointCloud2': pointcloud_from_msg,
             'AudioChunk': audio_from_msg}

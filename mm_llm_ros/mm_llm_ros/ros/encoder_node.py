@@ -26,7 +26,7 @@ from mm_llm_ros.core.imagebind.official import ImageBindUnavailableError
 from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits
 from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, SENSOR_SPECS, SENSORS, SensorSpec, resolve
-from mm_llm_ros.ros.conversions import DECODERS, audio_from_msg, message_class, pointcloud_from_msg, stamp_to_ns
+from mm_llm_ros.ros.conversions import DECODERS, append_audio, message_class, pointcloud_from_msg, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.node_main import StartupError
 from mm_llm_ros.ros.parameters import declare_parameters
@@ -109,8 +109,7 @@ class EncoderNode(Node):
         return stream
 
     def _add_audio(self, spec: SensorSpec, p, group, preprocess) -> None:
-        self.audio_buffer = AudioRingBuffer(p['audio.window_s'])
-        self.audio_min_s = p['audio.min_window_s']
+        self.audio_buffer = AudioRingBuffer(p['audio.window_s'], min_window_s=p['audio.min_window_s'])
         self.preprocess_audio = preprocess
         stream = self._add_stream(spec, AudioChunk, spec.topic, self._prepare_audio, group,
                                   offer=lambda msg: self._audio_callback(stream, msg))
@@ -143,8 +142,7 @@ class EncoderNode(Node):
     def _audio_callback(self, stream: Stream, msg: AudioChunk) -> None:
         # Every chunk matters for audio, so decoding (a cheap reinterpretation of bytes) happens here.
         try:
-            audio = audio_from_msg(msg, self.limits)
-            self.audio_buffer.append(audio.waveform, audio.sample_rate, stamp_to_ns(msg.header.stamp))
+            append_audio(self.audio_buffer, msg, self.limits)
         except (DecodeError, ValueError) as exc:
             reason = getattr(exc, 'reason', 'invalid')
             self.worker.reject(stream, getattr(reason, 'value', reason), str(exc))
@@ -164,8 +162,8 @@ class EncoderNode(Node):
         return Prepared(spec.modality, preprocess(image.rgb), stamp, frame)
 
     def _prepare_audio(self, frame_id: str) -> Optional[Prepared]:
-        snapshot = self.audio_buffer.snapshot()
-        if snapshot is None or snapshot.waveform.shape[-1] < self.audio_min_s * snapshot.sample_rate:
+        snapshot = self.audio_buffer.ready_window()
+        if snapshot is None:
             return None  # keep listening until the first window is long enough
         return Prepared(SENSORS['audio'].modality, self.preprocess_audio(snapshot.waveform, snapshot.sample_rate),
                         snapshot.end_stamp_ns, frame_id)

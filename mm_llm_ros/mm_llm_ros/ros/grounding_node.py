@@ -31,7 +31,7 @@ from mm_llm_ros.core.latest_worker import LatestWorker
 from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits, DecodeReason
 from mm_llm_ros.core.specs import CONTEXT_KIND_SPECS, SENSORS, ContextKindSpec, resolve
-from mm_llm_ros.ros.conversions import (audio_from_msg, compressed_image_from_msg, image_from_msg, ns_to_stamp,
+from mm_llm_ros.ros.conversions import (append_audio, compressed_image_from_msg, image_from_msg, ns_to_stamp,
                                         pointcloud_from_msg, stamp_to_ns)
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.node_main import StartupError, exit_now, run_node
@@ -99,8 +99,7 @@ class GroundingNode(Node):
         self._add_channel(kind, p, msg_type, topic, lambda msg: self._prepare_image(msg, decode), OcrResult, group)
 
     def _add_audio_events(self, kind: ContextKindSpec, p, group) -> None:
-        self.audio_buffer = AudioRingBuffer(p['audio.window_s'])
-        self.audio_min_s = p['audio.min_window_s']
+        self.audio_buffer = AudioRingBuffer(p['audio.window_s'], min_window_s=p['audio.min_window_s'])
         channel = self._add_channel(kind, p, AudioChunk, SENSORS[kind.sensor].topic, self._prepare_audio,
                                     AudioEventsResult, group, callback=lambda msg: self._audio_callback(channel, msg))
 
@@ -128,8 +127,7 @@ class GroundingNode(Node):
     # ---- callbacks (never block) ---------------------------------------------------------------
     def _audio_callback(self, channel: Channel, msg: AudioChunk) -> None:
         try:
-            audio = audio_from_msg(msg, self.limits)
-            self.audio_buffer.append(audio.waveform, audio.sample_rate, stamp_to_ns(msg.header.stamp))
+            append_audio(self.audio_buffer, msg, self.limits)
         except (DecodeError, AudioBufferError) as exc:
             self._reject(channel, exc)
             return
@@ -143,8 +141,8 @@ class GroundingNode(Node):
         return ExtractorInput((image.rgb,), stamp_to_ns(msg.header.stamp))
 
     def _prepare_audio(self, msg: AudioChunk) -> Optional[ExtractorInput]:
-        snapshot = self.audio_buffer.snapshot()
-        if snapshot is None or snapshot.waveform.shape[1] < self.audio_min_s * snapshot.sample_rate:
+        snapshot = self.audio_buffer.ready_window()
+        if snapshot is None:
             return None   # keep listening until the first window is long enough
         # The result describes the buffered window, so it carries the time of its newest sample.
         return ExtractorInput((snapshot.waveform.mean(axis=0), snapshot.sample_rate), snapshot.end_stamp_ns)
