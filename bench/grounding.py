@@ -191,14 +191,11 @@ def run(data: pathlib.Path, threads: int, repeats: int, out: pathlib.Path, ttft:
     """Benchmark, write `out`, return the Markdown. `ttft` adds the time-to-first-token table."""
     from mm_llm_ros.core.answering import context_block
     from mm_llm_ros.core.params import defaults
-    from mm_llm_ros.core.specs import CONTEXT_KIND_SPECS
     rows, samples = bench_extractors(data, threads, repeats)
-    # As llm_node words them: each result's published line under its kind's label (results name their parameter
-    # section: ocr, audio, geometry).
-    kind_of = {kind.params: kind.name for kind in CONTEXT_KIND_SPECS}
+    # As llm_node words them: each result's published line under its kind's label (a result's section is its kind).
     node = defaults('grounding_node') | defaults('llm_node')
     context = context_block(node['context.line_template'],
-                            ((kind_of[r.section], r.to_text(node['text_max_chars'])) for r in samples)) or ''
+                            ((r.section, r.to_text(node['text_max_chars'])) for r in samples)) or ''
     ttft_rows = measure_ttft_effect(ttft, context, repeats=repeats) if ttft else None
     markdown = render(rows, context, threads, repeats, ttft_rows, llm_note)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'mm_llm_ros'))
 
-from mm_llm_ros.core.params import ENCODER_NODES, NODE_PARAMS  # noqa: E402
+from mm_llm_ros.core.params import ENCODER_NODES, NODE_PARAMS, SHARED_PARAMS  # noqa: E402
 
 CONFIG_DIR = REPO / 'mm_llm_ros' / 'config'
 README = REPO / 'README.md'
@@ -45,10 +45,10 @@ PRESETS = {
         'values': {
             '*': {'device': 'auto'},
             # The nuScenes LIDAR_TOP frame has y forward, and returns within 2.5 m are the ego car's own body.
-            **{name: {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 2.0,
-                      'lidar.forward_yaw_deg': 90.0, 'lidar.min_range_m': 2.5} for name in ENCODERS},
-            'grounding_node': {'ocr.max_rate_hz': 0.2, 'geometry.forward_yaw_deg': 90.0,
-                               'geometry.min_range_m': 2.5},
+            '**': {'lidar.forward_yaw_deg': 90.0, 'lidar.min_range_m': 2.5},
+            **{name: {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 2.0}
+               for name in ENCODERS},
+            'grounding_node': {'ocr.max_rate_hz': 0.2},
             'llm_node': {'llm.preset': 'embedded', 'prompt.template': 'chat', 'generation.temperature': 0.0,
                          'prompt.system': 'You are the perception assistant of a robot. Answer in one short '
                                           'sentence, using only the sensor readings given.',
@@ -61,7 +61,8 @@ PRESETS = {
         'nodes': ENCODERS + ('grounding_node', 'llm_node'),
         'values': {
             '*': {'device': 'cpu', 'diagnostics_period_s': 0.5},
-            'grounding_node': {'ocr.max_rate_hz': 20.0, 'audio.max_rate_hz': 20.0, 'geometry.max_rate_hz': 20.0},
+            'grounding_node': {'ocr.max_rate_hz': 20.0, 'audio_events.max_rate_hz': 20.0,
+                               'geometry.max_rate_hz': 20.0},
             **{name: {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 20.0}
                for name in ENCODERS},
             'llm_node': {'llm.preset': 'tiny', 'generation.temperature': 0.0, 'generation.max_new_tokens': 16,
@@ -85,11 +86,15 @@ def render_yaml(preset: str) -> str:
     spec = PRESETS[preset]
     lines = [f'# {line}'.rstrip() for line in spec['title'].splitlines()]
     lines += ['# Generated from mm_llm_ros/core/params.py by scripts/param_docs.py; edit values freely, the test',
-              '# suite checks that every key is a declared parameter.', '']
-    for node in spec['nodes']:
+              '# suite checks that every key is a declared parameter.', '',
+              '# Facts that several nodes read (each node takes those it declares).']
+    shared = {p.name: p for p in SHARED_PARAMS}
+    for node in ('**',) + spec['nodes']:
         values = spec['values'].get('*', {}) | spec['values'].get(node, {})
-        lines += [f'/**/{node}:', '  ros__parameters:']
-        for name, param in NODE_PARAMS[node].items():
+        lines += [f'/**/{node}:' if node != '**' else '/**:', '  ros__parameters:']
+        params = shared if node == '**' else {name: param for name, param in NODE_PARAMS[node].items()
+                                               if name not in shared and not param.replaced_by}
+        for name, param in params.items():
             choices = f" [{' | '.join(map(str, param.choices))}]" if param.choices else ''
             lines.append(f'    # {param.description}{choices}')
             value = values.get(name, param.default)

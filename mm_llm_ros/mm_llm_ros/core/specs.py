@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 # ---- topics (relative, so a pushed namespace applies) -------------------------------------------------------
 CAMERA_INFO_TOPIC = 'camera/camera_info'
@@ -70,10 +70,11 @@ class ContextKindSpec:
     name: str
     label: str                     # readable name in the prompt line ('{label}: {text}')
     sensor: str                    # the `SENSORS` entry whose messages it reads
-    extractor: str                 # 'module:Class' of the extractor; its config dataclass is read from `<params>.*`
-    config: str                    # 'module:Class' of the extractor's config
-    params: str                    # parameter prefix of its settings (`<params>.max_rate_hz`, ...)
+    extractor: str                 # 'module:Class' of the extractor
+    config: str                    # 'module:Class' of its config dataclass, read from the `<name>.<field>` parameters
     description: str
+    # Config fields taken from parameters shared with other nodes instead of `<name>.<field>`.
+    shared_params: tuple[tuple[str, str], ...] = ()
 
     @property
     def enable_param(self) -> str:
@@ -82,6 +83,10 @@ class ContextKindSpec:
     @property
     def topic(self) -> str:
         return CONTEXT_TOPIC.format(kind=self.name)
+
+    def config_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The node parameters as the config reader expects them: `<name>.<field>`, shared ones filled in."""
+        return {**params, **{f'{self.name}.{field}': params[name] for field, name in self.shared_params}}
 
 
 # ---- the tables ---------------------------------------------------------------------------------------------
@@ -115,16 +120,17 @@ SENSOR_SPECS = (
 
 CONTEXT_KIND_SPECS = (
     ContextKindSpec('ocr', 'Text read by the camera', 'camera', f'{_GROUNDING}.ocr:OcrExtractor',
-                    f'{_GROUNDING}.ocr:OcrConfig', 'ocr',
+                    f'{_GROUNDING}.ocr:OcrConfig',
                     'Read scene text in camera images (RapidOCR) and publish it on mm_llm/context/ocr.'),
     ContextKindSpec('audio_events', 'Sounds heard', 'audio', f'{_GROUNDING}.audio_events:AudioEventExtractor',
-                    f'{_GROUNDING}.audio_events:AudioEventConfig', 'audio',
+                    f'{_GROUNDING}.audio_events:AudioEventConfig',
                     'Name the sounds in microphone audio and tell whether someone speaks (YAMNet + Silero VAD); '
                     'published on mm_llm/context/audio_events.'),
     ContextKindSpec('geometry', 'Lidar obstacles', 'lidar', f'{_GROUNDING}.geometry:GeometryExtractor',
-                    f'{_GROUNDING}.geometry:GeometryConfig', 'geometry',
+                    f'{_GROUNDING}.geometry:GeometryConfig',
                     'Find the ground, the nearest obstacle per sector and object clusters in lidar scans (open3d); '
-                    'published on mm_llm/context/geometry.'),
+                    'published on mm_llm/context/geometry.',
+                    shared_params=(('min_range_m', 'lidar.min_range_m'), ('max_range_m', 'lidar.max_range_m'))),
 )
 
 MODALITIES: dict[str, ModalitySpec] = {m.name: m for m in MODALITY_SPECS}

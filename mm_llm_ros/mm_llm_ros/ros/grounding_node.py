@@ -99,25 +99,26 @@ class GroundingNode(Node):
         self._add_channel(kind, p, msg_type, topic, lambda msg: self._prepare_image(msg, decode), OcrResult, group)
 
     def _add_audio_events(self, kind: ContextKindSpec, p, group) -> None:
-        self.audio_buffer = AudioRingBuffer(p['audio.window_s'], min_window_s=p['audio.min_window_s'])
+        self.audio_buffer = AudioRingBuffer(p['audio_events.window_s'], min_window_s=p['audio_events.min_window_s'])
         channel = self._add_channel(kind, p, AudioChunk, SENSORS[kind.sensor].topic, self._prepare_audio,
                                     AudioEventsResult, group, callback=lambda msg: self._audio_callback(channel, msg))
 
     def _add_geometry(self, kind: ContextKindSpec, p, group) -> None:
-        yaw = p['geometry.forward_yaw_deg']
+        yaw = p['lidar.forward_yaw_deg']
         self.forward_rotation = yaw_to_forward(yaw)[:3, :3].astype(np.float32) if yaw else None
         self._add_channel(kind, p, PointCloud2, SENSORS[kind.sensor].topic, self._prepare_points, GeometryResult,
                           group)
 
     def _add_channel(self, kind: ContextKindSpec, p, msg_type, topic: str, prepare, empty_result, group,
                      callback=None) -> Channel:
-        """The kind's extractor (its config read from `<kind.params>.*`, its models loaded now) on its own worker."""
-        extractor = _loaded(kind.params, resolve(kind.extractor)(_config(resolve(kind.config), p, kind.params)))
+        """The kind's extractor (its config read from `<kind>.*`, its models loaded now) on its own worker."""
+        config = _config(resolve(kind.config), kind.config_params(p), kind.name)
+        extractor = _loaded(kind.name, resolve(kind.extractor)(config))
         channel = Channel(kind.name, prepare, extractor, empty_result,
                           self.create_publisher(PerceptionContext, kind.topic, LATCHED_QOS),
                           self.get_logger().get_child(kind.name))
         channel.worker = LatestWorker(f'grounding-{kind.name}', lambda msg: self._process(channel, msg),
-                                      p[f'{kind.params}.max_rate_hz'])
+                                      p[f'{kind.name}.max_rate_hz'])
         subscription = self.create_subscription(msg_type, topic, callback or channel.worker.offer, SENSOR_QOS,
                                                 callback_group=group)
         channel.source_topic = subscription.topic_name

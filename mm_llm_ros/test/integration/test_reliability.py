@@ -699,7 +699,7 @@ def sensor_graph(graph, config_dir, test_node, diagnostics) -> SensorGraph:
         'max_rate_hz': 1000.0, 'use_depth_camera': True, 'lidar.projection': 'camera',
         'max_message_mb': MAX_MESSAGE_MB})
     grounding = graph.start('grounding_node', params_files=tiny, params={
-        'camera.transport': 'compressed', 'ocr.max_rate_hz': 100.0, 'audio.max_rate_hz': 100.0,
+        'camera.transport': 'compressed', 'ocr.max_rate_hz': 100.0, 'audio_events.max_rate_hz': 100.0,
         'geometry.max_rate_hz': 100.0, 'max_message_mb': MAX_MESSAGE_MB})
     encoder.wait_for_log('encoding ', timeout_s=START_TIMEOUT_S)
     grounding.wait_for_log('extracting ', timeout_s=START_TIMEOUT_S)

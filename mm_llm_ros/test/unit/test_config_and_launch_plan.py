@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from mm_llm_ros.core.params import NODE_PARAMS
+from mm_llm_ros.core.params import NODE_PARAMS, SHARED_PARAMS
 from mm_llm_ros.launch_plan import LAUNCH_ARGUMENTS, SHIPPED_CONFIGS, params_file_for, plan_nodes
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2]
@@ -30,6 +30,9 @@ def test_the_three_presets_exist():
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
 def test_every_yaml_parameter_is_declared_by_its_node(path):
     for node, params in node_sections(path):
+        if node == '/**':   # the shared section: parameters several nodes declare
+            assert set(params) <= {p.name for p in SHARED_PARAMS}, f'{path.name}: {sorted(params)}'
+            continue
         assert node in NODE_PARAMS, f'{path.name}: unknown node {node}'
         undeclared = set(params) - set(NODE_PARAMS[node])
         assert not undeclared, f'{path.name}: {node} does not declare {sorted(undeclared)}'
@@ -167,3 +170,16 @@ def test_launch_file_runs_with_launch_ros_when_available():
     for entity in description.entities:
         entity.visit(context)
     assert context.launch_configurations['single_process'] == 'true'
+
+
+def test_a_renamed_parameter_still_works_under_its_old_name_with_a_warning(caplog):
+    from mm_llm_ros.core.params import node_params
+    sections = {'**': {'lidar.min_range_m': 2.5},
+                'grounding_node': {'geometry.max_range_m': 50.0, 'audio.window_s': 3.0, 'audio.top_k': 3}}
+    with caplog.at_level('WARNING'):
+        values = node_params(sections, 'grounding_node')
+    assert values['lidar.max_range_m'] == 50.0 and values['audio_events.window_s'] == 3.0
+    assert values['lidar.min_range_m'] == 2.5  # the shared section
+    assert 'geometry.max_range_m' not in values and 'audio.window_s' not in values
+    assert "'geometry.max_range_m' is deprecated: use 'lidar.max_range_m'" in caplog.text
+    assert 'audio.top_k' not in caplog.text  # set to its default: nothing to move

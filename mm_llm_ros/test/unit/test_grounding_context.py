@@ -86,7 +86,7 @@ def test_results_are_json_serialisable():
     # grounding_node publishes each result as PerceptionContext.json
     decoded = {r.section: json.loads(json.dumps(r.to_dict())) for r in (ocr_result(), audio_result(), geometry_result())}
     assert decoded['ocr']['items'][0]['text'] == 'POKKA LOGISTICS'
-    assert decoded['audio']['events'][0] == {'label': 'Dog', 'score': 0.81}
+    assert decoded['audio_events']['events'][0] == {'label': 'Dog', 'score': 0.81}
     assert decoded['geometry']['nearest_m']['right'] is None
 
 

@@ -33,7 +33,7 @@ from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor, config_from_param
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder
 from mm_llm_ros.core.llm.pipeline import NO_LLM_CONFIGURED, LLMAnswerer, LLMConfig, build_answerer
 from mm_llm_ros.core.params import node_params, read_params_file
-from mm_llm_ros.core.specs import CONTEXT_KIND_SPECS, CONTEXT_KINDS, resolve, sensor_for_replay_kind
+from mm_llm_ros.core.specs import CONTEXT_KIND_SPECS, resolve, sensor_for_replay_kind
 
 from .datasets import EvalItem
 from .runner import PredictionError
@@ -128,7 +128,7 @@ class ModelPredictorConfig:
         llm = LLMConfig.from_params(node_params(sections, 'llm_node'))
         grounding = node_params(sections, 'grounding_node')
         _check_weights(imagebind, llm)
-        ocr = config_from_params(OcrConfig, grounding, CONTEXT_KINDS[IMAGE_CONTEXT_KINDS[0]].params)
+        ocr = config_from_params(OcrConfig, grounding, IMAGE_CONTEXT_KINDS[0])
         return cls(imagebind=imagebind, llm=replace(llm, generation=replace(llm.generation, temperature=0.0)),
                    context=tuple(context), ocr=ocr, context_text_max_chars=grounding['text_max_chars'])
 
