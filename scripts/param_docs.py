@@ -86,11 +86,14 @@ def render_yaml(preset: str) -> str:
     spec = PRESETS[preset]
     lines = [f'# {line}'.rstrip() for line in spec['title'].splitlines()]
     lines += ['# Generated from mm_llm_ros/core/params.py by scripts/param_docs.py; edit values freely, the test',
-              '# suite checks that every key is a declared parameter.', '',
-              '# Facts that several nodes read (each node takes those it declares).']
+              '# suite checks that every key is a declared parameter.', '']
     shared = {p.name: p for p in SHARED_PARAMS}
-    for node in ('**',) + spec['nodes']:
+    # The shared section comes last: rcl merges `-p` overrides into a file's `/**` section, and a later section wins,
+    # so `ros2 run ... --params-file <this> -p name:=value` still overrides the node sections.
+    for node in spec['nodes'] + ('**',):
         values = spec['values'].get('*', {}) | spec['values'].get(node, {})
+        if node == '**':
+            lines += ['# Facts that several nodes read (each node takes those it declares); set them here only.']
         lines += [f'/**/{node}:' if node != '**' else '/**:', '  ros__parameters:']
         params = shared if node == '**' else {name: param for name, param in NODE_PARAMS[node].items()
                                                if name not in shared and not param.replaced_by}

@@ -44,8 +44,9 @@ class SensorSpec:
     modality: str                  # a `MODALITIES` key
     topic: str                     # default input topic (relative)
     msg_type: str                  # ROS message type, 'package/msg/Name'
-    decoder: str                   # how a message becomes arrays: a key of `ros.conversions.DECODERS`
-    preprocess: str                # 'module:function' turning the decoded input into the model's tensor
+    decoder: str                   # what the decoded message is: 'image' (any Image/CompressedImage), 'audio' (the
+                                   # buffered window of AudioChunks), 'pointcloud' (projected through `CameraInfo`)
+    preprocess: str                # 'module:function(decoded, InputContext) -> tensor' (see core/sensor_inputs.py)
     description: str
     launch_switch: str             # launch argument `use_<switch>` (and executable `<switch>_encoder`) enabling it
     topic_argument: str            # launch argument remapping `topic`
@@ -90,7 +91,7 @@ class ContextKindSpec:
 
 
 # ---- the tables ---------------------------------------------------------------------------------------------
-_PRE = 'mm_llm_ros.core.imagebind.preprocess'
+_INPUTS = 'mm_llm_ros.core.sensor_inputs'
 _GROUNDING = 'mm_llm_ros.core.grounding'
 
 MODALITY_SPECS = (
@@ -103,17 +104,17 @@ MODALITY_SPECS = (
 
 SENSOR_SPECS = (
     SensorSpec('camera', 'vision', 'camera/image_raw', 'sensor_msgs/msg/Image', 'image',
-               f'{_PRE}:preprocess_vision', 'Encode camera images (vision).', 'camera', 'image_topic',
+               f'{_INPUTS}:camera_image', 'Encode camera images (vision).', 'camera', 'image_topic',
                replay_kind='image', default_frame='camera_optical_frame', compressed_param='camera.transport'),
     SensorSpec('depth_camera', 'depth', 'camera/depth/image_raw', 'sensor_msgs/msg/Image', 'image',
-               f'{_PRE}:preprocess_depth', 'Also encode a depth image stream (camera/depth/image_raw, 16UC1 mm '
+               f'{_INPUTS}:depth_image', 'Also encode a depth image stream (camera/depth/image_raw, 16UC1 mm '
                'or 32FC1 m) with the depth encoder.', 'camera', 'depth_topic', replay_kind='depth',
                default_frame='camera_optical_frame', enabled_by_default=False, uses_camera_info=True),
     SensorSpec('audio', 'audio', 'audio', 'mm_llm_ros_interfaces/msg/AudioChunk', 'audio',
-               f'{_PRE}:preprocess_audio', 'Encode microphone audio.', 'audio', 'audio_topic',
+               f'{_INPUTS}:audio_window', 'Encode microphone audio.', 'audio', 'audio_topic',
                replay_kind='audio', default_frame='microphone'),
     SensorSpec('lidar', 'depth', 'points', 'sensor_msgs/msg/PointCloud2', 'pointcloud',
-               'mm_llm_ros.core.imagebind.lidar_projection:lidar_to_depth_input',
+               f'{_INPUTS}:lidar_cloud',
                'Encode lidar point clouds via depth projection.', 'lidar', 'points_topic', replay_kind='points',
                default_frame='lidar', uses_camera_info=True),
 )

@@ -25,7 +25,8 @@ from mm_llm_ros.core.imagebind.model import (CheckpointError, ImageBindConfig, I
 from mm_llm_ros.core.imagebind.official import ImageBindUnavailableError
 from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits
-from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, SENSOR_SPECS, SENSORS, SensorSpec, resolve
+from mm_llm_ros.core.sensor_inputs import InputContext
+from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, SENSOR_SPECS, SensorSpec, resolve
 from mm_llm_ros.ros.conversions import DECODERS, append_audio, message_class, pointcloud_from_msg, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.node_main import StartupError
@@ -95,9 +96,10 @@ class EncoderNode(Node):
             self._add_audio(spec, p, group, preprocess)
         elif spec.decoder == 'pointcloud':
             self._add_lidar(spec, p, group, preprocess)
-        else:
-            self._add_stream(spec, msg_type, topic, lambda msg: self._prepare_image(
-                msg, decode(msg, self.limits), spec, preprocess), group)
+        else:   # images: decoded and preprocessed with nothing else than the latest focal length
+            self._add_stream(spec, msg_type, topic, lambda msg: Prepared(
+                spec.modality, preprocess(decode(msg, self.limits), self._input_context()),
+                stamp_to_ns(msg.header.stamp), msg.header.frame_id), group)
         self.embedding_pubs[spec.name] = self.create_publisher(Embedding, spec.embedding_topic, EMBEDDING_QOS)
 
     def _add_stream(self, spec: SensorSpec, msg_type, topic: str, prepare, group, offer=None) -> Stream:
@@ -110,12 +112,10 @@ class EncoderNode(Node):
 
     def _add_audio(self, spec: SensorSpec, p, group, preprocess) -> None:
         self.audio_buffer = AudioRingBuffer(p['audio.window_s'], min_window_s=p['audio.min_window_s'])
-        self.preprocess_audio = preprocess
-        stream = self._add_stream(spec, AudioChunk, spec.topic, self._prepare_audio, group,
-                                  offer=lambda msg: self._audio_callback(stream, msg))
+        stream = self._add_stream(spec, AudioChunk, spec.topic, lambda frame_id: self._prepare_audio(
+            spec, preprocess, frame_id), group, offer=lambda msg: self._audio_callback(stream, msg))
 
     def _add_lidar(self, spec: SensorSpec, p, group, preprocess) -> None:
-        self.lidar_to_depth_input = preprocess
         self.lidar_camera = None
         self.lidar_extrinsic = np.asarray(p['lidar.extrinsic'], dtype=np.float64)
         if self.lidar_extrinsic.size != 16:
@@ -133,7 +133,7 @@ class EncoderNode(Node):
                 raise StartupError('lidar.use_tf needs tf2_ros (apt: ros-<distro>-tf2-ros-py)') from exc
             self.tf_buffer = Buffer()
             self._tf_listener = TransformListener(self.tf_buffer, self)
-        self._add_stream(spec, PointCloud2, spec.topic, self._prepare_points, group)
+        self._add_stream(spec, PointCloud2, spec.topic, lambda msg: self._prepare_points(spec, preprocess, msg), group)
 
     # ---- callbacks (never block) ---------------------------------------------------------------
     def _camera_info_callback(self, msg: CameraInfo) -> None:
@@ -150,31 +150,21 @@ class EncoderNode(Node):
         stream.offer(msg.header.frame_id)
 
     # ---- worker-side preparation -----------------------------------------------------------------
-    def _prepare_image(self, msg, image, spec: SensorSpec, preprocess) -> Prepared:
-        stamp, frame = stamp_to_ns(msg.header.stamp), msg.header.frame_id
-        if image.is_depth != spec.uses_camera_info:   # a depth frame on a colour topic, or the other way round
-            raise InputRejected('unsupported', f"{'a depth' if image.is_depth else 'a colour'} image "
-                                f'({image.encoding}) cannot feed the {spec.name} sensor ({spec.modality})')
-        if image.is_depth:
-            info = self.camera_info
-            focal = float(info.k[0]) if info is not None and info.k[0] > 0 else None
-            return Prepared(spec.modality, preprocess(image.depth_m, focal), stamp, frame)
-        return Prepared(spec.modality, preprocess(image.rgb), stamp, frame)
+    def _input_context(self, projection=None) -> InputContext:
+        info = self.camera_info
+        focal = float(info.k[0]) if info is not None and info.k[0] > 0 else None
+        return InputContext(self.params, focal, projection)
 
-    def _prepare_audio(self, frame_id: str) -> Optional[Prepared]:
+    def _prepare_audio(self, spec: SensorSpec, preprocess, frame_id: str) -> Optional[Prepared]:
         snapshot = self.audio_buffer.ready_window()
         if snapshot is None:
             return None  # keep listening until the first window is long enough
-        return Prepared(SENSORS['audio'].modality, self.preprocess_audio(snapshot.waveform, snapshot.sample_rate),
-                        snapshot.end_stamp_ns, frame_id)
+        return Prepared(spec.modality, preprocess(snapshot, self._input_context()), snapshot.end_stamp_ns, frame_id)
 
-    def _prepare_points(self, msg: PointCloud2) -> Prepared:
+    def _prepare_points(self, spec: SensorSpec, preprocess, msg: PointCloud2) -> Prepared:
         cloud = pointcloud_from_msg(msg, self.limits)
-        camera, transform = self._projection_for(msg)
-        tensor = self.lidar_to_depth_input(cloud.xyz, camera, transform, self.params['lidar.min_range_m'],
-                                      self.params['lidar.max_range_m'],
-                                      fill_kernel_size=2 * int(self.params['lidar.hole_fill_px']) + 1)
-        return Prepared(SENSORS['lidar'].modality, tensor, stamp_to_ns(msg.header.stamp), msg.header.frame_id)
+        tensor = preprocess(cloud, self._input_context(self._projection_for(msg)))
+        return Prepared(spec.modality, tensor, stamp_to_ns(msg.header.stamp), msg.header.frame_id)
 
     def _projection_for(self, msg: PointCloud2):
         if self.lidar_camera is not None:  # virtual forward-looking camera

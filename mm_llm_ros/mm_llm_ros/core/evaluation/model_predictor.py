@@ -33,6 +33,8 @@ from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor, config_from_param
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder
 from mm_llm_ros.core.llm.pipeline import NO_LLM_CONFIGURED, LLMAnswerer, LLMConfig, build_answerer
 from mm_llm_ros.core.params import node_params, read_params_file
+from mm_llm_ros.core.sensor_decoding import DecodedImage
+from mm_llm_ros.core.sensor_inputs import InputContext
 from mm_llm_ros.core.specs import CONTEXT_KIND_SPECS, resolve, sensor_for_replay_kind
 
 from .datasets import EvalItem
@@ -215,7 +217,8 @@ class ModelPredictor:
     def _embed(self, image: np.ndarray) -> StoredInput:
         encoder = get_shared_encoder(self.config.imagebind)
         modality = IMAGE_SENSOR.modality
-        vector = encoder.encode({modality: resolve(IMAGE_SENSOR.preprocess)(image)[None]})[modality][0]
+        tensor = resolve(IMAGE_SENSOR.preprocess)(DecodedImage('rgb8', rgb=image), InputContext({}))
+        vector = encoder.encode({modality: tensor[None]})[modality][0]
         return StoredInput(IMAGE_SENSOR.name, vector, stamp_ns=0, received_monotonic=0.0, model=encoder.model_name,
                            source_topic='')
 
