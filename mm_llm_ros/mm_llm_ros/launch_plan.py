@@ -102,9 +102,9 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
                                          'cache.index_path': values['cache_index']})
     remaps = {switch: _remappings(switch, values) for switch in LAUNCH_SWITCHES}
 
-    def spec(executable, overrides, remappings=()):
-        parameters = (values['params_file'],) + ((overrides,) if overrides else ())
-        return NodeSpec(executable, executable, parameters, tuple(remappings), respawn, log_level)
+    def spec(executable, overrides, remappings=(), name=None, first=()):
+        parameters = tuple(first) + (values['params_file'],) + ((overrides,) if overrides else ())
+        return NodeSpec(executable, name or executable, parameters, tuple(remappings), respawn, log_level)
 
     nodes = []
     if _truthy(values['single_process'], 'single_process'):
@@ -113,13 +113,27 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
             nodes.append(spec('encoder', encoder_overrides | flags,
                               [r for s in use if use[s] for r in remaps[s]]))
     else:
+        # One `encoder` process per launch switch, named after it (node names must differ), configured by the file's
+        # one `encoder` section in both launch modes (a `<switch>_encoder` section, if any, still applies on top).
+        section = _encoder_section(values['params_file'])
         for switch in LAUNCH_SWITCHES:
             if use[switch]:
-                nodes.append(spec(f'{switch}_encoder', encoder_overrides, remaps[switch]))
+                others = {s.enable_param: False for s in SENSOR_SPECS if s.launch_switch != switch}
+                nodes.append(spec('encoder', encoder_overrides | others, remaps[switch], name=f'{switch}_encoder',
+                                  first=(section,) if section else ()))
     if _truthy(values['use_grounding'], 'use_grounding'):
         nodes.append(spec('grounding_node', {}, dict.fromkeys(r for s in LAUNCH_SWITCHES for r in remaps[s])))
     nodes.append(spec('llm_node', llm_overrides))
     return nodes
+
+
+def _encoder_section(params_file: str) -> dict:
+    """The `encoder` section of a parameter file (empty when the file has none or cannot be read here)."""
+    from mm_llm_ros.core.params import ParamsFileError, read_params_file
+    try:
+        return dict(read_params_file(params_file).get('encoder', {}))
+    except ParamsFileError:
+        return {}   # the node reports an unreadable file itself, with its name
 
 
 def _remappings(switch: str, values: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

@@ -87,20 +87,31 @@ def test_plan_resolves_for_every_sensor_combination(single, camera, audio, lidar
             overrides = nodes[0].parameters[-1]
             assert {k: overrides[k] for k in ('use_camera', 'use_audio', 'use_lidar')} == {
                 f'use_{s}': s in sensors for s in ('camera', 'audio', 'lidar')}
-    else:
-        assert names[:-1] == [f'{s}_encoder' for s in sensors]
+    else:   # one encoder process per sensor, each named after it, with the other sensors switched off
+        assert names[:-1] == ['encoder'] * len(sensors)
+        assert [n.name for n in nodes[:-1]] == [f'{s}_encoder' for s in sensors]
+        for node, sensor in zip(nodes, sensors):
+            assert not any(v for k, v in node.parameters[-1].items() if k.startswith('use_')), node.parameters[-1]
+            assert f'use_{sensor}' not in node.parameters[-1]
     for node in nodes:
-        for params in node.parameters[1:]:
-            assert set(params) <= set(NODE_PARAMS[node.executable]), node.executable
+        for params in node.parameters:
+            if isinstance(params, dict):
+                assert set(params) <= set(NODE_PARAMS[node.executable]), node.executable
 
 
 @pytest.mark.parametrize('single', ['true', 'false'])
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
 def test_every_config_has_a_section_for_every_node_of_both_launch_modes(path, single):
-    """single_process:=false with demo.yaml started encoders with no section (no checkpoint: FATAL)."""
+    """single_process:=false with demo.yaml started encoders with no section (no checkpoint: FATAL). Every encoder
+    process is configured by the one `encoder` section, in both launch modes."""
     sections = dict(node_sections(path))
     for node in plan_nodes({'params_file': str(path), 'single_process': single}):
-        assert node.name in sections, f'{path.name} has no /**/{node.name} section (single_process:={single})'
+        if node.executable == 'encoder':
+            assert 'encoder' in sections, path.name
+            if node.name != 'encoder':
+                assert node.parameters[0] == sections['encoder']
+        else:
+            assert node.name in sections, f'{path.name} has no /**/{node.name} section (single_process:={single})'
 
 
 def test_config_argument_selects_a_shipped_file_and_params_file_wins():
@@ -118,10 +129,11 @@ def test_plan_applies_paths_device_and_remappings():
     nodes = plan_nodes(resolved(single_process='false', image_topic='/usb_cam/image_raw', points_topic='/velodyne_points',
                                 device='cuda:1', imagebind_checkpoint='/m/imagebind_huge.pth', llama_dir='/m/llama',
                                 adapter_checkpoint='/m/7B.pth', respawn='true', log_level='debug'))
-    by_name = {n.executable: n for n in nodes}
+    by_name = {n.name: n for n in nodes}
     assert ('camera/image_raw', '/usb_cam/image_raw') in by_name['camera_encoder'].remappings
     assert ('points', '/velodyne_points') in by_name['lidar_encoder'].remappings
-    assert by_name['camera_encoder'].parameters[-1] == {'device': 'cuda:1', 'model.checkpoint': '/m/imagebind_huge.pth'}
+    assert by_name['camera_encoder'].parameters[-1] == {'device': 'cuda:1', 'model.checkpoint': '/m/imagebind_huge.pth',
+                                                        'use_audio': False, 'use_lidar': False}
     assert by_name['llm_node'].parameters[-1] == {'device': 'cuda:1', 'llm.backbone_path': '/m/llama',
                                                   'llm.adapter_checkpoint': '/m/7B.pth'}
     assert all(n.respawn and n.log_level == 'debug' for n in nodes)
