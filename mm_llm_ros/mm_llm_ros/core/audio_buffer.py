@@ -91,6 +91,10 @@ class AudioRingBuffer:
             self._last_chunk_ns = stamp_ns
             self._end_stamp_ns = stamp_ns + round((frames - 1) * 1e9 / sample_rate)
 
+    def add(self, audio, stamp_ns: int) -> None:
+        """Add a decoded chunk (`core.sensor_decoding.DecodedAudio`) whose first sample was taken at ``stamp_ns``."""
+        self.append(audio.waveform, audio.sample_rate, stamp_ns)
+
     def snapshot(self) -> AudioSnapshot | None:
         """A copy of the buffered window in time order, or None when nothing has been buffered yet."""
         with self._lock:

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from mm_llm_ros.core.audio_buffer import AudioSnapshot
+from mm_llm_ros.core.audio_buffer import AudioRingBuffer, AudioSnapshot
 from mm_llm_ros.core.encoding_pipeline import InputRejected
 from mm_llm_ros.core.imagebind.lidar_projection import PinholeCamera, lidar_to_depth_input
 from mm_llm_ros.core.imagebind.preprocess import preprocess_audio, preprocess_depth, preprocess_vision
@@ -45,6 +45,11 @@ def depth_image(image: DecodedImage, context: InputContext) -> torch.Tensor:
     """A depth frame in metres -> ImageBind depth input (1, 224, 224), as disparity with the camera's focal length."""
     _require(image, True, 'depth camera')
     return preprocess_depth(image.depth_m, context.focal_px)
+
+
+def audio_window_buffer(params: Mapping[str, Any]) -> AudioRingBuffer:
+    """The encoder's audio window: `audio.window_s` of the newest audio, ready from `audio.min_window_s`."""
+    return AudioRingBuffer(params['audio.window_s'], min_window_s=params['audio.min_window_s'])
 
 
 def audio_window(snapshot: AudioSnapshot, context: InputContext) -> torch.Tensor:

@@ -44,8 +44,9 @@ class SensorSpec:
     modality: str                  # a `MODALITIES` key
     topic: str                     # default input topic (relative)
     msg_type: str                  # ROS message type, 'package/msg/Name'
-    decoder: str                   # what the decoded message is: 'image' (any Image/CompressedImage), 'audio' (the
-                                   # buffered window of AudioChunks), 'pointcloud' (projected through `CameraInfo`)
+    # How messages become model inputs: 'frame' (each decoded message is one input), 'window' (decoded messages are
+    # gathered by `window`; its ready window is one input) or 'pointcloud' (projected through the node's camera).
+    decoder: str
     preprocess: str                # 'module:function(decoded, InputContext) -> tensor' (see core/sensor_inputs.py)
     description: str
     launch_switch: str             # launch argument `use_<switch>` (and executable `<switch>_encoder`) enabling it
@@ -55,6 +56,9 @@ class SensorSpec:
     enabled_by_default: bool = True
     compressed_param: str = ''     # parameter choosing raw or compressed transport ('' = raw only)
     uses_camera_info: bool = False # needs camera/camera_info (focal length, projection)
+    # decoder 'window': 'module:function(params) -> buffer' with add(decoded, stamp_ns) and ready_window() (the window
+    # once long enough, else None; it has `end_stamp_ns`, the time of its newest sample, and is what `preprocess` takes)
+    window: str = ''
 
     @property
     def enable_param(self) -> str:
@@ -103,16 +107,16 @@ MODALITY_SPECS = (
 )
 
 SENSOR_SPECS = (
-    SensorSpec('camera', 'vision', 'camera/image_raw', 'sensor_msgs/msg/Image', 'image',
+    SensorSpec('camera', 'vision', 'camera/image_raw', 'sensor_msgs/msg/Image', 'frame',
                f'{_INPUTS}:camera_image', 'Encode camera images (vision).', 'camera', 'image_topic',
                replay_kind='image', default_frame='camera_optical_frame', compressed_param='camera.transport'),
-    SensorSpec('depth_camera', 'depth', 'camera/depth/image_raw', 'sensor_msgs/msg/Image', 'image',
+    SensorSpec('depth_camera', 'depth', 'camera/depth/image_raw', 'sensor_msgs/msg/Image', 'frame',
                f'{_INPUTS}:depth_image', 'Also encode a depth image stream (camera/depth/image_raw, 16UC1 mm '
                'or 32FC1 m) with the depth encoder.', 'camera', 'depth_topic', replay_kind='depth',
                default_frame='camera_optical_frame', enabled_by_default=False, uses_camera_info=True),
-    SensorSpec('audio', 'audio', 'audio', 'mm_llm_ros_interfaces/msg/AudioChunk', 'audio',
+    SensorSpec('audio', 'audio', 'audio', 'mm_llm_ros_interfaces/msg/AudioChunk', 'window',
                f'{_INPUTS}:audio_window', 'Encode microphone audio.', 'audio', 'audio_topic',
-               replay_kind='audio', default_frame='microphone'),
+               replay_kind='audio', default_frame='microphone', window=f'{_INPUTS}:audio_window_buffer'),
     SensorSpec('lidar', 'depth', 'points', 'sensor_msgs/msg/PointCloud2', 'pointcloud',
                f'{_INPUTS}:lidar_cloud',
                'Encode lidar point clouds via depth projection.', 'lidar', 'points_topic', replay_kind='points',

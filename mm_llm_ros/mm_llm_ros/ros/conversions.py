@@ -60,8 +60,7 @@ def audio_from_msg(msg, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedAudio:
 def append_audio(buffer, msg, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
     """Decode an AudioChunk into an `AudioRingBuffer`, stamped by its header (raises DecodeError or
     AudioBufferError; the window then stays what it was: a lost chunk is no evidence of silence)."""
-    audio = audio_from_msg(msg, limits)
-    buffer.append(audio.waveform, audio.sample_rate, stamp_to_ns(msg.header.stamp))
+    buffer.add(audio_from_msg(msg, limits), stamp_to_ns(msg.header.stamp))
 
 
 # The reader of each message type a sensor of core/specs.py may have (keyed by the message class name).

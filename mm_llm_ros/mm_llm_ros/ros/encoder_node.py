@@ -15,7 +15,6 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, PointCloud2
 
-from mm_llm_ros.core.audio_buffer import AudioRingBuffer
 from mm_llm_ros.core.device import DeviceError, describe
 from mm_llm_ros.core.encoding_pipeline import EncoderWorker, InputRejected, Prepared, Stream
 from mm_llm_ros.core.imagebind.lidar_projection import (T_OPTICAL_FROM_LIDAR, PinholeCamera, virtual_camera,
@@ -27,12 +26,12 @@ from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits
 from mm_llm_ros.core.sensor_inputs import InputContext
 from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, SENSOR_SPECS, SensorSpec, resolve
-from mm_llm_ros.ros.conversions import DECODERS, append_audio, message_class, pointcloud_from_msg, stamp_to_ns
+from mm_llm_ros.ros.conversions import DECODERS, message_class, pointcloud_from_msg, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.node_main import StartupError
 from mm_llm_ros.ros.parameters import declare_parameters
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, SENSOR_QOS
-from mm_llm_ros_interfaces.msg import AudioChunk, Embedding
+from mm_llm_ros_interfaces.msg import Embedding
 
 
 class EncoderNode(Node):
@@ -92,11 +91,11 @@ class EncoderNode(Node):
             msg_type, topic = CompressedImage, topic + '/compressed'
         decode = DECODERS[msg_type.__name__]
         preprocess = resolve(spec.preprocess)
-        if spec.decoder == 'audio':
-            self._add_audio(spec, p, group, preprocess)
+        if spec.decoder == 'window':
+            self._add_window(spec, p, msg_type, topic, decode, preprocess, group)
         elif spec.decoder == 'pointcloud':
             self._add_lidar(spec, p, group, preprocess)
-        else:   # images: decoded and preprocessed with nothing else than the latest focal length
+        else:   # frames: decoded and preprocessed with nothing else than the latest focal length
             self._add_stream(spec, msg_type, topic, lambda msg: Prepared(
                 spec.modality, preprocess(decode(msg, self.limits), self._input_context()),
                 stamp_to_ns(msg.header.stamp), msg.header.frame_id), group)
@@ -110,10 +109,11 @@ class EncoderNode(Node):
         self.streams.append(stream)
         return stream
 
-    def _add_audio(self, spec: SensorSpec, p, group, preprocess) -> None:
-        self.audio_buffer = AudioRingBuffer(p['audio.window_s'], min_window_s=p['audio.min_window_s'])
-        stream = self._add_stream(spec, AudioChunk, spec.topic, lambda frame_id: self._prepare_audio(
-            spec, preprocess, frame_id), group, offer=lambda msg: self._audio_callback(stream, msg))
+    def _add_window(self, spec: SensorSpec, p, msg_type, topic: str, decode, preprocess, group) -> None:
+        window = resolve(spec.window)(p)
+        stream = self._add_stream(spec, msg_type, topic, lambda frame_id: self._prepare_window(
+            spec, window, preprocess, frame_id), group,
+            offer=lambda msg: self._window_callback(stream, window, decode, msg))
 
     def _add_lidar(self, spec: SensorSpec, p, group, preprocess) -> None:
         self.lidar_camera = None
@@ -139,10 +139,11 @@ class EncoderNode(Node):
     def _camera_info_callback(self, msg: CameraInfo) -> None:
         self.camera_info = msg
 
-    def _audio_callback(self, stream: Stream, msg: AudioChunk) -> None:
-        # Every chunk matters for audio, so decoding (a cheap reinterpretation of bytes) happens here.
+    def _window_callback(self, stream: Stream, window, decode, msg) -> None:
+        # Every message of a window matters (audio chunks), so decoding (a cheap reinterpretation of bytes) happens
+        # here; the worker preprocesses the window.
         try:
-            append_audio(self.audio_buffer, msg, self.limits)
+            window.add(decode(msg, self.limits), stamp_to_ns(msg.header.stamp))
         except (DecodeError, ValueError) as exc:
             reason = getattr(exc, 'reason', 'invalid')
             self.worker.reject(stream, getattr(reason, 'value', reason), str(exc))
@@ -155,8 +156,8 @@ class EncoderNode(Node):
         focal = float(info.k[0]) if info is not None and info.k[0] > 0 else None
         return InputContext(self.params, focal, projection)
 
-    def _prepare_audio(self, spec: SensorSpec, preprocess, frame_id: str) -> Optional[Prepared]:
-        snapshot = self.audio_buffer.ready_window()
+    def _prepare_window(self, spec: SensorSpec, window, preprocess, frame_id: str) -> Optional[Prepared]:
+        snapshot = window.ready_window()
         if snapshot is None:
             return None  # keep listening until the first window is long enough
         return Prepared(spec.modality, preprocess(snapshot, self._input_context()), snapshot.end_stamp_ns, frame_id)
