@@ -32,8 +32,17 @@ class ModalitySpec:
     implemented: bool = True       # False: declared for completeness (point), no encoder path
 
 
+class _Switchable:
+    """An entry a node switches on with the boolean parameter `use_<name>`."""
+    name: str
+
+    @property
+    def enable_param(self) -> str:
+        return f'use_{self.name}'
+
+
 @dataclass(frozen=True)
-class SensorSpec:
+class SensorSpec(_Switchable):
     """One input of the encoder: a source of embeddings, published on `mm_llm/embedding/<name>`.
 
     `name` is the source id: the encoder's stream name, the embedding topic's last part, the key of the LLM node's
@@ -61,16 +70,12 @@ class SensorSpec:
     window: str = ''
 
     @property
-    def enable_param(self) -> str:
-        return f'use_{self.name}'
-
-    @property
     def embedding_topic(self) -> str:
         return EMBEDDING_TOPIC.format(source=self.name)
 
 
 @dataclass(frozen=True)
-class ContextKindSpec:
+class ContextKindSpec(_Switchable):
     """A perception-context extractor of grounding_node, published on `mm_llm/context/<name>`."""
     name: str
     label: str                     # readable name in the prompt line ('{label}: {text}')
@@ -80,10 +85,6 @@ class ContextKindSpec:
     description: str
     # Config fields taken from parameters shared with other nodes instead of `<name>.<field>`.
     shared_params: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def enable_param(self) -> str:
-        return f'use_{self.name}'
 
     @property
     def topic(self) -> str:
