@@ -12,6 +12,20 @@ from typing import Mapping
 
 from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, LAUNCH_SWITCHES, SENSOR_SPECS
 
+def _sensors(switch: str) -> tuple:
+    return tuple(s for s in SENSOR_SPECS if s.launch_switch == switch)
+
+
+def _primary(switch: str) -> tuple:
+    """The sensors a launch switch turns on: those on by default (the camera, not the depth camera), else all."""
+    return tuple(s for s in _sensors(switch) if s.enabled_by_default) or _sensors(switch)
+
+
+def _switch_flags(switch: str, on: bool) -> dict[str, bool]:
+    """Encoder parameters for `use_<switch>`: on, its primary sensors on (others as the file says); off, all off."""
+    return {s.enable_param: True for s in _primary(switch)} if on else {s.enable_param: False for s in _sensors(switch)}
+
+
 # Parameter files shipped in config/ that `config:=<name>` selects (tiny.yaml is for tests only).
 SHIPPED_CONFIGS = {'robot': 'robot.yaml', 'demo': 'demo.yaml'}
 
@@ -29,8 +43,9 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument('config', 'robot', 'Shipped parameter file: robot (official weights on a GPU; give their paths) '
                    'or demo (runs anywhere with nothing downloaded). Ignored when params_file is given.'),
     LaunchArgument('params_file', '', 'Parameter YAML for all nodes (default: config/<config>.yaml).'),
-    *(LaunchArgument(f'use_{switch}', 'true', f'Start the {switch} encoder (' + ', '.join(
-        s.name for s in SENSOR_SPECS if s.launch_switch == switch) + ').') for switch in LAUNCH_SWITCHES),
+    *(LaunchArgument(f'use_{switch}', 'true' if any(s.enabled_by_default for s in _sensors(switch)) else 'false',
+                     f'Encode the {switch} inputs (' + ', '.join(s.name for s in _sensors(switch)) + ').')
+      for switch in LAUNCH_SWITCHES),
     LaunchArgument('use_grounding', 'true', 'Start grounding_node: OCR, audio events and lidar geometry as prompt '
                    'context for the LLM (each part switchable in the parameter file).'),
     *(LaunchArgument(s.topic_argument, s.topic, f"{s.msg_type.replace('/msg/', '/')} input of the {s.name} sensor"
@@ -109,7 +124,7 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     nodes = []
     if _truthy(values['single_process'], 'single_process'):
         if any(use.values()):
-            flags = {f'use_{s}': on for s, on in use.items()}
+            flags = {name: value for switch, on in use.items() for name, value in _switch_flags(switch, on).items()}
             nodes.append(spec('encoder', encoder_overrides | flags,
                               [r for s in use if use[s] for r in remaps[s]]))
     else:
@@ -118,8 +133,9 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
         section = _encoder_section(values['params_file'])
         for switch in LAUNCH_SWITCHES:
             if use[switch]:
-                others = {s.enable_param: False for s in SENSOR_SPECS if s.launch_switch != switch}
-                nodes.append(spec('encoder', encoder_overrides | others, remaps[switch], name=f'{switch}_encoder',
+                flags = {name: value for other in LAUNCH_SWITCHES
+                         for name, value in _switch_flags(other, other == switch).items()}
+                nodes.append(spec('encoder', encoder_overrides | flags, remaps[switch], name=f'{switch}_encoder',
                                   first=(section,) if section else ()))
     if _truthy(values['use_grounding'], 'use_grounding'):
         nodes.append(spec('grounding_node', {}, dict.fromkeys(r for s in LAUNCH_SWITCHES for r in remaps[s])))

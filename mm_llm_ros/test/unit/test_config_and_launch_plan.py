@@ -91,8 +91,13 @@ def test_plan_resolves_for_every_sensor_combination(single, camera, audio, lidar
         assert names[:-1] == ['encoder'] * len(sensors)
         assert [n.name for n in nodes[:-1]] == [f'{s}_encoder' for s in sensors]
         for node, sensor in zip(nodes, sensors):
-            assert not any(v for k, v in node.parameters[-1].items() if k.startswith('use_')), node.parameters[-1]
-            assert f'use_{sensor}' not in node.parameters[-1]
+            flags = {k: v for k, v in node.parameters[-1].items() if k.startswith('use_')}
+            # its own switch turns its sensor on (a depth camera stays as the file says), the others all off
+            expected = {f'use_{s}': s == sensor for s in ('camera', 'audio', 'lidar')}
+            if sensor != 'camera':
+                expected['use_depth_camera'] = False
+            assert {k: flags[k] for k in expected} == expected and not any(  # other sensors of core/specs.py: off
+                v for k, v in flags.items() if k not in expected), flags
     for node in nodes:
         for params in node.parameters:
             if isinstance(params, dict):
@@ -132,8 +137,9 @@ def test_plan_applies_paths_device_and_remappings():
     by_name = {n.name: n for n in nodes}
     assert ('camera/image_raw', '/usb_cam/image_raw') in by_name['camera_encoder'].remappings
     assert ('points', '/velodyne_points') in by_name['lidar_encoder'].remappings
-    assert by_name['camera_encoder'].parameters[-1] == {'device': 'cuda:1', 'model.checkpoint': '/m/imagebind_huge.pth',
-                                                        'use_audio': False, 'use_lidar': False}
+    assert by_name['camera_encoder'].parameters[-1].items() >= {
+        'device': 'cuda:1', 'model.checkpoint': '/m/imagebind_huge.pth', 'use_camera': True, 'use_audio': False,
+        'use_lidar': False}.items()
     assert by_name['llm_node'].parameters[-1] == {'device': 'cuda:1', 'llm.backbone_path': '/m/llama',
                                                   'llm.adapter_checkpoint': '/m/7B.pth'}
     assert all(n.respawn and n.log_level == 'debug' for n in nodes)
