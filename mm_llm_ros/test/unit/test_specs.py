@@ -84,3 +84,20 @@ def test_no_core_module_reaches_up_into_launch_code_or_nodes():
     pattern = re.compile(r'^\s*(from|import)\s+mm_llm_ros\.(launch_plan|ros|demo|evaluate|node_processes)\b', re.M)
     offenders = [str(p.relative_to(CORE)) for p in CORE.rglob('*.py') if pattern.search(p.read_text())]
     assert not offenders
+
+
+def test_the_sros2_policy_lets_every_spec_entry_through():
+    """config/sros2/mm_llm_ros.policy.xml is data next to the tables: a new sensor or kind needs its topic there."""
+    import xml.etree.ElementTree as ET
+    root = ET.parse(CORE.parents[1] / 'config' / 'sros2' / 'mm_llm_ros.policy.xml').getroot()
+
+    def topics(node, permission):
+        profile = next(p for p in root.iter('profile') if p.get('node') == node)
+        return {t.text for group in profile.findall('topics') if group.get(permission) == 'ALLOW' for t in group}
+    embeddings = {s.embedding_topic for s in specs.SENSOR_SPECS}
+    contexts = {k.topic for k in specs.CONTEXT_KIND_SPECS}
+    assert embeddings <= topics('encoder', 'publish') and embeddings <= topics('llm_node', 'subscribe')
+    for switch in specs.LAUNCH_SWITCHES:
+        assert {s.embedding_topic for s in specs.SENSOR_SPECS if s.launch_switch == switch} <= topics(
+            f'{switch}_encoder', 'publish')
+    assert contexts <= topics('grounding_node', 'publish') and contexts <= topics('llm_node', 'subscribe')
