@@ -109,9 +109,10 @@ def render_yaml(preset: str) -> str:
 def render_table() -> str:
     rows = [TABLE_BEGIN, '', '| node(s) | parameter | default | description |', '|---|---|---|---|']
     seen: dict[str, list[str]] = {}
+    deprecated: dict[str, list[str]] = {}
     for node, params in NODE_PARAMS.items():
-        for name in params:
-            seen.setdefault(name, []).append(node)
+        for name, param in params.items():
+            (deprecated if param.replaced_by else seen).setdefault(name, []).append(node)
     for name, nodes in seen.items():
         param = NODE_PARAMS[nodes[0]][name]
         where = ', '.join(nodes)
@@ -121,6 +122,9 @@ def render_table() -> str:
             where = 'all nodes'
         choices = f" One of: {', '.join(f'`{c}`' for c in param.choices)}." if param.choices else ''
         rows.append(f'| {where} | `{name}` | `{_yaml_value(param.default)}` | {param.description}{choices} |')
+    for name, nodes in deprecated.items():   # old names of renamed parameters, still read with a warning
+        param = NODE_PARAMS[nodes[0]][name]
+        rows.append(f"| {', '.join(nodes)} | `{name}` (old name) | | {param.description} |")
     rows += ['', TABLE_END]
     return '\n'.join(rows)
 

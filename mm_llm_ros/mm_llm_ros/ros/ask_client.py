@@ -42,7 +42,8 @@ def _on_stop_signal(_signum, _frame) -> None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog='ask', description='Ask the mm_llm_ros ImageBind-LLM node a question.')
     parser.add_argument('question')
-    parser.add_argument('--modalities', nargs='*', default=[], help='subset of vision audio depth point')
+    parser.add_argument('--modalities', nargs='*', default=[], help='sensors (camera, lidar, ...), modalities (vision, '
+                        'depth, ...) or context kinds (ocr, ...); empty: everything fresh')
     parser.add_argument('--max-age', type=float, default=0.0, help='max sensor data age in s (0: node default)')
     parser.add_argument('--max-new-tokens', type=int, default=0, help='0: node default')
     parser.add_argument('--stream', action='store_true', help='use /ask_stream and print tokens as they arrive')
