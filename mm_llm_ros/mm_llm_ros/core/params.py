@@ -261,7 +261,8 @@ NODE_PARAMS: dict[str, dict[str, Param]] = {
 
 
 def defaults(node: str) -> dict[str, Any]:
-    return {name: p.default for name, p in NODE_PARAMS[node].items()}
+    """Every parameter's default, as the node sees them (old names of renamed parameters left out)."""
+    return {name: p.default for name, p in NODE_PARAMS[node].items() if not p.replaced_by}
 
 
 # ---- Parameter files outside ROS (the `evaluate` CLI builds the nodes' models from them) ----------
@@ -305,7 +306,7 @@ def node_params(sections: Mapping[str, Mapping[str, Any]], node: str) -> dict[st
     """
     declared = NODE_PARAMS[node]
     wildcard = {name: value for name, value in sections.get(WILDCARD_NODE, {}).items() if name in declared}
-    values = defaults(node)
+    values = {name: p.default for name, p in declared.items()}
     for name, value in {**wildcard, **sections.get(node, {})}.items():
         param = declared.get(name)
         if param is None:
