@@ -384,14 +384,14 @@ def test_hostile_embeddings_and_context_are_dropped_and_counted(test_node, llm, 
     for _ in range(3):  # 16 MB each: what a hostile publisher's single message can weigh
         huge = Embedding(modality='vision')
         huge.embedding = array.array('f', bytes(16_000_000))
-        pubs['vision'].publish(huge)
+        pubs['camera'].publish(huge)
         sent['invalid'] += 1
     one_context()
     # A good embedding after the storm is used, with its own stamp: the inputs still work.
     good = Embedding(modality='vision', model='test')
     good.embedding = np.linspace(-1, 1, EMBEDDING_DIM, dtype=np.float32).tolist()
     good.header.stamp.sec = 1_700_000_000
-    pubs['vision'].publish(good)
+    pubs['camera'].publish(good)
     wait_until(lambda: [stamp_to_ns(s) for s in ask(test_node, ask_client, question='What do you see?',
                                                     modalities=['vision']).source_stamps] == [1_700_000_000 * 10**9],
                what='the good embedding in an answer')
