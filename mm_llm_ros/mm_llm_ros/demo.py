@@ -118,9 +118,9 @@ class DemoClient:
         return missing
 
     def ask(self, question: str, deadline: float) -> Answer:
-        from mm_llm_ros.ros.qos import SERVICE_QOS
+        from mm_llm_ros.ros.ask_client import ask_service_client
         from mm_llm_ros_interfaces.srv import Ask
-        client = self.node.create_client(Ask, 'ask', qos_profile=SERVICE_QOS)
+        client = ask_service_client(self.node)
         if not client.wait_for_service(timeout_sec=max(0.0, deadline - time.monotonic())):
             raise TimeoutError('/ask is not available')
         response = _wait_future(client.call_async(Ask.Request(question=question)), deadline)
@@ -128,11 +128,9 @@ class DemoClient:
         return _answer('ask', question, response, response.answer)
 
     def ask_stream(self, question: str, deadline: float, on_text: Callable[[str], None]) -> Answer:
-        from rclpy.action import ActionClient
-        from mm_llm_ros.ros.qos import SERVICE_QOS
+        from mm_llm_ros.ros.ask_client import ask_stream_client
         from mm_llm_ros_interfaces.action import AskStream
-        client = ActionClient(self.node, AskStream, 'ask_stream', goal_service_qos_profile=SERVICE_QOS,
-                              result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS)
+        client = ask_stream_client(self.node)
         if not client.wait_for_server(timeout_sec=max(0.0, deadline - time.monotonic())):
             raise TimeoutError('/ask_stream is not available')
         goal = _wait_future(client.send_goal_async(AskStream.Goal(question=question),

@@ -53,6 +53,18 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def ask_service_client(node, name: str = 'ask'):
+    """The /ask client of every caller in this package, with the server's reliable depth-256 QoS."""
+    return node.create_client(Ask, name, qos_profile=SERVICE_QOS)
+
+
+def ask_stream_client(node, name: str = 'ask_stream') -> ActionClient:
+    """The /ask_stream client of every caller in this package, its goal, result and cancel services with the
+    server's QoS (the default depth 10 drops requests when many callers arrive at once)."""
+    return ActionClient(node, AskStream, name, goal_service_qos_profile=SERVICE_QOS,
+                        result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS)
+
+
 def _fill_request(request, args):
     request.question = args.question
     request.modalities = list(args.modalities)
@@ -101,7 +113,7 @@ def _print_result(result) -> int:
 
 def ask(node, executor, args) -> int:
     deadline = time.monotonic() + args.timeout
-    client = node.create_client(Ask, args.service, qos_profile=SERVICE_QOS)
+    client = ask_service_client(node, args.service)
     if not _spin_until(client.service_is_ready, executor, deadline):
         if _stop_requested.is_set():
             return _interrupted()
@@ -121,7 +133,7 @@ def ask(node, executor, args) -> int:
 
 def ask_stream(node, executor, args) -> int:
     deadline = time.monotonic() + args.timeout
-    client = ActionClient(node, AskStream, args.action)
+    client = ask_stream_client(node, args.action)
     if not _spin_until(client.server_is_ready, executor, deadline):
         if _stop_requested.is_set():
             return _interrupted()
