@@ -204,7 +204,7 @@ class AskEngine:
         if error:
             return error, request
         modalities = list(dict.fromkeys(m.strip().lower() for m in request.modalities))
-        known = (*self.limits.known_modalities, *(g for g in self.limits.groups if g not in self.limits.known_modalities))
+        known = tuple(dict.fromkeys((*self.limits.known_modalities, *self.limits.groups)))
         unknown = [m for m in modalities if m not in known]
         if unknown:
             return f"unknown modality '{unknown[0]}' (known: {', '.join(known)})", request

@@ -2,8 +2,8 @@
 Embedding messages on `mm_llm/embedding/<sensor>`.
 
 `encoder` hosts any subset (`use_<sensor>`) with ONE shared model; `camera_encoder`, `audio_encoder` and
-`lidar_encoder` are this node with the sensors of one launch switch. Callbacks only hand messages to the `EncoderWorker`
-(core/encoding_pipeline.py); decoding, preprocessing and encoding happen on its thread.
+`lidar_encoder` are this node with the sensors of one launch switch. Callbacks only hand messages to the
+`EncoderWorker` (core/encoding_pipeline.py); decoding, preprocessing and encoding happen on its thread.
 """
 from __future__ import annotations
 
