@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Optional
 
 import rclpy
 from rclpy.action import ActionClient
@@ -111,14 +112,22 @@ def _print_result(result) -> int:
     return 0
 
 
+def _wait_for_server(is_ready, what: str, executor, timeout_s: float) -> tuple[float, Optional[int]]:
+    """The request's deadline, and None once the server is ready, else the exit code (stopped or timed out)."""
+    deadline = time.monotonic() + timeout_s
+    if _spin_until(is_ready, executor, deadline):
+        return deadline, None
+    if _stop_requested.is_set():
+        return deadline, _interrupted()
+    print(f'error: {what} not available after {timeout_s:g} s', file=sys.stderr)
+    return deadline, EXIT_TIMEOUT
+
+
 def ask(node, executor, args) -> int:
-    deadline = time.monotonic() + args.timeout
     client = ask_service_client(node, args.service)
-    if not _spin_until(client.service_is_ready, executor, deadline):
-        if _stop_requested.is_set():
-            return _interrupted()
-        print(f"error: service '{client.srv_name}' not available after {args.timeout:g} s", file=sys.stderr)
-        return EXIT_TIMEOUT
+    deadline, code = _wait_for_server(client.service_is_ready, f"service '{client.srv_name}'", executor, args.timeout)
+    if code is not None:
+        return code
     future = client.call_async(_fill_request(Ask.Request(), args))
     if not _wait(future, executor, deadline):
         if _stop_requested.is_set():
@@ -132,13 +141,10 @@ def ask(node, executor, args) -> int:
 
 
 def ask_stream(node, executor, args) -> int:
-    deadline = time.monotonic() + args.timeout
     client = ask_stream_client(node, args.action)
-    if not _spin_until(client.server_is_ready, executor, deadline):
-        if _stop_requested.is_set():
-            return _interrupted()
-        print(f"error: action '{args.action}' not available after {args.timeout:g} s", file=sys.stderr)
-        return EXIT_TIMEOUT
+    deadline, code = _wait_for_server(client.server_is_ready, f"action '{args.action}'", executor, args.timeout)
+    if code is not None:
+        return code
 
     def on_feedback(feedback_msg):
         print(feedback_msg.feedback.new_text, end='', flush=True)
