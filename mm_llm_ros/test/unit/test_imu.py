@@ -176,7 +176,8 @@ def test_interpolation_matches_numpy_interp_at_and_beyond_the_edges():
     ours = interpolate_linear(times, values, query)
     expected = np.stack([np.interp(query, times, values[:, channel]) for channel in range(6)], axis=1)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
-    np.testing.assert_array_equal(interpolate_linear(times[:1], values[:1], query), np.repeat(values[:1], query.size, 0))
+    single = interpolate_linear(times[:1], values[:1], query)
+    np.testing.assert_array_equal(single, np.repeat(values[:1], query.size, 0))
 
 
 def test_box_average_matches_numerical_integration():

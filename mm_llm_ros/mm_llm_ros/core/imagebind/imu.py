@@ -6,7 +6,7 @@ ImageBind ships no IMU loader; what its IMU encoder expects comes from the model
   250 patches of 8 time steps and projects each flattened (6 x 8) patch linearly, followed by a LayerNorm. There is
   no input normalisation in the model. Because of that LayerNorm a common scale of all six channels hardly
   matters, but their relative scale and offsets do: the channels must be in the units the model was trained on.
-- **Channels and units**: the paper (Sec. 4, "Encoding modalities") uses accelerometer and gyroscope X, Y, Z from
+- **Channels and units**: the paper (Sec. 3.3, "Encoding modalities") uses accelerometer and gyroscope X, Y, Z from
   Ego4D. Ego4D's IMU CSVs (GoPro telemetry, ~200 Hz: 4.975 ms steps in the dataset's sample) carry ``accl_*`` in
   m/s^2 including gravity and ``gyro_*`` in rad/s; Meta's own Ego4D IMU pipeline (IMU2CLIP,
   ``dataset/ego4d/utils/utils.py``) stacks them as acc x, y, z then gyro x, y, z, unnormalised. sensor_msgs/Imu
