@@ -210,6 +210,12 @@ def test_fast_sensors_are_box_averaged_so_vibration_does_not_alias():
     assert abs(float(averaged.mean()) - 9.81) < 0.01
 
 
+def test_grid_ends_on_the_newest_sample_so_a_matching_rate_is_taken_as_is():
+    stamps, samples = stream(200.0, 12.0)
+    window = preprocess_imu(stamps, samples, ImuWindowConfig(window_s=10.0))  # 2000 steps of 5 ms
+    np.testing.assert_array_equal(window.numpy(), samples[-2000:].T.astype(np.float32))
+
+
 def test_short_history_is_refused_with_its_length():
     stamps, samples = stream(200.0, 3.0)
     with pytest.raises(ImuWindowError, match=r'only 2\.995 s of contiguous IMU history .*5 s are needed') as info:

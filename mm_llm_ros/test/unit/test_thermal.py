@@ -3,6 +3,8 @@ thermal frame, and ImageBind's thermal trunk accepting the result."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, ImageBindEncoder
@@ -11,7 +13,8 @@ from mm_llm_ros.core.imagebind.thermal import (ThermalConfigError, ThermalPrepro
                                                thermal_to_intensity)
 from mm_llm_ros.core.replay.synthetic import (THERMAL_ENGINE_BOX, THERMAL_HEIGHT, THERMAL_PERSON_BOX,
                                               THERMAL_WIDTH, thermal_image)
-from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits, decode_thermal_image, encode_image
+from mm_llm_ros.core.sensor_decoding import (DecodeError, DecodeLimits, DecodeReason, decode_thermal_image,
+                                             encode_image)
 
 
 @pytest.fixture(scope='module')
@@ -84,6 +87,29 @@ def test_bad_thermal_images_are_rejected_with_a_reason():
     raises('bad_dimensions', 'mono16', 2.5, 3, 6, False, good)
     raises('empty', 'mono16', 2, 3, 6, False, b'')
     raises('too_large', 'mono16', 2, 3, 6, False, good, DecodeLimits(max_pixels=5))
+
+
+SMALL = DecodeLimits(max_bytes=1 << 12, max_pixels=1 << 10)
+THERMAL_BPP = {'mono8': 1, '8UC1': 1, 'mono16': 2, '16UC1': 2, '32FC1': 4, 'rgb8': 3, 'yuv422': 2}
+
+
+@settings(deadline=None, database=None, max_examples=300, suppress_health_check=list(HealthCheck))
+@given(height=st.integers(-3, 40), width=st.integers(-3, 40), padding=st.integers(-2, 5),
+       extra=st.sampled_from([0, 0, -1, 3]), big_endian=st.booleans(), pattern=st.binary(min_size=1, max_size=16))
+def test_fuzz_decode_thermal_image(height, width, padding, extra, big_endian, pattern):
+    """Any header and payload either decodes to an (H, W) array of the encoding's type or raises a DecodeError."""
+    for encoding, bpp in THERMAL_BPP.items():
+        step = max(width, 0) * bpp + padding
+        size = max(0, min(height * step + extra, SMALL.max_bytes + 8))
+        data = (pattern * (size // len(pattern) + 1))[:size]
+        try:
+            decoded = decode_thermal_image(encoding, height, width, step, big_endian, data, SMALL)
+        except DecodeError as exc:
+            assert exc.reason in set(DecodeReason) and str(exc)
+            continue
+        assert decoded.values.shape == (height, width)
+        assert decoded.values.dtype.kind == ('f' if encoding == '32FC1' else 'u')
+        assert not np.isinf(decoded.values).any()
 
 
 # --------------------------------------------------------------------------------------------------------------
