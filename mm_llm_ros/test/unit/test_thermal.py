@@ -155,6 +155,19 @@ def test_raw_counts_use_their_own_percentile_window(rng):
     assert not np.array_equal(thermal_to_intensity(counts), thermal_to_intensity(counts, config))
 
 
+def test_counts_read_as_kelvin_are_reported_once(caplog, monkeypatch):
+    monkeypatch.setattr('mm_llm_ros.core.imagebind.thermal._warned', set())
+    counts = np.full((8, 8), 30000, np.uint16)  # a 14/16-bit camera's raw counts: "300 K" only by accident
+    counts[0] = 31000
+    with caplog.at_level('WARNING', logger='mm_llm_ros.core.imagebind.thermal'):
+        thermal_to_intensity(counts, ThermalPreprocessConfig(kelvin_per_count=1.0))  # 30000 "K"
+        thermal_to_intensity(counts, ThermalPreprocessConfig(kelvin_per_count=1.0))
+        thermal_to_intensity(counts)  # 300 K centikelvin: plausible, silent
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and 'median of 30000.0 K: are these raw counts' in warnings[0]
+    assert 'kelvin_per_count 1' in warnings[0]
+
+
 def test_fixed_window_keeps_frames_comparable():
     config = ThermalPreprocessConfig(window='fixed', fixed_range=(270.0, 321.0))
     kelvin = np.array([[250.0, 270.0, 295.5, 321.0, 400.0]])

@@ -1,9 +1,10 @@
 """Thermal camera frames -> ImageBind's thermal encoder input (1, 224, 224) float32.
 
 ImageBind ships no thermal loader. Its thermal encoder was trained on LLVIP (1280x1024 infrared frames of night
-streets from a HIKVISION surveillance camera, stored as 8-bit grey JPEGs saved with three equal channels): the
-camera's own automatic gain control had already turned temperatures into a per-frame contrast-stretched, white-hot
-(warm = bright) 8-bit image. The model code fixes a single channel of 224x224 (``ThermalPreprocessor`` with a
+streets from a HIKVISION surveillance camera, stored as 8-bit grey JPEGs saved with three equal channels). LLVIP
+publishes no temperatures: its frames are the camera's display output, white-hot (warm = bright) and, as
+surveillance thermal cameras do, contrast-stretched by the camera's gain control (an inference from the data, not
+documented by LLVIP). The model code fixes a single channel of 224x224 (``ThermalPreprocessor`` with a
 one-channel 16x16 patch conv). So this module does two things (constants in :class:`ThermalPreprocessConfig`):
 
 1. **Radiometric values -> 8-bit intensity**, like that camera's gain control: pixels in kelvin (or raw counts) are
@@ -35,6 +36,7 @@ Invalid pixels are excluded from the window and drawn black (coldest).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -44,7 +46,10 @@ import torch
 
 from mm_llm_ros.core.imagebind.preprocess import PreprocessError, _resize_and_crop
 
+logger = logging.getLogger(__name__)
+
 THERMAL_UNITS = ('kelvin', 'counts')
+PLAUSIBLE_KELVIN = (150.0, 1000.0)  # a median outside this is almost certainly not kelvin
 THERMAL_WINDOWS = ('percentile', 'fixed')
 DEFAULT_MIN_SPAN_K = 5.0  # a uniform scene is shown with at least this much temperature contrast
 
@@ -174,6 +179,21 @@ def thermal_window(values: np.ndarray, valid: np.ndarray, config: ThermalPreproc
     return low, high
 
 
+_warned: set[tuple[str, float]] = set()
+
+
+def _warn_if_not_kelvin(kelvin: np.ndarray, dtype: np.dtype, config: ThermalPreprocessConfig) -> None:
+    """Log once per pixel type and scale when a frame read as kelvin has an implausible median (raw counts?)."""
+    median = float(np.median(kelvin[::7]))  # a subsample is plenty to tell 300 K from 8000 "K"
+    key = (str(dtype), config.kelvin_per_count)
+    if PLAUSIBLE_KELVIN[0] <= median <= PLAUSIBLE_KELVIN[1] or key in _warned:
+        return
+    _warned.add(key)
+    scale = f' with kelvin_per_count {config.kelvin_per_count:g}' if dtype == np.uint16 else ''
+    logger.warning('thermal frame read as kelvin%s has a median of %.1f K: are these raw counts? Set units to '
+                   "counts (or the camera's kelvin_per_count)", scale, median)
+
+
 def thermal_to_intensity(values: np.ndarray,
                          config: ThermalPreprocessConfig = ThermalPreprocessConfig()) -> np.ndarray:
     """A decoded thermal frame (H, W) -> the (H, W) uint8 white-hot intensity image LLVIP-style.
@@ -201,6 +221,8 @@ def thermal_to_intensity(values: np.ndarray,
         raise PreprocessError(f'thermal image has no valid pixel (units {config.units}: '
                               + ('0, non-finite and <= 0 are invalid)' if config.units == 'kelvin'
                                  else 'non-finite values are invalid)'))
+    if config.units == 'kelvin':
+        _warn_if_not_kelvin(physical[valid], values.dtype, config)
     low, high = thermal_window(physical, valid, config)
     scaled = np.clip((physical - low) * (255.0 / (high - low)), 0.0, 255.0)
     scaled[~valid] = 0.0
