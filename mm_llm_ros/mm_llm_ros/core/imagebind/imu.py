@@ -7,8 +7,8 @@ ImageBind ships no IMU loader; what its IMU encoder expects comes from the model
   no input normalisation in the model. Because of that LayerNorm a common scale of all six channels hardly
   matters, but their relative scale and offsets do: the channels must be in the units the model was trained on.
 - **Channels and units**: the paper (Sec. 3.3, "Encoding modalities") uses accelerometer and gyroscope X, Y, Z from
-  Ego4D. Ego4D's IMU CSVs (GoPro telemetry, ~200 Hz: 4.975 ms steps in the dataset's sample) carry ``accl_*`` in
-  m/s^2 including gravity and ``gyro_*`` in rad/s; Meta's own Ego4D IMU pipeline (IMU2CLIP,
+  Ego4D. Ego4D's IMU CSVs (~200 Hz: 4.975 ms steps in the documented sample) carry GoPro telemetry, whose GPMF
+  format gives ``ACCL`` in m/s^2 including gravity and ``GYRO`` in rad/s; Meta's own Ego4D IMU pipeline (IMU2CLIP,
   ``dataset/ego4d/utils/utils.py``) stacks them as acc x, y, z then gyro x, y, z, unnormalised. sensor_msgs/Imu
   has the same units (REP 145: accelerations include gravity), so samples are used as they come, in that order
   (:func:`mm_llm_ros.core.sensor_decoding.decode_imu`).
@@ -22,8 +22,8 @@ ImageBind ships no IMU loader; what its IMU encoder expects comes from the model
 Axis frames are not converted: ImageBind saw a head-mounted camera's axes, a robot's IMU has its own. That is a
 domain gap no resampling can close; it is documented, not hidden.
 
-A short history is refused with a clear reason unless it covers ``min_history_s`` (default: the whole window); a
-shorter window is padded at the front by holding the oldest sample, i.e. "the robot was in that state". A gap
+A history shorter than ``min_history_s`` (default: the whole window) is refused with a clear reason; one between
+that and the window is padded at the front by holding the oldest sample, i.e. "the robot was in that state". A gap
 between samples longer than ``max_gap_s`` inside the window ends the usable history there, because interpolating
 over it would invent motion.
 """
