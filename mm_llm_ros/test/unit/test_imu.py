@@ -283,6 +283,15 @@ def test_window_config_is_validated():
             ImuWindowConfig(**kwargs)
 
 
+def test_window_config_from_parameter_like_values():
+    config = ImuWindowConfig.from_mapping({'window_s': 10.0, 'min_history_s': 0.0, 'antialias': False})
+    assert config == ImuWindowConfig(window_s=10.0, antialias=False)
+    assert config.required_history_s == 10.0 and config.rate_hz == 200.0
+    assert ImuWindowConfig.from_mapping({'min_history_s': 2.0}).required_history_s == 2.0
+    with pytest.raises(ValueError, match='unknown IMU window setting.*rate'):
+        ImuWindowConfig.from_mapping({'rate': 400})
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The synthetic drive and the model
 

@@ -34,7 +34,8 @@ import dataclasses
 import logging
 import math
 import threading
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -199,6 +200,21 @@ class ImuWindowConfig:
                 isinstance(self.min_history_s, (int, float)) and 0 < self.min_history_s <= self.window_s):
             raise ValueError(f'IMU min_history_s must be in (0, window_s={self.window_s}], '
                              f'got {self.min_history_s!r}')
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ImuWindowConfig:
+        """Build from parameter-like values keyed by field name (missing keys keep their defaults).
+
+        ``min_history_s`` <= 0 means None (the whole window), since ROS parameters cannot be None.
+        """
+        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown IMU window setting(s): {', '.join(unknown)}")
+        values = dict(values)
+        minimum = values.get('min_history_s')
+        if isinstance(minimum, (int, float)) and not isinstance(minimum, bool) and minimum <= 0:
+            values['min_history_s'] = None
+        return cls(**values)
 
     @property
     def rate_hz(self) -> float:
