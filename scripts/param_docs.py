@@ -45,7 +45,9 @@ PRESETS = {
             '*': {'device': 'auto'},
             # The nuScenes LIDAR_TOP frame has y forward, and returns within 2.5 m are the ego car's own body.
             '**': {'lidar.forward_yaw_deg': 90.0, 'lidar.min_range_m': 2.5},
-            **{name: {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 2.0}
+            # The demo scene also replays a thermal camera and an IMU (most robots have neither: off by default).
+            **{name: {'model.preset': 'tiny', 'model.allow_random_weights': True, 'max_rate_hz': 2.0,
+                      'use_thermal_camera': True, 'use_imu': True}
                for name in ENCODERS},
             'grounding_node': {'ocr.max_rate_hz': 0.2},
             'llm_node': {'llm.preset': 'embedded', 'prompt.template': 'chat', 'generation.temperature': 0.0,

@@ -43,8 +43,12 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument('config', 'robot', 'Shipped parameter file: robot (official weights on a GPU; give their paths) '
                    'or demo (runs anywhere with nothing downloaded). Ignored when params_file is given.'),
     LaunchArgument('params_file', '', 'Parameter YAML for all nodes (default: config/<config>.yaml).'),
-    *(LaunchArgument(f'use_{switch}', 'true' if any(s.enabled_by_default for s in _sensors(switch)) else 'false',
-                     f'Encode the {switch} inputs (' + ', '.join(s.name for s in _sensors(switch)) + ').')
+    # A sensor most robots lack (thermal, IMU) is switched by the parameter file unless the launch says otherwise.
+    *(LaunchArgument(f'use_{switch}', 'true' if any(s.enabled_by_default for s in _sensors(switch)) else '',
+                     f'Encode the {switch} inputs (' + ', '.join(s.name for s in _sensors(switch)) + ')'
+                     + ('.' if any(s.enabled_by_default for s in _sensors(switch)) else
+                        "; empty: as the parameter file's encoder section says (" +
+                        ', '.join(s.enable_param for s in _sensors(switch)) + ').'))
       for switch in LAUNCH_SWITCHES),
     LaunchArgument('use_grounding', 'true', 'Start grounding_node: OCR, audio events and lidar geometry as prompt '
                    'context for the LLM (each part switchable in the parameter file).'),
@@ -83,6 +87,13 @@ def _truthy(value: str, name: str = '') -> bool:
     return value in ('true', '1', 'yes', 'on')
 
 
+def _switch_on(switch: str, value: str, section: Mapping) -> bool:
+    """`use_<switch>`: true or false as given; empty, whether the file's encoder section enables one of its sensors."""
+    if str(value).strip():
+        return _truthy(value, f'use_{switch}')
+    return any(bool(section.get(s.enable_param, s.enabled_by_default)) for s in _sensors(switch))
+
+
 def _non_empty(pairs: Mapping[str, str]) -> dict:
     return {k: v for k, v in pairs.items() if v}
 
@@ -107,7 +118,8 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     values = {a.name: a.default for a in LAUNCH_ARGUMENTS} | dict(args)
     if not values['params_file']:
         raise ValueError('params_file must be resolved to a YAML path')
-    use = {s: _truthy(values[f'use_{s}'], f'use_{s}') for s in LAUNCH_SWITCHES}
+    section = _encoder_section(values['params_file'])
+    use = {s: _switch_on(s, values[f'use_{s}'], section) for s in LAUNCH_SWITCHES}
     respawn = _truthy(values['respawn'], 'respawn')
     log_level = values['log_level']
     device = _non_empty({'device': values['device']})
@@ -130,7 +142,6 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     else:
         # One `encoder` process per launch switch, named after it (node names must differ), configured by the file's
         # one `encoder` section in both launch modes (a `<switch>_encoder` section, if any, still applies on top).
-        section = _encoder_section(values['params_file'])
         for switch in LAUNCH_SWITCHES:
             if use[switch]:
                 flags = {name: value for other in LAUNCH_SWITCHES

@@ -236,8 +236,33 @@ GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
     *(_deprecated('audio.' + p.name.split('.', 1)[1], p.default, p) for p in AUDIO_EVENTS_PARAMS),
 )
 
+THERMAL_PARAMS = (
+    Param('thermal.units', 'kelvin', 'What mono16/16UC1 pixel values are: kelvin (times thermal.kelvin_per_count, '
+          'radiometric cameras) or counts (raw sensor counts); 32FC1 is always kelvin, mono8 already an intensity.',
+          ('kelvin', 'counts')),
+    Param('thermal.kelvin_per_count', 0.01, 'Kelvin per mono16/16UC1 count when thermal.units is kelvin (0.01: '
+          'centikelvin, FLIR Lepton/Boson radiometric modes).'),
+    Param('thermal.window', 'percentile', 'How temperatures map to the 8-bit intensity ImageBind saw (LLVIP): '
+          'percentile (per frame) or fixed (thermal.fixed_range).', ('percentile', 'fixed')),
+    Param('thermal.percentiles', [1.0, 99.0], 'Low and high percentile of the per-frame window.'),
+    Param('thermal.fixed_range', [0.0, 0.0], 'Low and high end of a fixed window (kelvin or counts); unused unless '
+          'thermal.window is fixed.'),
+    Param('thermal.min_span', -1.0, 'Narrowest window (kelvin or counts); negative: 5 K for kelvin, none for counts.'),
+)
+
+IMU_PARAMS = (
+    Param('imu.window_s', 5.0, 'Seconds of IMU history in one ImageBind IMU input (2000 steps; the paper\'s 5 s '
+          'clips; 10 for the 200 Hz reading, see docs/design.md).'),
+    Param('imu.max_gap_s', 0.1, 'A longer gap between IMU samples ends the usable history there.'),
+    Param('imu.min_history_s', 0.0, 'History needed before the first encode (0: the whole window); a shorter '
+          'history is padded by holding the oldest sample.'),
+    Param('imu.antialias', True, 'Average samples over each grid step when the IMU is more than 1.5x faster '
+          'than the grid (motor vibration would otherwise alias).'),
+)
+
 # Settings of the sensors that one launch switch starts (a sensor without settings needs no entry).
-SENSOR_SETTINGS_PARAMS = {'camera': CAMERA_PARAMS, 'audio': AUDIO_PARAMS, 'lidar': LIDAR_PARAMS}
+SENSOR_SETTINGS_PARAMS = {'camera': CAMERA_PARAMS, 'audio': AUDIO_PARAMS, 'lidar': LIDAR_PARAMS,
+                          'thermal': THERMAL_PARAMS, 'imu': IMU_PARAMS}
 
 
 def _encoder_params(switches: Iterable[str]) -> tuple[Param, ...]:

@@ -68,6 +68,9 @@ class SensorSpec(_Switchable):
     # decoder 'window': 'module:function(params) -> buffer' with add(decoded, stamp_ns) and ready_window() (the window
     # once long enough, else None; it has `end_stamp_ns`, the time of its newest sample, and is what `preprocess` takes)
     window: str = ''
+    # Key of `ros.conversions.DECODERS` reading the message ('' = its type's name): a thermal `Image` keeps its
+    # radiometric values instead of being read as a colour or depth image.
+    reader: str = ''
 
     @property
     def embedding_topic(self) -> str:
@@ -103,6 +106,8 @@ MODALITY_SPECS = (
     ModalitySpec('vision', 'camera images (3x224x224, official transforms)'),
     ModalitySpec('audio', 'microphone audio (3 clips of 2 s as 128-bin Kaldi fbanks, official sampling)'),
     ModalitySpec('depth', 'depth images in metres, as disparity (1x224x224); lidar clouds are projected to it'),
+    ModalitySpec('thermal', 'thermal images (1x224x224; LLVIP-like 8-bit intensity, see docs/design.md)'),
+    ModalitySpec('imu', 'IMU streams (6x2000: accelerometer and gyroscope, 5 s at 400 Hz, see docs/design.md)'),
     ModalitySpec('point', 'Point-Bind point clouds (not implemented: its encoder needs a CUDA-only extension)',
                  implemented=False),
 )
@@ -122,6 +127,14 @@ SENSOR_SPECS = (
                f'{_INPUTS}:lidar_cloud',
                'Encode lidar point clouds via depth projection.', 'lidar', 'points_topic', replay_kind='points',
                default_frame='lidar', uses_camera_info=True),
+    SensorSpec('thermal_camera', 'thermal', 'thermal/image_raw', 'sensor_msgs/msg/Image', 'frame',
+               f'{_INPUTS}:thermal_image', 'Encode thermal camera images (mono8, mono16/16UC1 counts or 32FC1 '
+               'kelvin) with the thermal encoder.', 'thermal', 'thermal_topic', replay_kind='thermal',
+               default_frame='thermal_optical_frame', enabled_by_default=False, reader='ThermalImage'),
+    SensorSpec('imu', 'imu', 'imu', 'sensor_msgs/msg/Imu', 'window', f'{_INPUTS}:imu_window',
+               'Encode the IMU stream (accelerometer + gyroscope) with the IMU encoder.', 'imu', 'imu_topic',
+               replay_kind='imu', default_frame='imu_link', enabled_by_default=False,
+               window=f'{_INPUTS}:imu_window_buffer'),
 )
 
 CONTEXT_KIND_SPECS = (

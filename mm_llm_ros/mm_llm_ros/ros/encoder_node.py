@@ -89,7 +89,7 @@ class EncoderNode(Node):
         msg_type, topic = message_class(spec.msg_type), spec.topic
         if spec.compressed_param and p[spec.compressed_param] == 'compressed':
             msg_type, topic = CompressedImage, topic + '/compressed'
-        decode = DECODERS[msg_type.__name__]
+        decode = DECODERS[msg_type.__name__ if msg_type is CompressedImage else spec.reader or msg_type.__name__]
         preprocess = resolve(spec.preprocess)
         if spec.decoder == 'window':
             self._add_window(spec, p, msg_type, topic, decode, preprocess, group)

@@ -12,7 +12,7 @@ pattern's matches are sorted)::
 
     name: loading-dock            # optional, for logs
     streams:
-      - kind: image               # image | depth | audio | points
+      - kind: image               # image | depth | audio | points | thermal | imu
         topic: camera/image_raw   # relative names follow the node's namespace
         frame_id: camera_optical_frame
         files: [frames/*.jpg]     # one pattern or a list
@@ -35,6 +35,14 @@ pattern's matches are sorted)::
         topic: audio
         frame_id: microphone
         files: [sound.wav]
+      - kind: thermal             # single-channel 16-bit PNGs (centikelvin), published as mono16
+        topic: thermal/image_raw
+        frame_id: thermal_optical_frame
+        files: [thermal/*.png]
+      - kind: imu                 # CSV t_s,acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z (SI), streamed in real time
+        topic: imu
+        frame_id: imu_link
+        files: [imu.csv]
 
 Unknown keys, empty patterns and missing files raise :class:`SceneError` naming the scene file.
 """
@@ -69,11 +77,13 @@ class StreamKind(str, enum.Enum):
     DEPTH = 'depth'
     AUDIO = 'audio'
     POINTS = 'points'
+    THERMAL = 'thermal'
+    IMU = 'imu'
 
     @property
     def is_frame(self) -> bool:
-        """Published one file per period (as opposed to audio, streamed in real time)."""
-        return self is not StreamKind.AUDIO
+        """Published one file per period (as opposed to audio and IMU, streamed in real time)."""
+        return self not in (StreamKind.AUDIO, StreamKind.IMU)
 
 
 @dataclasses.dataclass(frozen=True)
