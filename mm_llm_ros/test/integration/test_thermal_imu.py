@@ -6,21 +6,9 @@ from sensor_msgs.msg import Image, Imu
 
 from mm_llm_ros.core import specs
 from mm_llm_ros.ros.conversions import stamp_to_ns, thermal_from_msg
-from mm_llm_ros.ros.qos import EMBEDDING_QOS, SENSOR_QOS
+from mm_llm_ros.ros.qos import EMBEDDING_QOS
 from mm_llm_ros_interfaces.msg import Embedding
 from mm_llm_ros_interfaces.srv import Ask
-
-
-@pytest.fixture
-def collect(test_node):
-    made = []
-
-    def subscribe(msg_type, topic, qos=SENSOR_QOS):
-        made.append(test_node.collect(msg_type, topic, qos))
-        return made[-1]
-    yield subscribe
-    for collector in made:
-        collector.close()
 
 
 def test_replay_thermal_and_imu_reach_the_answer(node_graph, test_node, config_dir, collect):

@@ -63,12 +63,7 @@ def read_depth_image(path: str | pathlib.Path, units_per_metre: float = 1000.0) 
     """
     if units_per_metre <= 0:
         raise SensorFileError(path, f'units_per_metre must be positive, got {units_per_metre}')
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise SensorFileError(path, 'not a readable image (missing, empty or an unsupported format)')
-    if raw.ndim != 2 or raw.dtype != np.uint16:
-        raise SensorFileError(path, f'a depth image must be single-channel 16-bit, got {raw.dtype} with shape '
-                                    f'{raw.shape}')
+    raw = _read_uint16_image(path, 'depth')
     depth = raw.astype(np.float32) / np.float32(units_per_metre)
     depth[raw == 0] = np.nan
     return depth
@@ -429,13 +424,17 @@ def lzf_decompress(data: bytes | memoryview, size: int) -> bytes:
 def read_thermal_image(path: str | pathlib.Path) -> np.ndarray:
     """A single-channel 16-bit PNG/TIFF of radiometric counts (e.g. centikelvin) -> (H, W) uint16, as the camera
     sends it (published as mono16)."""
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise SensorFileError(path, 'not a readable image')
-    if image.ndim != 2 or image.dtype != np.uint16:
-        raise SensorFileError(path, f'a thermal image must be single-channel 16-bit, got {image.dtype} '
-                                    f'with shape {image.shape}')
-    return image
+    return _read_uint16_image(path, 'thermal')
+
+
+def _read_uint16_image(path: str | pathlib.Path, what: str) -> np.ndarray:
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise SensorFileError(path, 'not a readable image (missing, empty or an unsupported format)')
+    if raw.ndim != 2 or raw.dtype != np.uint16:
+        raise SensorFileError(path, f'a {what} image must be single-channel 16-bit, got {raw.dtype} with shape '
+                                    f'{raw.shape}')
+    return raw
 
 
 @dataclasses.dataclass(frozen=True)
