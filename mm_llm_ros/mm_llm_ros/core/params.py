@@ -34,7 +34,8 @@ CONTEXT_KINDS = ('ocr', 'audio_events', 'geometry')
 # ---- Shared by every node that runs a model ---------------------------------------------------
 DEVICE_PARAMS = (
     Param('device', 'auto', 'Torch device: auto (CUDA when available), cpu, cuda or cuda:N.'),
-    Param('dtype', 'auto', 'Model dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.',
+    Param('dtype', 'auto', 'Model dtype: auto (float16 on CUDA, float32 on CPU; the LLM with int4: bfloat16), float32, float16 or '
+          'bfloat16.',
           ('auto', 'float32', 'float16', 'bfloat16')),
     Param('diagnostics_period_s', 1.0, 'Period of /diagnostics status messages in seconds (0 disables).'),
 )
@@ -51,6 +52,10 @@ IMAGEBIND_PARAMS = (
     Param('model.compile', False,
           'Compile the transformer blocks with torch.compile (a slower start, and each new batch shape compiles on '
           'first use; meant for CUDA); falls back to eager with a logged reason where compilation is impossible.'),
+    Param('model.cuda_graphs', True,
+          'On CUDA, replay each input shape\'s forward as a CUDA graph captured on first use (batch 1 is launch-bound: '
+          'ImageBind-huge vision 12.7 -> see docs/gpu.md); ignored on the CPU; eager with a logged reason if a capture '
+          'fails.'),
 )
 
 ENCODER_COMMON_PARAMS = DEVICE_PARAMS + IMAGEBIND_PARAMS + (
@@ -103,7 +108,7 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('llm.cache_dir', '', 'Where one-time conversions (the embedded GGUF) are cached; empty = ~/.cache/mm_llm_ros.'),
     Param('llm.seed', 0, 'Seed for generation sampling and random initialisation.'),
     Param('llm.quantization', 'none', 'Weight-only quantisation of the merged backbone (torchao): none, int8 or '
-          'int4 (int4 needs CUDA with compute capability >= 8.0, or dtype bfloat16 on the CPU); see '
+          'int4 (int4 needs CUDA with compute capability >= 8.0, or dtype auto/bfloat16 on the CPU); see '
           'docs/quantization.md.',
           ('none', 'int8', 'int4')),
     Param('embedding_dim', 1024, 'Width of the ImageBind embeddings (1024 for imagebind_huge).'),
