@@ -246,7 +246,7 @@ def _our_loop(model, tokenizer, decoder_mode: str, device: torch.device, repeats
 
 def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Sequence[str], repeats: int,
                 new_tokens: int, compile_modes: Sequence[str], budget: Budget, log: Callable[[str], None],
-                rows: list[LLMRow]) -> list[LLMRow]:
+                rows: list[LLMRow], int4_group: int | None = None) -> list[LLMRow]:
     """Every (model, weights, decoder) row, appended to `rows` as measured (`log` is called after each); one
     freshly built backbone per weight format (same seed, same weights)."""
     from mm_llm_ros.core.llm.quantization import check_quantization, model_dtype, quantize_linear_weights
@@ -280,7 +280,7 @@ def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Se
         model, _ = _injected(backbone, merge=True)  # patches the backbone in place: merged ImageBind-LLM
         served = model.backbone
         if mode != 'none':
-            quantize_linear_weights(served, mode)
+            quantize_linear_weights(served, mode, int4_group_size=int4_group)
         per_token = weight_bytes_per_token(served)
         for name in ('eager',) + _fast_modes(device) + (('compile',) if mode in compile_modes else ()):
             row = LLMRow('imagebind-llm merged', weights, name, weight_bytes_per_token=per_token)
@@ -474,6 +474,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument('--compile', nargs='*', default=['none', 'int4', 'int8'], choices=['none', 'int8', 'int4'],
                         help="weight formats that also get 'compile' decoder rows (the node's CUDA default; about "
                              'a minute of compiling each on a GPU)')
+    parser.add_argument('--int4-group-size', type=int, default=None, choices=(32, 64, 128, 256),
+                        help='int4 group size (default: 128, as the node)')
+    parser.add_argument('--inductor-tuning', action='store_true',
+                        help="compile with inductor's coordinate-descent tuning (gpt-fast's and torchao's setting)")
     parser.add_argument('--repeats', type=int, default=None, help='timed runs per row (default 3; smoke 1)')
     parser.add_argument('--new-tokens', type=int, default=None, help='decoded tokens (default 64; smoke 8)')
     parser.add_argument('--budget-s', type=float, default=400.0, help='skip the remaining rows after this long')
@@ -490,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(args.device)
     dtype = torch.float16 if device.type == 'cuda' else torch.float32
     args.dtype_name = str(dtype).split('.')[-1]
+    if args.inductor_tuning:
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
+        inductor_config.coordinate_descent_check_all_directions = True
     budget = Budget(args.budget_s)
     started = time.perf_counter()
 
@@ -509,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         'agreement': lambda: report.agreement.extend(tiny_agreement(device)),
         'imagebind': lambda: _imagebind(report, device, args.smoke, args.imagebind_compile),
         'llm': lambda: measure_llm(device, dtype, shape, args.quantization, args.repeats, args.new_tokens,
-                                   args.compile, budget, log_and_write, report.llm),
+                                   args.compile, budget, log_and_write, report.llm, args.int4_group_size),
     }
     for name, step in steps.items():
         if name not in args.sections:

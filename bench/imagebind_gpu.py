@@ -163,7 +163,7 @@ def measure(model: torch.nn.Module, variant: Variant, inputs: Mapping[int, dict[
     `run_model` (default: `model` itself) is what is timed, e.g. a `GraphedForward` of `model`."""
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    run_model = run_model or model
+    run_model = model if run_model is None else run_model
 
     def forward(batch: dict[str, torch.Tensor]) -> Callable[[], object]:
         def call():

@@ -219,7 +219,8 @@ class GraphedForward:
     def signature(inputs: Mapping[str, torch.Tensor]) -> tuple:
         return tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items()))
 
-    def __len__(self) -> int:
+    @property
+    def graph_count(self) -> int:
         return len(self._graphs)
 
     def __call__(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
