@@ -98,7 +98,8 @@ class LLMNode(Node):
         """Called by run_node on the first SIGINT/SIGTERM: every in-flight and queued /ask call and /ask_stream goal
         ends now with `reason` (success false; goals are aborted), and new ones get the same answer. run_node then
         lets the executor send those replies before it shuts down."""
-        self.get_logger().info(f'{reason}: ending {self.engine.queue_length} request(s) in flight')
+        in_flight = self.engine.queue_length
+        self.get_logger().info(f'{reason}: ending {in_flight} request(s) in flight' if in_flight else reason)
         self.engine.close(reason)
 
     def close(self) -> None:

@@ -70,6 +70,32 @@ def _installed_profile() -> Optional[str]:
     return str(path) if path.is_file() else None
 
 
+class RosLogHandler(logging.Handler):
+    """Python logging (the ROS-free core, transformers, torch) into the ROS log, one formatted line per record
+    under the Python logger's name. Without it logging's last-resort handler writes warnings as bare text into the
+    node's output, beside the node's own formatted lines."""
+
+    SEVERITIES = ((logging.CRITICAL, 'fatal'), (logging.ERROR, 'error'), (logging.WARNING, 'warning'),
+                  (logging.INFO, 'info'), (logging.NOTSET, 'debug'))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            method = next(name for level, name in self.SEVERITIES if record.levelno >= level)
+            getattr(rclpy.logging.get_logger(record.name), method)(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def forward_python_logging(level: int = logging.WARNING) -> RosLogHandler:
+    """Route Python logging records of `level` and above into the ROS log (once per process)."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, RosLogHandler)), None)
+    if handler is None:
+        handler = RosLogHandler(level)
+        root.addHandler(handler)
+    return handler
+
+
 class StopSignals:
     """SIGINT and SIGTERM of a node process, from `rclpy.init` on (rclpy's handlers are off).
 
@@ -118,6 +144,7 @@ class StopSignals:
 
 def run_node(factory: Callable[[], Node], args: Optional[list] = None, num_threads: Optional[int] = None) -> int:
     default_fastdds_profile()
+    forward_python_logging()
     stop = StopSignals()
     node, spinner = None, None
     try:
