@@ -169,11 +169,14 @@ def run_node(factory: Callable[[], Node], args: Optional[list] = None, num_threa
         executor = SingleThreadedExecutor() if threads == 1 else MultiThreadedExecutor(num_threads=threads)
         executor.add_node(node)
         stop.interrupting = False
-        spinner = threading.Thread(target=_spin, args=(executor, stop), name='executor', daemon=True)
+        failures: list[BaseException] = []
+        spinner = threading.Thread(target=_spin, args=(executor, stop, failures), name='executor', daemon=True)
         spinner.start()
         reason = stop.wait()
         if reason is not None:
             _finish_requests(node, executor, f'{node.get_name()} is shutting down ({reason})')
+        if failures:
+            raise failures[0]  # as if spun here: a traceback and a non-zero exit, after the shutdown below
     except KeyboardInterrupt:
         pass  # the first signal arrived while the node was starting
     finally:
@@ -182,11 +185,13 @@ def run_node(factory: Callable[[], Node], args: Optional[list] = None, num_threa
     return 0
 
 
-def _spin(executor, stop: StopSignals) -> None:
+def _spin(executor, stop: StopSignals, failures: list) -> None:
     try:
         executor.spin()
     except ExternalShutdownException:
         pass
+    except BaseException as exc:  # handed to the main thread, which fails as spin() there would have
+        failures.append(exc)
     finally:
         stop.wake()
 

@@ -189,3 +189,27 @@ def test_a_node_stopped_while_it_starts_exits_0_at_once(node_graph, sig, repeats
     assert returncode == 0 and 'constructing' in log and 'constructor finished' not in log, log
     assert 'Traceback' not in log and 'KeyboardInterrupt' not in log, log
     assert elapsed <= 5.0, f'{elapsed:.2f} s (the constructor was not interrupted)'
+
+
+FAILING_NODE = """
+from rclpy.node import Node
+from mm_llm_ros.ros.node_main import exit_now, run_node
+
+class Failing(Node):
+    def __init__(self):
+        super().__init__('failing')
+        self.create_timer(0.05, self.tick)
+
+    def tick(self):
+        raise RuntimeError('a bug in a callback')
+
+exit_now(run_node(Failing))
+"""
+
+
+def test_a_node_whose_executor_fails_exits_non_zero(node_graph):
+    """The executor spins on a thread: an exception escaping it must still fail the process (a launch then shuts
+    down), not end it with 0 as if it had been stopped."""
+    process = node_graph.start_command('failing', [sys.executable, '-c', FAILING_NODE])
+    returncode = process.popen.wait(15.0)
+    assert returncode not in (0, None) and 'RuntimeError: a bug in a callback' in process.log(), process.log()
