@@ -6,6 +6,7 @@ ImageBind, OCR, audio events, lidar geometry) fed by sensor_replay's generated s
 """
 import re
 
+import pytest
 from action_msgs.msg import GoalStatus
 from rclpy.action import ActionClient
 
@@ -42,6 +43,7 @@ def test_unexpected_lines_are_found():
     assert unexpected_lines(log) == log.splitlines()[2:7]
 
 
+@pytest.mark.slow
 def test_a_normal_run_of_the_demo_graph_logs_no_warnings_bars_or_tracebacks(node_graph, test_node, config_dir):
     processes = [node_graph.start_spec(spec) for spec in plan_nodes({'params_file': str(config_dir / 'demo.yaml')})]
     assert [p.name for p in processes] == ['encoder', 'grounding_node', 'llm_node']

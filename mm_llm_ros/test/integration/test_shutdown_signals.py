@@ -178,7 +178,11 @@ exit_now(run_node(factory))
 """
 
 
-@pytest.mark.parametrize('sig, repeats', [(signal.SIGINT, 1), (signal.SIGINT, 3), (signal.SIGTERM, 2)])
+@pytest.mark.parametrize('sig, repeats', [
+    pytest.param(signal.SIGINT, 1, id='sigint'),
+    pytest.param(signal.SIGINT, 3, id='sigint-repeated'),
+    pytest.param(signal.SIGTERM, 2, id='sigterm-repeated'),
+])
 def test_a_node_stopped_while_it_starts_exits_0_at_once(node_graph, sig, repeats):
     code = SLOW_STARTING_NODE.format(signal=sig.name, repeats=repeats)
     process = node_graph.start_command('slow_starter', [sys.executable, '-c', code])
