@@ -112,7 +112,7 @@ class StopSignals:
         self.interrupting = True
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
-        self._previous_wakeup_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -199,7 +199,9 @@ def _spin(executor, stop: StopSignals, failures: list) -> None:
 def _finish_requests(node: Node, executor, reason: str) -> None:
     """Let a node end its in-flight requests with `reason`, then wait (bounded) until the executor has sent the
     replies: rclpy keeps every callback in progress (a service call, an action goal, the sending of its result) as
-    a task of the executor until it is done. (`Executor.shutdown(timeout_sec)` does not wait in rclpy 9.1.)"""
+    a task of the executor until it is done. That list (`Executor._tasks`) is private, but the public way,
+    `Executor.shutdown(timeout_sec)`, does not wait in rclpy 9.1 (it tests its own flag after setting it); an rclpy
+    without the list makes this wait end at once, as before."""
     finish = getattr(node, 'finish_requests', None)
     if finish is None:
         return
