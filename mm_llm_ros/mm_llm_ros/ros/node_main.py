@@ -27,6 +27,8 @@ import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
+from rclpy.subscription import Subscription
+from rclpy.timer import Timer
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -212,7 +214,8 @@ def _finish_requests(node: Node, executor, reason: str) -> None:
         return
     deadline = time.monotonic() + FINISH_REQUESTS_S
     while time.monotonic() < deadline:
-        if all(task.done() for task, *_ in list(getattr(executor, '_tasks', ()))):
+        if all(task.done() for task, entity, _ in list(getattr(executor, '_tasks', ()))
+               if not isinstance(entity, (Subscription, Timer))):  # sensor traffic goes on: not a reply
             return
         time.sleep(POLL_S)
     node.get_logger().warning(f'replies to in-flight requests not all sent within {FINISH_REQUESTS_S:g} s')
