@@ -202,13 +202,19 @@ def test_an_inactive_encoder_drops_and_counts_input_and_resumes_with_fresh_frame
 
 
 def test_autostart_brings_llm_node_and_the_encoder_process_to_active(node_graph, test_node, config_dir):
+    """...and the shutdown transition from active releases everything; the process then still exits cleanly."""
     llm = node_graph.start('llm_node', params_files=[config_dir / 'tiny.yaml'])
     encoder = node_graph.start('encoder', params_files=[config_dir / 'tiny.yaml'])
     llm.wait_for_log('serving', timeout_s=60)
     encoder.wait_for_log('encoding ', timeout_s=60)
-    for node in ('llm_node', 'encoder'):
+    for node, process in (('llm_node', llm), ('encoder', encoder)):
         life = Lifecycle(test_node, node)
         try:
             assert life.state() == 'active'
+            assert life.set('shutdown') and life.state() == 'finalized'
+            assert 'models released' in process.log()
         finally:
             life.close()
+    wait_until(lambda: '/ask' not in services_of(test_node, 'llm_node'), what='/ask to disappear')
+    for process in (llm, encoder):
+        assert process.stop() == 0 and 'Traceback' not in process.log()
