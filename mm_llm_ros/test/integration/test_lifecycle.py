@@ -6,6 +6,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rclpy.action import ActionClient
+from rclpy.lifecycle import TransitionCallbackReturn
 from sensor_msgs.msg import Image
 
 import sample_msgs
@@ -218,3 +219,33 @@ def test_autostart_brings_llm_node_and_the_encoder_process_to_active(node_graph,
     wait_until(lambda: '/ask' not in services_of(test_node, 'llm_node'), what='/ask to disappear')
     for process in (llm, encoder):
         assert process.stop() == 0 and 'Traceback' not in process.log()
+
+
+def test_cleanup_leaves_no_reference_to_the_models(config_dir):
+    """In this process, through the same transitions: after cleanup nothing holds the LLM or ImageBind any more,
+    so their memory (and CUDA's, emptied by cleanup) is free. A weak reference to each model must die."""
+    import gc
+    import weakref
+
+    import rclpy
+    from lifecycle_msgs.msg import State
+    from mm_llm_ros.ros.encoder_node import EncoderNode
+    from mm_llm_ros.ros.llm_node import LLMNode
+
+    rclpy.init(args=['--ros-args', '--params-file', str(config_dir / 'tiny.yaml'), '-p', 'autostart:=false'])
+    try:
+        for node in (LLMNode(), EncoderNode('camera_encoder', sensors=('camera',))):
+            try:
+                assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+                model = weakref.ref(node.answerer.model if isinstance(node, LLMNode) else node.encoder._model)
+                assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+                assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+                assert model() is not None  # deactivate keeps the model loaded
+                assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+                assert node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
+                gc.collect()
+                assert model() is None, f'{node.get_name()} still holds its model after cleanup'
+            finally:
+                node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
