@@ -48,7 +48,7 @@ class ManagedNode(LifecycleNode):
         self.active = False      # True between activate and deactivate: callbacks serve only then
         self.configured = False  # True between configure and cleanup: the models are loaded
         self._created: dict[str, list] = {}
-        self.configure_error = ''
+        self.last_error = ''  # why the last configure or activate failed (autostart's FATAL line)
         self._bringing_up = False
 
     # ---- hooks (subclasses) ---------------------------------------------------------------------
@@ -78,36 +78,34 @@ class ManagedNode(LifecycleNode):
         self._created = {kind: [e for e in entities if e not in before[kind]]
                          for kind, entities in self._entities().items()}
         self.configured = True
-        self.configure_error = ''
+        self.last_error = ''
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             self.activate()
         except Exception as exc:
-            self.get_logger().error(f'cannot activate: {type(exc).__name__}: {exc}')
-            return TransitionCallbackReturn.ERROR
+            self.last_error = f'{type(exc).__name__}: {exc}'
+            self.get_logger().error(f'cannot activate: {self.last_error}')
+            return TransitionCallbackReturn.ERROR  # error processing releases everything: unconfigured
         self.active = True
         return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_serving()
-        self.get_logger().info('inactive: no model work; requests are answered "inactive", inputs dropped')
-        return TransitionCallbackReturn.SUCCESS
+        code = self._guarded('deactivate', self._stop_serving)
+        if code == TransitionCallbackReturn.SUCCESS:
+            self.get_logger().info('inactive: no model work until `activate`')
+        return code
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
+        return self._guarded('clean up', self._release)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_serving()
-        self._release()
-        return TransitionCallbackReturn.SUCCESS
+        return self._guarded('shut down', self._stop_serving, self._release)
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_serving()
-        self._release()
-        return TransitionCallbackReturn.SUCCESS  # back to unconfigured: configure may be tried again
+        # SUCCESS: back to unconfigured, and configure may be tried again.
+        return self._guarded('recover', self._stop_serving, self._release)
 
     # ---- autostart ----------------------------------------------------------------------------------
     def bring_up(self) -> None:
@@ -115,21 +113,32 @@ class ManagedNode(LifecycleNode):
         self._bringing_up = True
         try:
             if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                raise StartupError(self.configure_error or 'configure failed')
+                raise StartupError(self.last_error or 'configure failed')
         finally:
             self._bringing_up = False
         if self.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-            raise StartupError('activate failed')
+            raise StartupError(f'activate failed: {self.last_error}')
 
     # ---- internals ----------------------------------------------------------------------------------
     def _configure_failed(self, before, reason: str, code) -> TransitionCallbackReturn:
-        self.configure_error = reason
+        self.last_error = reason
         self._created = {kind: [e for e in entities if e not in before[kind]]
                          for kind, entities in self._entities().items()}
         self._release(quiet=True)
         if not self._bringing_up:  # autostart: main() logs it once, as FATAL
             self.get_logger().error(f'cannot configure: {reason}')
         return code
+
+    def _guarded(self, what: str, *steps: Callable[[], None]) -> TransitionCallbackReturn:
+        """Run the steps; an exception is logged in one line and makes the transition ERROR (rclpy would swallow
+        it silently)."""
+        try:
+            for step in steps:
+                step()
+        except Exception as exc:
+            self.get_logger().error(f'cannot {what}: {type(exc).__name__}: {exc}')
+            return TransitionCallbackReturn.ERROR
+        return TransitionCallbackReturn.SUCCESS
 
     def _stop_serving(self) -> None:
         if self.active:
