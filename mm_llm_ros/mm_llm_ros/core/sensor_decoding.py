@@ -1,4 +1,5 @@
-"""Decode ROS sensor payloads (Image, CompressedImage, PointCloud2, AudioChunk) into numpy arrays, and back.
+"""Decode ROS sensor payloads (Image, CompressedImage, PointCloud2, AudioChunk, thermal Image, Imu) into numpy
+arrays, and back.
 
 Every function takes the primitive fields of a message, so this module needs no ROS installation; the thin
 adapters in ``mm_llm_ros.ros.conversions`` unpack real messages into these calls.
@@ -17,6 +18,9 @@ Conventions chosen here:
 - Depth output is ``depth_m``: (H, W) float32 metres, NaN where invalid (``16UC1`` 0, and non-finite or
   non-positive ``32FC1`` values).
 - Audio is (channels, n) float32 in [-1, 1]; ``S16LE`` is scaled by 1/32768 like torchaudio/soundfile.
+- Thermal images keep the camera's raw values (uint8 intensity, uint16 counts or centikelvin, float32 kelvin);
+  mapping them to what ImageBind saw is preprocessing (``core/imagebind/thermal.py``).
+- Imu samples are (6,) float64: linear acceleration xyz in m/s^2, then angular velocity xyz in rad/s.
 """
 from __future__ import annotations
 
@@ -681,3 +685,95 @@ def encode_audio(waveform: np.ndarray, encoding: str) -> bytes:
     if key == 's16le':
         clipped = np.clip(np.round(clipped * _S16_SCALE), -_S16_SCALE, _S16_SCALE - 1)
     return np.ascontiguousarray(clipped, dtype=_AUDIO_ENCODINGS[key]).tobytes()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sensor_msgs/Image from a thermal camera
+
+# encoding -> little-endian numpy type of the single channel.
+_THERMAL_ENCODINGS: dict[str, str] = {'mono8': '<u1', '8uc1': '<u1', 'mono16': '<u2', '16uc1': '<u2', '32fc1': '<f4'}
+_CANONICAL_THERMAL = {name.lower(): name for name in ('mono8', '8UC1', 'mono16', '16UC1', '32FC1')}
+
+
+class DecodedThermal(NamedTuple):
+    """A thermal frame with the camera's raw values, (H, W) in native byte order.
+
+    ``values`` is uint8 (display intensity, as LLVIP's images), uint16 (radiometric counts or centikelvin) or
+    float32 (kelvin or counts; non-finite pixels are NaN). Which physical unit 16-bit and float pixels carry is not
+    in the message: :class:`mm_llm_ros.core.imagebind.thermal.ThermalPreprocessConfig` says it.
+    """
+
+    encoding: str
+    values: np.ndarray
+
+
+def decode_thermal_image(encoding: str, height: int, width: int, step: int, is_bigendian: bool | int, data: object,
+                         limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedThermal:
+    """Decode the fields of a single-channel thermal sensor_msgs/Image (mono8, 8UC1, mono16, 16UC1 or 32FC1).
+
+    Unlike :func:`decode_image`, nothing is converted: mono16 keeps all 16 bits (a fixed ``>> 8`` would throw away
+    the radiometric resolution), 16UC1 is not read as depth. Row padding and big-endian data are handled; a fresh
+    native-endian array is returned. Colour encodings are refused with reason ``unsupported``. Raises
+    :class:`DecodeError`.
+    """
+    key = encoding.strip().lower() if isinstance(encoding, str) else ''
+    code = _THERMAL_ENCODINGS.get(key)
+    if code is None:
+        known = ', '.join(_CANONICAL_THERMAL.values())
+        reason = DecodeReason.UNSUPPORTED if key in _COLOUR_ENCODINGS else DecodeReason.UNKNOWN_ENCODING
+        raise DecodeError(reason, f'unsupported thermal image encoding {encoding!r} (known: {known})')
+    height, width, step = _as_int(height, 'height'), _as_int(width, 'width'), _as_int(step, 'step')
+    _check_pixels(height, width, limits)
+    buffer = _byte_view(data, limits)
+    dtype = _dtype(code, bool(is_bigendian))
+    if step < width * dtype.itemsize:
+        raise DecodeError(DecodeReason.BAD_STEP,
+                          f'step {step} < width {width} x {dtype.itemsize} bytes per pixel for {encoding}')
+    if buffer.size != height * step:
+        raise DecodeError(DecodeReason.SIZE_MISMATCH,
+                          f'{encoding} {width}x{height} with step {step} needs {height * step} bytes, '
+                          f'got {buffer.size}')
+    pixels = np.ndarray((height, width), dtype=dtype, buffer=buffer, strides=(step, dtype.itemsize))
+    values = pixels.astype(dtype.newbyteorder('='))  # contiguous native-endian copy
+    if values.dtype.kind == 'f':
+        values[~np.isfinite(values)] = np.nan
+    return DecodedThermal(_CANONICAL_THERMAL[key], values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sensor_msgs/Imu
+
+
+def _vector3(value: object, name: str) -> tuple[float, float, float]:
+    """A geometry_msgs/Vector3-like object (x, y, z attributes) or a sequence of three numbers."""
+    try:
+        if hasattr(value, 'x'):
+            return float(value.x), float(value.y), float(value.z)
+        x, y, z = value
+        return float(x), float(y), float(z)
+    except (TypeError, ValueError, AttributeError):
+        raise DecodeError(DecodeReason.BAD_FIELDS,
+                          f'{name} must be a Vector3 (x, y, z) of numbers, got {value!r}') from None
+
+
+def decode_imu(linear_acceleration: object, angular_velocity: object,
+               linear_acceleration_covariance: Sequence[float] | None = None,
+               angular_velocity_covariance: Sequence[float] | None = None) -> np.ndarray:
+    """The accelerometer and gyroscope of a sensor_msgs/Imu as one (6,) float64 sample.
+
+    Order and units are ImageBind's IMU channels: linear acceleration x, y, z in m/s^2 (including gravity, as
+    REP 145 and every accelerometer report it), then angular velocity x, y, z in rad/s. The vectors may be
+    Vector3-like objects or sequences. Per the message definition, element 0 of a covariance set to -1 means the
+    driver does not provide that field: such a message is refused with reason ``missing_fields`` instead of
+    feeding zeros to the encoder. Non-finite values are refused with reason ``non_finite``.
+    """
+    for covariance, name in ((linear_acceleration_covariance, 'linear_acceleration'),
+                             (angular_velocity_covariance, 'angular_velocity')):
+        if covariance is not None and len(covariance) and covariance[0] == -1:
+            raise DecodeError(DecodeReason.MISSING_FIELDS,
+                              f'the IMU does not provide {name} ({name}_covariance[0] is -1)')
+    sample = np.array(_vector3(linear_acceleration, 'linear_acceleration')
+                      + _vector3(angular_velocity, 'angular_velocity'), dtype=np.float64)
+    if not np.isfinite(sample).all():
+        raise DecodeError(DecodeReason.NON_FINITE, f'IMU sample has NaN/inf values: {sample.tolist()}')
+    return sample

@@ -257,3 +257,79 @@ def street_sound(rng: np.random.Generator) -> np.ndarray:
         start = int(start_s * AUDIO_RATE)
         signal[start:start + beep_length] += 0.6 * envelope * np.sin(2 * np.pi * BEEP_HZ * t[:beep_length])
     return (0.8 * signal / np.abs(signal).max()).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Thermal camera (not part of the written scene: arrays for the thermal and IMU modalities)
+
+THERMAL_WIDTH, THERMAL_HEIGHT = 640, 512  # a common LWIR core; LLVIP's frames are 1280x1024, the same 5:4
+THERMAL_PERSON_BOX = (250, 190, 330, 420)  # (left, top, right, bottom) pixels of the pedestrian
+THERMAL_ENGINE_BOX = (430, 300, 560, 360)  # the idling van's warm bonnet
+GRAVITY = 9.80665
+
+
+def thermal_image(rng: np.random.Generator) -> np.ndarray:
+    """(512, 640) float32 kelvin, white-hot scene at night: a pedestrian and an idling van on a cool street.
+
+    Cold sky (~255 K) over a ground that kept some warmth (~280-286 K), a person (skin ~306 K, clothes ~300 K), a
+    van (~281 K) with a hot bonnet (~325 K) and exhaust (~340 K); blurred like lens optics, with 50 mK noise (a
+    typical microbolometer NETD).
+    """
+    height, width = THERMAL_HEIGHT, THERMAL_WIDTH
+    rows = np.linspace(0.0, 1.0, height)[:, None]
+    scene = np.where(rows < 0.45, 255.0 + 10.0 * rows, 280.0 + 6.0 * (rows - 0.45)) * np.ones((1, width))
+    road = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(road, [np.array([[280, 231], [360, 231], [640, 470], [640, 512], [0, 512], [0, 470]])], 1)
+    scene[road.astype(bool)] = 286.0  # asphalt releases the day's heat
+    left, top, right, bottom = THERMAL_PERSON_BOX
+    centre_x = (left + right) // 2
+    cv2.ellipse(scene, (centre_x, top + 22), (18, 22), 0, 0, 360, 306.0, cv2.FILLED)  # head
+    cv2.rectangle(scene, (left + 8, top + 44), (right - 8, top + 140), 300.0, cv2.FILLED)  # torso
+    cv2.rectangle(scene, (left + 14, top + 140), (centre_x - 3, bottom), 299.0, cv2.FILLED)  # legs
+    cv2.rectangle(scene, (centre_x + 3, top + 140), (right - 14, bottom), 299.0, cv2.FILLED)
+    cv2.rectangle(scene, (410, 250), (640, 380), 281.0, cv2.FILLED)  # van body
+    engine_left, engine_top, engine_right, engine_bottom = THERMAL_ENGINE_BOX
+    cv2.rectangle(scene, (engine_left, engine_top), (engine_right, engine_bottom), 325.0, cv2.FILLED)
+    cv2.circle(scene, (620, 372), 8, 340.0, cv2.FILLED)  # exhaust pipe
+    scene = cv2.GaussianBlur(scene, (0, 0), 1.5)
+    return (scene + rng.normal(0.0, 0.05, scene.shape)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# IMU
+
+IMU_RATE_HZ = 200.0
+IMU_SECONDS = 8.0
+ROBOT_SPEED_MPS = 1.5
+TURN_START_S, TURN_END_S, TURN_RATE_RPS = 4.0, 6.0, 0.6  # a left turn of 1.2 rad (~69 degrees)
+
+
+def imu_stream(rng: np.random.Generator, duration_s: float = IMU_SECONDS, rate_hz: float = IMU_RATE_HZ,
+               start_ns: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A ground robot driving off, cruising and turning left, as a base_link IMU sees it (x fwd, y left, z up).
+
+    Returns (stamps_ns (N,) int64, samples (N, 6) float64): acc x, y, z in m/s^2 including gravity (+9.81 on z,
+    REP 145), then gyro x, y, z in rad/s. It accelerates at 0.75 m/s^2 to ``ROBOT_SPEED_MPS`` over 2 s, and turns
+    at ``TURN_RATE_RPS`` between ``TURN_START_S`` and ``TURN_END_S`` (ramping in and out over 0.25 s), so the
+    centripetal acceleration v * omega appears on y. Wheel vibration, sensor noise and small biases
+    are added.
+    """
+    count = int(round(duration_s * rate_hz))
+    t = np.arange(count) / rate_hz
+    speed = np.clip(0.75 * t, 0.0, ROBOT_SPEED_MPS)
+    accel_x = np.where(speed < ROBOT_SPEED_MPS, 0.75, 0.0)
+    ramp = 0.25
+    yaw_rate = TURN_RATE_RPS * np.clip(np.minimum(t - TURN_START_S, TURN_END_S - t) / ramp + 0.5, 0.0, 1.0)
+    vibration = 0.15 * np.sin(2 * np.pi * 12.0 * t) * (speed / ROBOT_SPEED_MPS)  # wheel/ground excitation
+    samples = np.column_stack([
+        accel_x + 0.02,
+        speed * yaw_rate - 0.01,
+        np.full(count, GRAVITY) + vibration,
+        0.02 * vibration,
+        0.02 * vibration,
+        yaw_rate + 0.002,
+    ])
+    samples[:, :3] += rng.normal(0.0, 0.03, (count, 3))
+    samples[:, 3:] += rng.normal(0.0, 0.003, (count, 3))
+    stamps = start_ns + np.round(t * 1e9).astype(np.int64)
+    return stamps, samples
