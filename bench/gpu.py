@@ -246,28 +246,33 @@ def _our_loop(model, tokenizer, decoder_mode: str, device: torch.device, repeats
 
 def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Sequence[str], repeats: int,
                 new_tokens: int, compile_modes: Sequence[str], budget: Budget, log: Callable[[str], None],
-                rows: list[LLMRow]) -> list[LLMRow]:
+                rows: list[LLMRow], int4_group: int | None = None) -> list[LLMRow]:
     """Every (model, weights, decoder) row, appended to `rows` as measured (`log` is called after each); one
     freshly built backbone per weight format (same seed, same weights)."""
-    from mm_llm_ros.core.llm.quantization import check_quantization, quantize_linear_weights
+    from mm_llm_ros.core.llm.quantization import check_quantization, model_dtype, quantize_linear_weights
 
     for mode in modes:
+        # int4 loads the model in bfloat16, as the node does with dtype auto: tinygemm's only activation dtype.
+        mode_dtype = model_dtype(mode, 'auto', dtype)
         weights = WEIGHT_NAMES[mode] if dtype == torch.float16 or mode != 'none' else str(dtype).split('.')[-1]
+        if mode_dtype != dtype:
+            weights += ' ' + {torch.bfloat16: 'bf16'}.get(mode_dtype, str(mode_dtype).split('.')[-1])
         if budget.spent:
             rows.append(LLMRow('imagebind-llm merged', weights, '-', note='skipped: time budget spent'))
             continue
         try:
-            check_quantization(mode, device, dtype)
+            check_quantization(mode, device, mode_dtype)
         except ValueError as exc:
             rows.append(LLMRow('imagebind-llm merged', weights, '-', note=f'refused: {exc}'))
             continue
         _free(device)
-        backbone = llama7b_shape_backbone(device, dtype, **shape)
+        backbone = llama7b_shape_backbone(device, mode_dtype, **shape)
         tokenizer = backbone.tokenizer
         if mode == 'none':  # the references: the bare backbone, eager and fast, and what a Python user picks
             plain = backbone.model
             per_token = weight_bytes_per_token(plain)
-            for name in ('eager',) + _fast_modes(device) + (('compile',) if 'none' in compile_modes else ()):
+            # No compiled backbone row: the injection overhead is compared on the CUDA graph, saving a compile.
+            for name in ('eager',) + _fast_modes(device):
                 _run_row(rows, LLMRow('backbone', weights, name, weight_bytes_per_token=per_token), budget, device,
                          _our_loop(plain, tokenizer, name, device, repeats, new_tokens), log)
             _run_row(rows, LLMRow('backbone', weights, 'HF generate()', weight_bytes_per_token=per_token), budget,
@@ -275,7 +280,7 @@ def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Se
         model, _ = _injected(backbone, merge=True)  # patches the backbone in place: merged ImageBind-LLM
         served = model.backbone
         if mode != 'none':
-            quantize_linear_weights(served, mode)
+            quantize_linear_weights(served, mode, int4_group_size=int4_group)
         per_token = weight_bytes_per_token(served)
         for name in ('eager',) + _fast_modes(device) + (('compile',) if mode in compile_modes else ()):
             row = LLMRow('imagebind-llm merged', weights, name, weight_bytes_per_token=per_token)
@@ -370,7 +375,8 @@ def llm_table(report: Report) -> list[str]:
 
 
 def _find(rows: list[LLMRow], model: str, weights: str, decoder: str) -> LLMRow | None:
-    return next((r for r in rows if (r.model, r.weights, r.decoder) == (model, weights, decoder)
+    """The measured row; `weights` matches the format whatever the activation dtype ('int4' finds 'int4 bf16')."""
+    return next((r for r in rows if (r.model, r.weights.split()[0], r.decoder) == (model, weights, decoder)
                  and r.tokens_per_s == r.tokens_per_s), None)
 
 
@@ -380,7 +386,6 @@ def goals(report: Report) -> list[str]:
     # The served decoder: auto's compile where it was measured, else the CUDA graph; int4 compared on the same one.
     fast = 'compile' if _find(rows, 'imagebind-llm merged', 'fp16', 'compile') else 'cuda_graph'
     served = _find(rows, 'imagebind-llm merged', 'fp16', fast)
-    backbone = _find(rows, 'backbone', 'fp16', fast) or _find(rows, 'backbone', 'fp16', 'cuda_graph')
     hf = _find(rows, 'backbone', 'fp16', 'HF generate()')
     int4 = _find(rows, 'imagebind-llm merged', 'int4', fast)
     copy = report.ceilings.copy_gb_s if report.ceilings else float('nan')
@@ -406,10 +411,14 @@ def goals(report: Report) -> list[str]:
         add('int4 decode >= 1.8x fp16', int4.tokens_per_s / served.tokens_per_s, 1.8,
             f'{int4.tokens_per_s:.0f} / {served.tokens_per_s:.0f} tok/s = {int4.tokens_per_s / served.tokens_per_s:.2f}x'
             f' (`{int4.decoder}`)')
-    if served and backbone and backbone.decoder == served.decoder:
-        overhead = backbone.tokens_per_s / served.tokens_per_s - 1
+    # Injection overhead: served vs bare backbone on the same decoder (compile if both have it, else the graph).
+    pair = next(((m, b) for d in (fast, 'cuda_graph') if (m := _find(rows, 'imagebind-llm merged', 'fp16', d))
+                 and (b := _find(rows, 'backbone', 'fp16', d))), None)
+    if pair:
+        merged, bare = pair
+        overhead = bare.tokens_per_s / merged.tokens_per_s - 1
         add('ImageBind-LLM injection overhead <= 5% per token', overhead, 0.05,
-            f'{100 * overhead:+.1f}% ({served.tokens_per_s:.0f} vs {backbone.tokens_per_s:.0f} tok/s)',
+            f'{100 * overhead:+.1f}% ({merged.tokens_per_s:.0f} vs {bare.tokens_per_s:.0f} tok/s, `{merged.decoder}`)',
             higher_is_better=False)
     if served and hf:
         add('fast path >= 2x Hugging Face generate()', served.tokens_per_s / hf.tokens_per_s, 2.0,
@@ -465,6 +474,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument('--compile', nargs='*', default=['none', 'int4', 'int8'], choices=['none', 'int8', 'int4'],
                         help="weight formats that also get 'compile' decoder rows (the node's CUDA default; about "
                              'a minute of compiling each on a GPU)')
+    parser.add_argument('--int4-group-size', type=int, default=None, choices=(32, 64, 128, 256),
+                        help='int4 group size (default: 128, as the node)')
+    parser.add_argument('--inductor-tuning', action='store_true',
+                        help="compile with inductor's coordinate-descent tuning (gpt-fast's and torchao's setting)")
     parser.add_argument('--repeats', type=int, default=None, help='timed runs per row (default 3; smoke 1)')
     parser.add_argument('--new-tokens', type=int, default=None, help='decoded tokens (default 64; smoke 8)')
     parser.add_argument('--budget-s', type=float, default=400.0, help='skip the remaining rows after this long')
@@ -481,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(args.device)
     dtype = torch.float16 if device.type == 'cuda' else torch.float32
     args.dtype_name = str(dtype).split('.')[-1]
+    if args.inductor_tuning:
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
+        inductor_config.coordinate_descent_check_all_directions = True
     budget = Budget(args.budget_s)
     started = time.perf_counter()
 
@@ -500,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         'agreement': lambda: report.agreement.extend(tiny_agreement(device)),
         'imagebind': lambda: _imagebind(report, device, args.smoke, args.imagebind_compile),
         'llm': lambda: measure_llm(device, dtype, shape, args.quantization, args.repeats, args.new_tokens,
-                                   args.compile, budget, log_and_write, report.llm),
+                                   args.compile, budget, log_and_write, report.llm, args.int4_group_size),
     }
     for name, step in steps.items():
         if name not in args.sections:

@@ -6,11 +6,11 @@ Imported by `bench/gpu.py` (no rclpy, no ROS): `imagebind_section(device, dtype,
     .venv/bin/python bench/imagebind_gpu.py --device cpu --dtype float32 --smoke
 
 The model is the official `ImageBindModel` (imagebind-unofficial) with random weights (its own initialisation,
-seeded), built directly on the device: the weights' values do not matter for speed. It is measured three ways on
+seeded), built directly on the device: the weights' values do not matter for speed. It is measured four ways on
 the same instance: `eager` (the official model as published), `fast` (`core/imagebind/inference.py` with every step
-on, as on CUDA: batch-first vision trunk for torch's fused MHA kernel, channels-last stems) and `compiled` (the
-fast setup plus `torch.compile` of every block; skipped in smoke mode), with the cosine of their embeddings against
-eager's.
+on, as on CUDA: batch-first vision trunk for torch's fused MHA kernel, channels-last stems), `fast + CUDA graphs`
+(the same replayed by `GraphedForward`, as the encoder nodes run on CUDA) and `compiled` (the fast setup plus
+`torch.compile` of every block; only when asked), with the cosine of their embeddings against eager's.
 
 Physical limit: FLOPs per vision image (`torch.utils.flop_counter.FlopCounterMode` on the official forward) and the
 throughput of a large matmul in the same dtype measured in the same run give limit images/s = throughput / FLOPs.
@@ -37,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from mm_llm_ros.core.imagebind import official  # noqa: E402
-from mm_llm_ros.core.imagebind.inference import prepare_for_inference  # noqa: E402
+from mm_llm_ros.core.imagebind.inference import GraphedForward, prepare_for_inference  # noqa: E402
 from mm_llm_ros.core.imagebind.model import PRESETS  # noqa: E402
 
 
@@ -157,15 +157,18 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int) -> float:
 
 
 def measure(model: torch.nn.Module, variant: Variant, inputs: Mapping[int, dict[str, torch.Tensor]],
-            reference: torch.Tensor | None, device: torch.device, plan: Plan) -> torch.Tensor:
-    """Fill `variant` in; returns its vision embeddings of the largest batch (float32) for the cosine check."""
+            reference: torch.Tensor | None, device: torch.device, plan: Plan,
+            run_model: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
+    """Fill `variant` in; returns its vision embeddings of the largest batch (float32) for the cosine check.
+    `run_model` (default: `model` itself) is what is timed, e.g. a `GraphedForward` of `model`."""
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
+    run_model = model if run_model is None else run_model
 
     def forward(batch: dict[str, torch.Tensor]) -> Callable[[], object]:
         def call():
             with torch.inference_mode():
-                return model(batch)
+                return run_model(batch)
         return call
 
     one = inputs[1]
@@ -232,6 +235,22 @@ def run(device: torch.device, dtype: torch.dtype, smoke: bool, compile: bool | N
     measure(model, fast, inputs, reference, device, plan)
     variants.append(fast)
 
+    graphed = Variant('fast + CUDA graphs')
+    if device.type == 'cuda':
+        runner = GraphedForward(model)
+        measure(model, graphed, inputs, reference, device, plan, runner)
+        # A second input of the same shape must give its own embeddings: the static buffers are refilled.
+        other = make_inputs(1, device, dtype, seed=99)['vision']
+        with torch.inference_mode():
+            cos = torch.nn.functional.cosine_similarity(runner({'vision': other})['vision'].float(),
+                                                        model({'vision': other})['vision'].float(), dim=-1)
+        graphed.min_cosine = min(graphed.min_cosine, cos.min().item())
+        graphed.note = f'{runner.captures} graphs captured' + (f'; fell back: {runner.failure}' if runner.failure else '')
+        del runner
+    else:
+        graphed.note = 'CUDA only'
+    variants.append(graphed)
+
     compiled = Variant('fast + torch.compile')
     if plan.compile:
         warmup = {m: inputs[1][m] for m in ('vision', 'audio', 'depth')}
@@ -297,7 +316,7 @@ def render(r: Results) -> str:
     row('first call per shape, summed (s)', cells(lambda v: v.first_calls_s, 1))
     notes = [f'{v.name}: {v.note}' for v in r.variants if v.note]
     if notes:
-        lines += ['', 'Not measured: ' + '; '.join(notes) + '.']
+        lines += ['', 'Notes: ' + '; '.join(notes) + '.']
 
     best_ms, best_ips = r.best()
     lines += ['', f'Physical limit ({r.dtype}): FLOPs counted by `FlopCounterMode` on the official vision forward, '

@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--circular', action='store_true',
                         help='MMBench CircularEval: ask every rotation of the options, right only if all are right')
     parser.add_argument('--image-dir', type=Path, help='TextVQA image folder (default: train_images/ by the JSON)')
-    parser.add_argument('--vqa-protocol', choices=VQA_PROTOCOLS, default='vqa',
-                        help='TextVQA answer matching: vqa = GT-Vision-Lab vqaEval.py, evalai = TextVQA M4C '
-                             'evaluator (always normalises; used by LLaVA-style papers)')
+    parser.add_argument('--vqa-protocol', choices=VQA_PROTOCOLS, default='evalai',
+                        help='TextVQA answer matching: evalai (default) = the TextVQA authors\' M4C evaluator, as '
+                             'published TextVQA numbers are scored (LLaVA-style papers); vqa = VQAv2\'s '
+                             'GT-Vision-Lab vqaEval.py rules')
     parser.add_argument('--smoke', action='store_true',
                         help=f'quick end-to-end check on a questions.jsonl: first {SMOKE_LIMIT} questions, '
                              'builtin first-option config unless --config is given')

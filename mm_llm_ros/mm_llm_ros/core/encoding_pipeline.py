@@ -59,13 +59,28 @@ class Stream(LatestInput):
         self.prepare = prepare
         self.encodes = RollingStats(clock=clock)     # values: latency from sensor stamp to publish (s)
         self.preprocess_s = RollingStats(clock=clock)
+        self.dropped_inactive = 0  # arrived while the node was inactive (lifecycle): never decoded nor encoded
 
     def reject(self, reason: str) -> None:
         self.count(reason)
 
+    def drop_inactive(self) -> None:
+        with self._counters_lock:
+            self.dropped_inactive += 1
+
+    def discard_pending(self) -> None:
+        """Forget the item not yet encoded (counted as dropped while inactive), so that a paused node does not
+        encode a stale message when it resumes."""
+        if self.slot:
+            self.slot.take()
+            self.drop_inactive()
+
     def snapshot(self) -> dict[str, Any]:
-        rejected = self.counters()
+        rejected = self.counters()   # the named counters are the rejection reasons
+        with self._counters_lock:
+            dropped_inactive = self.dropped_inactive
         return {'received': self.slot.received, 'dropped': self.slot.dropped, 'encoded': self.encodes.count,
+                'dropped_inactive': dropped_inactive,
                 'rejected': sum(rejected.values()), **{f'rejected_{k}': v for k, v in rejected.items()},
                 'input_rate_hz': self.inputs.rate_hz(), 'encode_rate_hz': self.encodes.rate_hz(),
                 'latency_p50_s': self.encodes.percentile(50), 'latency_p95_s': self.encodes.percentile(95),

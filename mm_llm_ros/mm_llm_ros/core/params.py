@@ -61,9 +61,16 @@ CONTEXT_KINDS = tuple(specs.CONTEXT_KINDS)
 # ---- Shared by every node that runs a model ---------------------------------------------------
 DEVICE_PARAMS = (
     Param('device', 'auto', 'Torch device: auto (CUDA when available), cpu, cuda or cuda:N.'),
-    Param('dtype', 'auto', 'Model dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.',
+    Param('dtype', 'auto', 'Model dtype: auto (float16 on CUDA, float32 on CPU; the LLM with int4: bfloat16), float32, float16 or '
+          'bfloat16.',
           ('auto', 'float32', 'float16', 'bfloat16')),
     Param('diagnostics_period_s', 1.0, 'Period of /diagnostics status messages in seconds (0 disables).'),
+)
+
+# ---- Lifecycle (managed) nodes: the encoders and llm_node ---------------------------------------
+LIFECYCLE_PARAMS = (
+    Param('autostart', True, 'Configure (load the models) and activate on start, as nav2 does; false starts '
+          'unconfigured and waits for `ros2 lifecycle set <node> configure`, then `activate`.'),
 )
 
 # ---- ImageBind encoder nodes (camera_encoder, audio_encoder, lidar_encoder, encoder) -----------
@@ -78,9 +85,13 @@ IMAGEBIND_PARAMS = (
     Param('model.compile', False,
           'Compile the transformer blocks with torch.compile (a slower start, and each new batch shape compiles on '
           'first use; meant for CUDA); falls back to eager with a logged reason where compilation is impossible.'),
+    Param('model.cuda_graphs', True,
+          'On CUDA, replay each input shape\'s forward as a CUDA graph captured on first use (batch 1 is host-bound: '
+          'ImageBind-huge vision 8.2 -> 2.5 ms on an H200); ignored on the CPU; eager with a logged reason if a '
+          'capture fails.'),
 )
 
-ENCODER_COMMON_PARAMS = DEVICE_PARAMS + IMAGEBIND_PARAMS + (
+ENCODER_COMMON_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + IMAGEBIND_PARAMS + (
     Param('max_rate_hz', 2.0, 'Maximum encode rate per input stream; newer frames replace older unencoded ones.'),
     Param('max_message_mb', 64.0, 'Messages larger than this are dropped and counted before decoding.'),
 )
@@ -123,7 +134,7 @@ LIDAR_PARAMS = LIDAR_GEOMETRY_PARAMS + (
 )
 
 # ---- ImageBind-LLM node ----------------------------------------------------------------------
-LLM_PARAMS = DEVICE_PARAMS + (
+LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
     Param('llm.preset', '', "'' uses llm.backbone_path; 'embedded' = SmolLM2-135M-Instruct from PyPI; 'tiny' = "
           'a small random model for tests.', ('', 'embedded', 'tiny')),
     Param('llm.backbone_path', '', 'LLaMA backbone: a Meta-format directory (params.json, consolidated.*.pth, '
@@ -133,7 +144,7 @@ LLM_PARAMS = DEVICE_PARAMS + (
     Param('llm.cache_dir', '', 'Where one-time conversions (the embedded GGUF) are cached; empty = ~/.cache/mm_llm_ros.'),
     Param('llm.seed', 0, 'Seed for generation sampling and random initialisation.'),
     Param('llm.quantization', 'none', 'Weight-only quantisation of the merged backbone (torchao): none, int8 or '
-          'int4 (int4 needs CUDA with compute capability >= 8.0, or dtype bfloat16 on the CPU); see '
+          'int4 (int4 needs CUDA with compute capability >= 8.0, or dtype auto/bfloat16 on the CPU); see '
           'docs/quantization.md.',
           ('none', 'int8', 'int4')),
     Param('embedding_dim', 1024, 'Width of the ImageBind embeddings (1024 for imagebind_huge).'),

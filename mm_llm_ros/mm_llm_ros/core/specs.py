@@ -65,8 +65,9 @@ class SensorSpec(_Switchable):
     enabled_by_default: bool = True
     compressed_param: str = ''     # parameter choosing raw or compressed transport ('' = raw only)
     uses_camera_info: bool = False # needs camera/camera_info (focal length, projection)
-    # decoder 'window': 'module:function(params) -> buffer' with add(decoded, stamp_ns) and ready_window() (the window
+    # decoder 'window': 'module:function(params) -> buffer' with add(decoded, stamp_ns), ready_window() (the window
     # once long enough, else None; it has `end_stamp_ns`, the time of its newest sample, and is what `preprocess` takes)
+    # and clear() (a deactivated encoder resumes with a fresh window)
     window: str = ''
     # Key of `ros.conversions.DECODERS` reading the message ('' = its type's name): a thermal `Image` keeps its
     # radiometric values instead of being read as a colour or depth image.

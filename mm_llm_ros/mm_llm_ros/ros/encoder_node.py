@@ -4,6 +4,9 @@ Embedding messages on `mm_llm/embedding/<sensor>`.
 `encoder` hosts any subset (`use_<sensor>`) with ONE shared model; `camera_encoder`, `audio_encoder` and
 `lidar_encoder` are this node with the sensors of one launch switch. Callbacks only hand messages to the
 `EncoderWorker` (core/encoding_pipeline.py); decoding, preprocessing and encoding happen on its thread.
+
+A lifecycle node (ros/lifecycle.py): configure loads the model and subscribes, activate starts the worker,
+deactivate stops it (sensor messages are then dropped and counted as `dropped_inactive`), cleanup releases the model.
 """
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ from typing import Optional
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, PointCloud2
 
 from mm_llm_ros.core.device import DeviceError, describe
@@ -20,7 +22,7 @@ from mm_llm_ros.core.encoding_pipeline import EncoderWorker, InputRejected, Prep
 from mm_llm_ros.core.imagebind.lidar_projection import (T_OPTICAL_FROM_LIDAR, PinholeCamera, virtual_camera,
                                                         yaw_to_forward)
 from mm_llm_ros.core.imagebind.model import (CheckpointError, ImageBindConfig, ImageBindConfigError,
-                                             get_shared_encoder)
+                                             get_shared_encoder, release_shared_encoders)
 from mm_llm_ros.core.imagebind.official import ImageBindUnavailableError
 from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits
@@ -28,19 +30,25 @@ from mm_llm_ros.core.sensor_inputs import InputContext
 from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, SENSOR_SPECS, SensorSpec, resolve
 from mm_llm_ros.ros.conversions import DECODERS, message_class, pointcloud_from_msg, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
+from mm_llm_ros.ros.lifecycle import ManagedNode
 from mm_llm_ros.ros.node_main import StartupError
-from mm_llm_ros.ros.parameters import declare_parameters
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, SENSOR_QOS
 from mm_llm_ros_interfaces.msg import Embedding
 
 
-class EncoderNode(Node):
+class EncoderNode(ManagedNode):
 
     executor_threads = 1  # callbacks only hand messages to the worker thread
 
     def __init__(self, node_name: str):
-        super().__init__(node_name)
-        self.params = p = declare_parameters(self, NODE_PARAMS[node_name].values())
+        super().__init__(node_name, NODE_PARAMS[node_name].values())
+        self.encoder = None
+        self.worker: Optional[EncoderWorker] = None
+        self.windows: list = []   # the windowed sensors' buffers (audio): emptied on deactivate
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def configure(self, p) -> None:
+        self.params = p
         sensors = [spec for spec in SENSOR_SPECS if p.get(spec.enable_param)]
         if not sensors:
             raise StartupError('no sensor enabled: set ' + ' or '.join(
@@ -53,25 +61,41 @@ class EncoderNode(Node):
         self.camera_info: Optional[CameraInfo] = None
         self.embedding_pubs: dict[str, object] = {}
         self.streams: list[Stream] = []
+        self.windows = []
         inputs = MutuallyExclusiveCallbackGroup()
         for spec in sensors:
             self._add_sensor(spec, p, inputs)
         if any(spec.uses_camera_info for spec in sensors):
             self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self._camera_info_callback, SENSOR_QOS,
                                      callback_group=inputs)
-        self.worker = EncoderWorker(self.encoder, self.streams, self._publish,
-                                    now_ns=lambda: self.get_clock().now().nanoseconds,
-                                    on_rejected=self._log_rejected)
-        self.worker.start()
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         if p['diagnostics_period_s'] > 0:
             self.create_timer(p['diagnostics_period_s'], self._diagnostics_callback,
                               callback_group=MutuallyExclusiveCallbackGroup())
+
+    def activate(self) -> None:
+        self.worker = EncoderWorker(self.encoder, self.streams, self._publish,  # a thread runs once: new per activate
+                                    now_ns=lambda: self.get_clock().now().nanoseconds,
+                                    on_rejected=self._log_rejected)
+        self.worker.start()
         self.get_logger().info(f"encoding {', '.join(s.name + ' <- ' + s.source_topic for s in self.streams)} with "
                                f"{self.encoder.model_name} on {describe(self.encoder.device, self.encoder.dtype)}")
 
-    def close(self) -> None:
+    def deactivate(self) -> None:
         self.worker.stop()
+        for stream in self.streams:
+            stream.discard_pending()
+        for window in self.windows:
+            window.clear()  # resume with fresh audio, not a window spanning the pause
+
+    def cleanup(self) -> None:
+        self.encoder = self.worker = self.camera_info = self.tf_buffer = self._tf_listener = None
+        self.streams, self.embedding_pubs, self.windows = [], {}, []
+        release_shared_encoders()
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _load_model(self, p):
@@ -79,9 +103,6 @@ class EncoderNode(Node):
             encoder = get_shared_encoder(ImageBindConfig.from_params(p))
         except (ImageBindConfigError, CheckpointError, DeviceError, ImageBindUnavailableError) as exc:
             raise StartupError(str(exc)) from exc
-        if encoder.random_weights:
-            self.get_logger().warning(f'{encoder.model_name}: embeddings carry no meaning; give model.checkpoint '
-                                      'for real ones')
         return encoder
 
     def _add_sensor(self, spec: SensorSpec, p, group) -> None:
@@ -103,14 +124,15 @@ class EncoderNode(Node):
 
     def _add_stream(self, spec: SensorSpec, msg_type, topic: str, prepare, group, offer=None) -> Stream:
         stream = Stream(spec.name, '', prepare, self.params['max_rate_hz'])
-        subscription = self.create_subscription(msg_type, topic, offer or stream.offer, SENSOR_QOS,
-                                                callback_group=group)
+        subscription = self.create_subscription(msg_type, topic, self._when_active(stream, offer or stream.offer),
+                                                SENSOR_QOS, callback_group=group)
         stream.source_topic = subscription.topic_name
         self.streams.append(stream)
         return stream
 
     def _add_window(self, spec: SensorSpec, p, msg_type, topic: str, decode, preprocess, group) -> None:
         window = resolve(spec.window)(p)
+        self.windows.append(window)
         stream = self._add_stream(spec, msg_type, topic, lambda frame_id: self._prepare_window(
             spec, window, preprocess, frame_id), group,
             offer=lambda msg: self._window_callback(stream, window, decode, msg))
@@ -136,6 +158,14 @@ class EncoderNode(Node):
         self._add_stream(spec, PointCloud2, spec.topic, lambda msg: self._prepare_points(spec, preprocess, msg), group)
 
     # ---- callbacks (never block) ---------------------------------------------------------------
+    def _when_active(self, stream: Stream, callback):
+        def gated(msg) -> None:
+            if self.active:
+                callback(msg)
+            else:
+                stream.drop_inactive()
+        return gated
+
     def _camera_info_callback(self, msg: CameraInfo) -> None:
         self.camera_info = msg
 
@@ -204,12 +234,14 @@ class EncoderNode(Node):
 
     def _diagnostics_callback(self) -> None:
         device = describe(self.encoder.device, self.encoder.dtype)
+        model_p50 = self.worker.model_s.percentile(50) if self.worker is not None else float('nan')
         statuses = []
         for stream in self.streams:
-            values = stream.snapshot() | {'model_p50_s': self.worker.model_s.percentile(50), 'device': device,
-                                          'model': self.encoder.model_name}
+            values = stream.snapshot() | {'model_p50_s': model_p50, 'device': device,
+                                          'model': self.encoder.model_name, 'active': self.active}
             level = 'warn' if values['rejected'] else 'ok'
             statuses.append(make_status(f'{self.get_name()}: {stream.name}', stream.source_topic, level,
+                                        ('' if self.active else 'inactive: ') +
                                         f"{values['encoded']} encoded, {values['dropped']} dropped, "
                                         f"{values['rejected']} rejected", values))
         self.diagnostics_pub.publish(make_array(self.get_clock().now().to_msg(), statuses))

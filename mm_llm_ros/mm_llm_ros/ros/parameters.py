@@ -26,3 +26,8 @@ def declare_parameters(node: Node, params: Iterable[Param]) -> dict[str, Any]:
     for warning in resolve_deprecated(params, values):
         node.get_logger().warning(warning)
     return values
+
+
+def read_parameters(node: Node, params: Iterable[Param]) -> dict[str, Any]:
+    """The current value of every declared parameter, validated (a lifecycle node reads them when it configures)."""
+    return {param.name: param.validate(node.get_parameter(param.name).value) for param in params}

@@ -49,12 +49,16 @@ def test_smoke_run_on_the_shared_mmbench_sample(shared_data, tmp_path):
     assert (out / 'mmbench_categories.png').is_file()
 
 
-def test_textvqa_with_evalai_protocol(tmp_path):
-    data = _write_textvqa(tmp_path, answers=['Yes'] * 10)
+@pytest.mark.parametrize('protocol_args, protocol, accuracy', [((), 'evalai', 100.0),  # the published scoring
+                                                               (('--vqa-protocol', 'vqa'), 'vqa', 0.0)])
+def test_textvqa_scores_with_the_authors_evaluator_by_default(tmp_path, protocol_args, protocol, accuracy):
+    data = _write_textvqa(tmp_path, answers=['yes'] * 10)  # always-yes says 'Yes': only the evalai rules lowercase it
     out = tmp_path / 'out'
     assert _run('--benchmark', 'textvqa', '--data', str(data), '--out', str(out), '--config', 'y=builtin:always-yes',
-                '--vqa-protocol', 'evalai') == 0
-    assert json.loads((out / 'results.json').read_text())['configs']['y']['summary'] == {'accuracy': 100.0}
+                *protocol_args) == 0
+    results = json.loads((out / 'results.json').read_text())
+    assert results['configs']['y']['summary'] == {'accuracy': accuracy}
+    assert protocol in json.dumps(results)
     assert not (out / 'textvqa_categories.png').exists()  # no categories to chart
 
 

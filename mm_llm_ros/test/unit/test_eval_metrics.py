@@ -156,6 +156,14 @@ def test_textvqa_score_is_mean_accuracy_in_percent():
         vqa_accuracy('x', [])
 
 
+def test_textvqa_scores_as_published_by_default_and_keeps_the_vqa_rules_behind_the_flag():
+    # Ten unanimous humans: the TextVQA authors' evaluator normalises 'Yes.' to 'yes', vqaEval.py compares exactly.
+    items = [EvalItem(id='1', question='q', answers=('yes',) * 10)]
+    assert textvqa_score(items, {'1': 'Yes.'}).summary['accuracy'] == 100.0
+    assert score_benchmark('textvqa', items, {'1': 'Yes.'}).summary['accuracy'] == 100.0
+    assert textvqa_score(items, {'1': 'Yes.'}, protocol='vqa').summary['accuracy'] == 0.0
+
+
 # --------------------------------------------------------------------------------------------------- MMBench
 
 OPTIONS = {'A': 'dog', 'B': 'cat', 'C': 'bird', 'D': 'fish'}

@@ -191,3 +191,35 @@ def test_encoder_compiles_on_its_warmup_batch(checkpoint, inputs, expected, monk
     encoder = ImageBindEncoder(ImageBindConfig(preset='tiny', checkpoint=str(checkpoint), device='cpu', compile=True))
     assert encoder.inference_setup.compiled
     assert_close(encoder.encode(inputs), expected)
+
+
+# --- (d) CUDA graphs: a CUDA-only optimisation that the CPU never takes ------------------------------------------------
+
+
+def test_cuda_graphs_are_a_declared_parameter_on_by_default():
+    param = next(p for p in IMAGEBIND_PARAMS if p.name == 'model.cuda_graphs')
+    assert param.default is True and 'CUDA graph' in param.description
+    values = {p.name: p.default for p in IMAGEBIND_PARAMS} | {'device': 'cpu', 'dtype': 'auto',
+                                                              'model.cuda_graphs': False}
+    assert ImageBindConfig.from_params(values).cuda_graphs is False
+
+
+def test_graphed_forward_refuses_a_cpu_model(reference):
+    with pytest.raises(ValueError, match='CUDA graphs need a model on a CUDA device, this one is on cpu'):
+        inference.GraphedForward(reference)
+
+
+def test_encoder_on_the_cpu_runs_eager_with_cuda_graphs_on(checkpoint, inputs, expected):
+    encoder = ImageBindEncoder(ImageBindConfig(preset='tiny', checkpoint=str(checkpoint), device='cpu'))
+    assert encoder.config.cuda_graphs and encoder._forward is encoder._model
+    assert not any('CUDA graphs' in note for note in encoder.inference_setup.notes)
+    assert_close(encoder.encode(inputs), expected)
+
+
+def test_graph_signature_tells_shapes_dtypes_and_modalities_apart():
+    sig = inference.GraphedForward.signature
+    one = {'vision': torch.zeros(1, 3, 4, 4)}
+    assert sig(one) == sig({'vision': torch.ones(1, 3, 4, 4)})  # values do not matter: they are copied in
+    assert len({sig(one), sig({'vision': torch.zeros(2, 3, 4, 4)}), sig({'vision': torch.zeros(1, 3, 4, 4).half()}),
+                sig({**one, 'depth': torch.zeros(1, 1, 4, 4)})}) == 4
+    assert sig({'a': torch.zeros(1), 'b': torch.zeros(2)}) == sig({'b': torch.zeros(2), 'a': torch.zeros(1)})

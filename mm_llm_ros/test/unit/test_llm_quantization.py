@@ -1,6 +1,7 @@
 """Weight-only quantisation of the backbone (llm.quantization): refusals, drift, shared weights, visual injection."""
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
@@ -241,3 +242,22 @@ def test_the_bench_writes_its_tables(tmp_path):
     torchao = quantization.import_torchao()
     torchao.quantize_(linear, torchao.Int8WeightOnlyConfig(set_inductor_config=False))
     assert quantization.tensor_bytes(linear.weight) == bench._projection_bytes(40, 96, 'int8')
+
+
+def test_int4_with_dtype_auto_loads_the_model_in_bfloat16(caplog):
+    from mm_llm_ros.core.llm.quantization import model_dtype
+
+    assert model_dtype('int4', 'auto', torch.float16) == torch.bfloat16  # tinygemm's only activation dtype
+    assert model_dtype('int4', '', torch.float32) == torch.bfloat16
+    assert model_dtype('int8', 'auto', torch.float16) == torch.float16
+    assert model_dtype('none', 'auto', torch.float32) == torch.float32
+    with caplog.at_level(logging.WARNING, logger='mm_llm_ros.core.llm.quantization'):
+        assert model_dtype('int4', 'float16', torch.float16) == torch.float16  # an explicit choice is kept...
+    assert 'casts to bfloat16 and back' in caplog.text  # ...with its cost said
+
+
+def test_build_answerer_with_int4_and_dtype_auto_runs_on_the_cpu():
+    from mm_llm_ros.core.llm import pipeline
+
+    answerer = pipeline.build_answerer(pipeline.LLMConfig(preset='tiny', device='cpu', quantization='int4'))
+    assert next(answerer.model.parameters()).dtype == torch.bfloat16

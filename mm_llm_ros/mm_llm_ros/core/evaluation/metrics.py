@@ -65,7 +65,7 @@ class BenchmarkScore:
 
 
 def score_benchmark(benchmark: str, items: Sequence[EvalItem], predictions: Mapping[str, str], *,
-                    vqa_protocol: VqaProtocol = 'vqa') -> BenchmarkScore:
+                    vqa_protocol: VqaProtocol = 'evalai') -> BenchmarkScore:
     """Score `predictions` (item id -> raw model text) with the official metric of `benchmark`."""
     if benchmark == 'mme':
         return mme_score(items, predictions)
@@ -271,8 +271,11 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], protocol: VqaProtocol 
 
 
 def textvqa_score(items: Sequence[EvalItem], predictions: Mapping[str, str], *,
-                  protocol: VqaProtocol = 'vqa') -> BenchmarkScore:
-    """TextVQA accuracy (percent) = mean VQA accuracy; per-category accuracy when the items carry categories."""
+                  protocol: VqaProtocol = 'evalai') -> BenchmarkScore:
+    """TextVQA accuracy (percent) = mean VQA accuracy; per-category accuracy when the items carry categories.
+
+    The default protocol is the TextVQA authors' evaluator ('evalai'), the one behind published TextVQA numbers
+    (LLaVA's `m4c_evaluator.py`); 'vqa' (VQAv2's vqaEval.py rules) stays available for comparison."""
     scored = []
     for item in items:
         prediction = _prediction(item, predictions)

@@ -12,7 +12,7 @@ import logging
 import pickle
 import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from mm_llm_ros.core.device import describe, resolve_device, resolve_dtype
 from mm_llm_ros.core.imagebind import official
-from mm_llm_ros.core.imagebind.inference import prepare_for_inference
+from mm_llm_ros.core.imagebind.inference import GraphedForward, prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class ImageBindConfig:
     `overrides` replace individual `ImageBindModel` keyword arguments of the preset. Without a `checkpoint` the
     model keeps its random initialisation (seeded by `seed`) only if `allow_random_weights` is set. `compile`
     compiles the transformer blocks with `torch.compile` (see `inference.py`; eager with a logged reason where that
-    is impossible).
+    is impossible). `cuda_graphs` replays each input shape's forward as a CUDA graph on CUDA (ignored elsewhere).
     """
 
     preset: str = 'huge'
@@ -133,6 +133,7 @@ class ImageBindConfig:
     device: str = 'auto'
     dtype: str = 'auto'
     compile: bool = False
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -144,7 +145,8 @@ class ImageBindConfig:
         """The config of an encoder node's parameters (`core/params.py`: IMAGEBIND_PARAMS and device/dtype)."""
         return cls(preset=p['model.preset'], overrides=parse_overrides(p['model.overrides']),
                    checkpoint=p['model.checkpoint'], allow_random_weights=p['model.allow_random_weights'],
-                   seed=p['model.seed'], device=p['device'], dtype=p['dtype'], compile=p['model.compile'])
+                   seed=p['model.seed'], device=p['device'], dtype=p['dtype'], compile=p['model.compile'],
+                   cuda_graphs=p['model.cuda_graphs'])
 
     def __hash__(self) -> int:  # overrides is a dict, so hash the canonical form (the cache key)
         return hash(self.key)
@@ -154,7 +156,8 @@ class ImageBindConfig:
         """Canonical JSON of every field: equal configs give equal keys."""
         return json.dumps({'preset': self.preset, 'overrides': dict(self.overrides), 'checkpoint': self.checkpoint,
                            'allow_random_weights': self.allow_random_weights, 'seed': self.seed,
-                           'device': self.device, 'dtype': self.dtype, 'compile': self.compile}, sort_keys=True)
+                           'device': self.device, 'dtype': self.dtype, 'compile': self.compile,
+                           'cuda_graphs': self.cuda_graphs}, sort_keys=True)
 
     def model_kwargs(self) -> dict[str, Any]:
         """All `ImageBindModel` keyword arguments: its defaults, updated by the preset, then by the overrides."""
@@ -283,8 +286,8 @@ class ImageBindEncoder:
         self._random_weights = state is None
         model = _build_model(config, random_init=self._random_weights)
         if state is None:
-            logger.warning('%s runs with RANDOM weights (seed %d): its embeddings carry no meaning', arch,
-                           config.seed)
+            logger.warning('%s runs with RANDOM weights (seed %d): its embeddings carry no meaning; set '
+                           'model.checkpoint for real ones', arch, config.seed)
         else:
             _check_state_dict(model, state, config.checkpoint, arch)
             # assign=True adopts the (memory-mapped) tensors instead of copying them into the built ones.
@@ -296,6 +299,11 @@ class ImageBindEncoder:
         self._sample_shapes = _sample_shapes(kwargs)
         self.inference_setup = prepare_for_inference(
             self._model, compile=config.compile, warmup=self._warmup_batch() if config.compile else None)
+        self._forward: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = self._model
+        if config.cuda_graphs and self._device.type == 'cuda':
+            self._forward = GraphedForward(self._model)
+            self.inference_setup.notes.append('CUDA graphs: one per input shape, captured on first use')
+            logger.info('ImageBind: forwards replay as CUDA graphs, one per input shape, captured on first use')
         self._lock = threading.Lock()
         logger.info('loaded %s on %s', self._model_name, describe(self._device, self._dtype))
 
@@ -365,7 +373,7 @@ class ImageBindEncoder:
         if not inputs:
             return {}
         with self._lock, torch.inference_mode():
-            outputs = self._model(inputs)
+            outputs = self._forward(inputs)
         return {modality: outputs[modality].float().cpu().numpy() for modality in inputs}
 
 

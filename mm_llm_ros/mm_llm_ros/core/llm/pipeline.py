@@ -31,7 +31,8 @@ from mm_llm_ros.core.llm.fusion import fuse_embeddings
 from mm_llm_ros.core.llm.generation import GenerationConfig, generate_stream
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 from mm_llm_ros.core.llm.prompt import PromptBuilder, PromptConfig
-from mm_llm_ros.core.llm.quantization import check_quantization, parameter_bytes, quantize_linear_weights
+from mm_llm_ros.core.llm.quantization import (check_quantization, model_dtype, parameter_bytes,
+                                                   quantize_linear_weights)
 from mm_llm_ros.core.llm.tokenizer import TextTokenizer
 from mm_llm_ros.core.llm.visual_cache import VisualCache
 from mm_llm_ros.core.specs import CONTEXT_KINDS, MODALITIES, SENSOR_SPECS, sources_of
@@ -174,7 +175,7 @@ class LLMAnswerer:
 def build_answerer(config: LLMConfig) -> LLMAnswerer:
     """Load the configured model once. Raises ValueError subclasses with a clear message on any problem."""
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = model_dtype(config.quantization, config.dtype, resolve_dtype(config.dtype, device))
     # Refused before any weight is loaded.
     decoder_mode = resolve_decoder_mode(config.decoder, device)
     check_quantization(config.quantization, device, dtype)  # likewise
