@@ -156,8 +156,8 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     lifecycle = {} if _truthy(values['autostart'], 'autostart') else {'autostart': False}  # lifecycle nodes only
     encoder_overrides = device | lifecycle | _non_empty({'model.checkpoint': values['imagebind_checkpoint']})
     llm_overrides = device | lifecycle | _non_empty({'llm.backbone_path': values['llama_dir'],
-                                         'llm.adapter_checkpoint': values['adapter_checkpoint'],
-                                         'cache.index_path': values['cache_index']})
+                                                     'llm.adapter_checkpoint': values['adapter_checkpoint'],
+                                                     'cache.index_path': values['cache_index']})
     remaps = {switch: _remappings(switch, values) for switch in LAUNCH_SWITCHES}
 
     def spec(executable, overrides, remappings=(), name=None, first=()):

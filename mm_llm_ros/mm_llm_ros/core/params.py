@@ -61,8 +61,8 @@ CONTEXT_KINDS = tuple(specs.CONTEXT_KINDS)
 # ---- Shared by every node that runs a model ---------------------------------------------------
 DEVICE_PARAMS = (
     Param('device', 'auto', 'Torch device: auto (CUDA when available), cpu, cuda or cuda:N.'),
-    Param('dtype', 'auto', 'Model dtype: auto (float16 on CUDA, float32 on CPU; the LLM with int4: bfloat16), float32, float16 or '
-          'bfloat16.',
+    Param('dtype', 'auto', 'Model dtype: auto (float16 on CUDA, float32 on CPU; the LLM with int4: bfloat16), '
+          'float32, float16 or bfloat16.',
           ('auto', 'float32', 'float16', 'bfloat16')),
     Param('diagnostics_period_s', 1.0, 'Period of /diagnostics status messages in seconds (0 disables).'),
 )
