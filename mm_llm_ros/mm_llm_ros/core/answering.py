@@ -12,7 +12,7 @@ import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -150,6 +150,7 @@ class AskEngine:
         self.line_template = line_template
         self._queue: queue.Queue[Optional[AskJob]] = queue.Queue()
         self._in_flight = 0
+        self._background_in_flight = 0
         self._lock = threading.Lock()
         self._running: Optional[AskJob] = None
         self._worker = threading.Thread(target=self._work, name='ask-worker', daemon=True)
@@ -216,15 +217,25 @@ class AskEngine:
             job.finish(AskResult(False, error=error))
             return job
         with self._lock:
-            limit = 1 if background else self.limits.max_queue
-            if self._in_flight >= limit:
+            if not self._has_room(background):
                 self.counts['busy'] += 1
                 job.finish(AskResult(False, error=BUSY))
                 return job
             self._in_flight += 1
+            self._background_in_flight += background
             self.counts['accepted'] += 1
         self._queue.put(job)
         return job
+
+    def _has_room(self, background: bool) -> bool:
+        """Whether a new request fits (called under the lock): the serial rule, one bounded queue of waiting +
+        running requests; a background request only when nothing else is in flight."""
+        return self._in_flight < (1 if background else self.limits.max_queue)
+
+    def _release(self, job: AskJob) -> None:
+        """A request leaves the engine (called under the lock)."""
+        self._in_flight -= 1
+        self._background_in_flight -= job.background
 
     # ---- worker -----------------------------------------------------------------------------
     def _work(self) -> None:
@@ -243,10 +254,19 @@ class AskEngine:
                 _release_accelerator_memory()
             with self._lock:
                 self._running = None
-                self._in_flight -= 1
+                self._release(job)
             job.finish(result)
 
     def _answer(self, job: AskJob) -> AskResult:
+        inputs = self._inputs(job)
+        if isinstance(inputs, AskResult):
+            return inputs
+        generated = self.answerer.answer(job.request.question, inputs.embeddings, job.request.max_new_tokens,
+                                         job.on_text, job.should_stop, context=inputs.context)
+        return self._result(job, inputs, generated)
+
+    def _inputs(self, job: AskJob) -> Union['JobInputs', AskResult]:
+        """What the model reads for this job (fresh embeddings and context text), or its result if cancelled."""
         request = job.request
         wanted = request.modalities or self.limits.known_modalities
         fresh, missing = self.store.select(wanted, request.max_age_s)
@@ -258,8 +278,10 @@ class AskEngine:
         context = '\n'.join(context_line(self.line_template, c.modality, c.value) for c in contexts) or None
         if not fresh:
             context = NOTHING_PERCEIVED
-        generated = self.answerer.answer(request.question, embeddings, request.max_new_tokens, job.on_text,
-                                         job.should_stop, context=context)
+        return JobInputs(fresh, missing, embeddings, context)
+
+    def _result(self, job: AskJob, inputs: 'JobInputs', generated: Generated) -> AskResult:
+        request, fresh, missing = job.request, inputs.fresh, inputs.missing
         cancelled = generated.stopped_reason == 'cancelled'
         self.counts['cancelled' if cancelled else 'answered'] += 1
         if generated.n_tokens:
@@ -287,6 +309,15 @@ class AskEngine:
             notes.append('the bind network is untrained and zero-gated, so sensor embeddings do not inform '
                          f'this answer{informed}')
         return '; '.join(notes)
+
+
+@dataclass
+class JobInputs:
+    """The store's answer for one job: what is fresh, what is missing, and what the model reads."""
+    fresh: Sequence[StoredInput]
+    missing: Sequence[str]
+    embeddings: Sequence[StoredInput]
+    context: Optional[str]
 
 
 def _release_accelerator_memory() -> None:
