@@ -99,6 +99,7 @@ class AskJob:
         self.received = time.monotonic()
         self._cancelled = threading.Event()
         self._done = threading.Event()
+        self._finish_lock = threading.Lock()
         self.result: Optional[AskResult] = None
 
     def cancel(self) -> None:
@@ -107,10 +108,21 @@ class AskJob:
     def should_stop(self) -> bool:
         return self._cancelled.is_set() or self._external_stop()
 
-    def finish(self, result: AskResult) -> None:
-        result.latency_s = time.monotonic() - self.received
-        self.result = result
-        self._done.set()
+    def finish(self, result: AskResult) -> bool:
+        """Set the result; the first one wins (a job ended by `AskEngine.close` keeps that reason when its
+        generation stops later). Returns whether this result was taken."""
+        with self._finish_lock:
+            if self._done.is_set():
+                return False
+            result.latency_s = time.monotonic() - self.received
+            self.result = result
+            self._done.set()
+            return True
+
+    def emit(self, text: str) -> None:
+        """Stream a piece of the answer, unless the job already has its result."""
+        if not self._done.is_set():
+            self.on_text(text)
 
     def wait(self, timeout_s: Optional[float] = None) -> Optional[AskResult]:
         self._done.wait(timeout_s)
@@ -153,6 +165,7 @@ class AskEngine:
         self._background_in_flight = 0
         self._lock = threading.Lock()
         self._running: Optional[AskJob] = None
+        self._closed: Optional[str] = None  # why requests are refused, once close() was called
         self._worker = threading.Thread(target=self._work, name='ask-worker', daemon=True)
         self.time_to_first_token = RollingStats()
         self.tokens_per_s = RollingStats()
@@ -162,19 +175,37 @@ class AskEngine:
     def start(self) -> None:
         self._worker.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Cancel the running job, refuse the queued ones and end the worker; no waiter is left hanging."""
+    def close(self, reason: str) -> None:
+        """Stop serving at once: refuse new requests, and end the running and every queued request with `reason`
+        (success false). The running generation is cancelled; its waiter does not wait for it to stop."""
         with self._lock:
+            if self._closed is None:
+                self._closed = reason
+            reason = self._closed
             running = self._running
         if running is not None:
             running.cancel()
+            running.finish(AskResult(False, error=reason))
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
-                job.finish(AskResult(False, error='node shutting down'))
+            if job is None:
+                self._queue.put(None)  # stop() already asked the worker to end: keep that request
+                break
+            with self._lock:
+                self._release(job)
+            job.finish(AskResult(False, error=reason))
+
+    @property
+    def closed(self) -> Optional[str]:
+        """The reason given to close(), or None while serving."""
+        return self._closed
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """close() (if not yet done) and end the worker; no waiter is left hanging."""
+        self.close('node shutting down')
         self._queue.put(None)
         if self._worker.is_alive():
             self._worker.join(timeout_s)
@@ -212,11 +243,17 @@ class AskEngine:
         """
         error, resolved = self.resolve(request)
         job = AskJob(resolved, on_text, should_stop, background)
+        if self._closed is not None:
+            job.finish(AskResult(False, error=self._closed))
+            return job
         if error:
             self.counts['invalid'] += 1
             job.finish(AskResult(False, error=error))
             return job
         with self._lock:
+            if self._closed is not None:  # closed since the check above
+                job.finish(AskResult(False, error=self._closed))
+                return job
             if not self._has_room(background):
                 self.counts['busy'] += 1
                 job.finish(AskResult(False, error=BUSY))
@@ -224,7 +261,7 @@ class AskEngine:
             self._in_flight += 1
             self._background_in_flight += background
             self.counts['accepted'] += 1
-        self._queue.put(job)
+            self._queue.put(job)  # under the lock, so that close() cannot miss it
         return job
 
     def _has_room(self, background: bool) -> bool:
@@ -244,7 +281,14 @@ class AskEngine:
             if job is None:
                 return
             with self._lock:
-                self._running = job
+                closed = self._closed
+                if closed is not None:  # taken from the queue just before close() looked at it
+                    self._release(job)
+                else:
+                    self._running = job
+            if closed is not None:
+                job.finish(AskResult(False, error=closed))
+                continue
             try:
                 result = self._answer(job)
             except Exception as exc:  # the worker must survive anything a model does, e.g. CUDA OOM
@@ -262,7 +306,7 @@ class AskEngine:
         if isinstance(inputs, AskResult):
             return inputs
         generated = self.answerer.answer(job.request.question, inputs.embeddings, job.request.max_new_tokens,
-                                         job.on_text, job.should_stop, context=inputs.context)
+                                         job.emit, job.should_stop, context=inputs.context)
         return self._result(job, inputs, generated)
 
     def _inputs(self, job: AskJob) -> Union['JobInputs', AskResult]:

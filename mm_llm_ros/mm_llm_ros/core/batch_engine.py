@@ -52,13 +52,16 @@ class BatchedAskEngine(AskEngine):
         with self._lock:
             return len(self._decoding)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Cancel every decoding job, refuse the queued ones and end the worker; no waiter is left hanging."""
+    def close(self, reason: str) -> None:
+        """Stop serving at once: every decoding question ends now with `reason` (its row is cancelled and leaves at
+        the next step), queued ones too (`AskEngine.close`), and those the worker holds at its next iteration."""
         with self._lock:
             decoding = list(self._decoding)
+        super().close(reason)
+        reason = self._closed or reason
         for job in decoding:
             job.cancel()
-        super().stop(timeout_s)
+            job.finish(AskResult(False, error=reason))
 
     # ---- worker -------------------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -77,6 +80,9 @@ class BatchedAskEngine(AskEngine):
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     item = _EMPTY
+            if self._closed is not None:  # close(): nothing new joins; waiting jobs end with the reason
+                while self._waiting:
+                    self._done(self._waiting.popleft(), AskResult(False, error=self._closed))
             self._admit()
             if self.answerer.running:
                 try:

@@ -86,9 +86,6 @@ class EncoderNode(Node):
             encoder = get_shared_encoder(ImageBindConfig.from_params(p))
         except (ImageBindConfigError, CheckpointError, DeviceError, ImageBindUnavailableError) as exc:
             raise StartupError(str(exc)) from exc
-        if encoder.random_weights:
-            self.get_logger().warning(f'{encoder.model_name}: embeddings carry no meaning; give model.checkpoint '
-                                      'for real ones')
         return encoder
 
     def _publisher(self, modality: str):

@@ -95,6 +95,14 @@ class LLMNode(Node):
         self.get_logger().info(f"serving {self.resolve_service_name('ask')} and "
                                f"{self.resolve_service_name('ask_stream')}")
 
+    def finish_requests(self, reason: str) -> None:
+        """Called by run_node on the first SIGINT/SIGTERM: every in-flight and queued /ask call and /ask_stream goal
+        ends now with `reason` (success false; goals are aborted), and new ones get the same answer. run_node then
+        lets the executor send those replies before it shuts down."""
+        in_flight = self.engine.queue_length
+        self.get_logger().info(f'{reason}: ending {in_flight} request(s) in flight' if in_flight else reason)
+        self.engine.close(reason)
+
     def close(self) -> None:
         self.engine.stop()
         self._action_server.destroy()

@@ -199,3 +199,15 @@ def test_the_tiny_models_batched_answers_equal_its_serial_answers(tiny_answerers
     assert answers['batched'] == answers['serial']
     assert len({a for a, _ in answers['serial']}) > 3  # the answers differ, so the equality means something
     assert batched_answerer.batch.steps < sum(n for _, n in answers['batched'])
+
+
+def test_close_ends_decoding_and_queued_questions_with_the_reason(scripted):
+    engine, answerer = scripted
+    jobs = [engine.submit(AskRequest(f'question {i}')) for i in range(3)]
+    _until(lambda: engine.decoding == 2, 'two rows decoding')
+    engine.close('node stopped by SIGTERM')
+    results = [job.wait(WAIT_S) for job in jobs]  # at once: the worker is still held by the gate
+    assert [r.error for r in results] == ['node stopped by SIGTERM'] * 3 and not any(r.success for r in results)
+    assert engine.submit(AskRequest('late')).wait(WAIT_S).error == 'node stopped by SIGTERM'
+    answerer.release(10)
+    _until(lambda: engine.queue_length == 0 and answerer.running == 0, 'the cancelled rows leaving')
