@@ -12,6 +12,7 @@ from action_msgs.msg import GoalStatus
 from rclpy.action import ActionClient
 
 from mm_llm_ros.ros.qos import FEEDBACK_QOS, SERVICE_QOS
+from ros_harness import wait_until
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.srv import Ask
 
@@ -66,9 +67,12 @@ def test_concurrent_stream_callers_get_their_own_correct_streams(batched_node, c
     for i, (result, reference) in enumerate(zip(results, alone, strict=True)):
         assert result.status == GoalStatus.STATUS_SUCCEEDED and result.result.success, i
         assert result.result.answer == reference.answer, f'caller {i} got another answer than alone'
-        pieces = feedback[i]
+        # Feedback (a topic) and the result (a service) travel separately: the last pieces may come after it.
+        wait_until(lambda i=i: feedback[i] and feedback[i][-1].partial_answer.strip() == reference.answer,
+                   timeout_s=30, what=f'the end of stream {i}')
+        with lock:
+            pieces = list(feedback[i])
         assert ''.join(p.new_text for p in pieces) == pieces[-1].partial_answer  # its own stream, in order
-        assert pieces[-1].partial_answer.strip() == reference.answer
         assert result.result.tokens_generated == reference.tokens_generated
     overlapping = [(i, j) for i in feedback for j in feedback
                    if i < j and first_feedback[j] < last_feedback[i] and first_feedback[i] < last_feedback[j]]
