@@ -20,7 +20,8 @@ engine at N=1: what one caller alone waits).
 
 Questions differ per caller (different prompt lengths), greedy decoding as in the configs; answers may end at EOS
 before --new-tokens, so tokens/s counts the tokens actually generated. The script re-executes itself inside a
-loopback-only network namespace (scripts/netns.sh) unless it already runs in one.
+loopback-only network namespace (scripts/netns.sh) unless it already runs in one. The "Reading" section of
+bench/results/serving.md is written by hand after a run; a new run rewrites the file without it.
 """
 from __future__ import annotations
 
