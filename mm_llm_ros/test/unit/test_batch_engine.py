@@ -211,3 +211,10 @@ def test_close_ends_decoding_and_queued_questions_with_the_reason(scripted):
     assert engine.submit(AskRequest('late')).wait(WAIT_S).error == 'node stopped by SIGTERM'
     answerer.release(10)
     _until(lambda: engine.queue_length == 0 and answerer.running == 0, 'the cancelled rows leaving')
+
+
+def test_build_answerer_refuses_a_batch_larger_than_the_queue():
+    with pytest.raises(ValueError, match='max_batch'):
+        build_answerer(LLMConfig(preset='tiny', max_queue=4, max_batch=8))
+    with pytest.raises(ValueError, match='max_batch'):
+        build_answerer(LLMConfig(preset='tiny', max_batch=0))
