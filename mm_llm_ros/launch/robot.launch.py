@@ -7,6 +7,10 @@
 A node that cannot start (a missing checkpoint, no CUDA) exits 1 with its one-line FATAL reason; the launch then
 shuts down with that node named, instead of running a partial graph, and `ros2 launch` exits 1.
 
+llm_node and the encoders are lifecycle nodes that bring themselves to active (their `autostart` parameter), so
+they are plain launch_ros Node actions and need no lifecycle events from here; `autostart:=false` leaves them
+unconfigured for `ros2 lifecycle set <node> configure` / `activate` or a lifecycle manager.
+
 Which nodes start, with which parameters and remappings, is decided by `mm_llm_ros.launch_plan` (shared with the
 tests); this file only declares the arguments and turns that plan into launch_ros actions.
 """

@@ -51,6 +51,9 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument('adapter_checkpoint', '', "ImageBind-LLM adapter (7B.pth); empty keeps the YAML's."),
     LaunchArgument('cache_index', '', "FAISS visual-cache index; empty keeps the YAML's."),
     LaunchArgument('single_process', 'true', 'Run all encoders in one process sharing one ImageBind model.'),
+    LaunchArgument('autostart', 'true', 'Bring llm_node and the encoders (lifecycle nodes) to active on start, as nav2 '
+                   'does; false starts them unconfigured, for `ros2 lifecycle set <node> configure` and `activate` '
+                   '(true keeps the parameter file\'s autostart, true by default).'),
     LaunchArgument('log_level', 'info', 'Log level of every node.'),
     LaunchArgument('respawn', 'false', 'Restart a node that exits.'),
     LaunchArgument('fastdds_profile', '', 'Fast DDS XML profile for large camera frames (default: '
@@ -129,8 +132,9 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     respawn = _truthy(values['respawn'], 'respawn')
     log_level = values['log_level']
     device = _non_empty({'device': values['device']})
-    encoder_overrides = device | _non_empty({'model.checkpoint': values['imagebind_checkpoint']})
-    llm_overrides = device | _non_empty({'llm.backbone_path': values['llama_dir'],
+    lifecycle = {} if _truthy(values['autostart'], 'autostart') else {'autostart': False}  # lifecycle nodes only
+    encoder_overrides = device | lifecycle | _non_empty({'model.checkpoint': values['imagebind_checkpoint']})
+    llm_overrides = device | lifecycle | _non_empty({'llm.backbone_path': values['llama_dir'],
                                          'llm.adapter_checkpoint': values['adapter_checkpoint'],
                                          'cache.index_path': values['cache_index']})
     remaps = {

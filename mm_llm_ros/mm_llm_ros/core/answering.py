@@ -101,8 +101,10 @@ class AskJob:
         self._done = threading.Event()
         self._finish_lock = threading.Lock()
         self.result: Optional[AskResult] = None
+        self.cancel_reason = 'cancelled'
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = 'cancelled') -> None:
+        self.cancel_reason = reason
         self._cancelled.set()
 
     def should_stop(self) -> bool:
@@ -165,14 +167,24 @@ class AskEngine:
         self._background_in_flight = 0
         self._lock = threading.Lock()
         self._running: Optional[AskJob] = None
-        self._closed: Optional[str] = None  # why requests are refused, once close() was called
+        self._closed: Optional[str] = None  # why requests are refused: set by close()/stop(), reset by start()
         self._worker = threading.Thread(target=self._work, name='ask-worker', daemon=True)
         self.time_to_first_token = RollingStats()
         self.tokens_per_s = RollingStats()
         self.counts = {'accepted': 0, 'busy': 0, 'invalid': 0, 'failed': 0, 'answered': 0, 'cancelled': 0}
 
     # ---- lifecycle --------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, timeout_s: float = 5.0) -> None:
+        """Start serving; after stop() this starts again (a lifecycle node's activate) with a new worker thread."""
+        if self._worker.ident is not None:  # it ran before: wait for it to end (stop() cancelled its job)
+            self._worker.join(timeout_s)
+            if self._worker.is_alive():
+                raise RuntimeError(f'the previous generation did not end within {timeout_s:g} s')
+            self._worker = threading.Thread(target=self._work, name='ask-worker', daemon=True)
+        with self._lock:
+            self._closed = None
+            while not self._queue.empty():  # end markers of earlier stop() calls; no job is queued while refusing
+                self._queue.get_nowait()
         self._worker.start()
 
     def close(self, reason: str) -> None:
@@ -184,7 +196,7 @@ class AskEngine:
             reason = self._closed
             running = self._running
         if running is not None:
-            running.cancel()
+            running.cancel(reason)
             running.finish(AskResult(False, error=reason))
         while True:
             try:
@@ -203,10 +215,12 @@ class AskEngine:
         """The reason given to close(), or None while serving."""
         return self._closed
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """close() (if not yet done) and end the worker; no waiter is left hanging."""
-        self.close('node shutting down')
-        self._queue.put(None)
+    def stop(self, timeout_s: float = 5.0, reason: str = 'node shutting down') -> None:
+        """close(reason) (unless closed already) and end the worker; no waiter is left hanging. Requests submitted
+        from now on until start() are refused with the reason."""
+        self.close(reason)
+        with self._lock:  # submit() queues under the same lock: nothing can be queued behind the end marker
+            self._queue.put(None)
         if self._worker.is_alive():
             self._worker.join(timeout_s)
 
@@ -316,7 +330,7 @@ class AskEngine:
         fresh, missing = self.store.select(wanted, request.max_age_s)
         if job.should_stop():
             self.counts['cancelled'] += 1
-            return AskResult(False, error='cancelled', cancelled=True)
+            return AskResult(False, error=job.cancel_reason, cancelled=True)
         embeddings = [e for e in fresh if isinstance(e.value, np.ndarray)]
         contexts = [c for c in fresh if isinstance(c.value, str)]
         context = '\n'.join(context_line(self.line_template, c.modality, c.value) for c in contexts) or None
@@ -332,7 +346,7 @@ class AskEngine:
             self.time_to_first_token.add(generated.time_to_first_token_s)
             self.tokens_per_s.add(generated.tokens_per_s)
         return AskResult(
-            success=not cancelled, answer=generated.text.strip(), error='cancelled' if cancelled else '',
+            success=not cancelled, answer=generated.text.strip(), error=job.cancel_reason if cancelled else '',
             note=self._note(request, fresh, missing),
             modalities_used=[e.modality for e in fresh], source_stamps_ns=[e.stamp_ns for e in fresh],
             n_tokens=generated.n_tokens, time_to_first_token_s=generated.time_to_first_token_s,

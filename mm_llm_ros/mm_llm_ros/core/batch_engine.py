@@ -60,7 +60,7 @@ class BatchedAskEngine(AskEngine):
         super().close(reason)
         reason = self._closed or reason
         for job in decoding:
-            job.cancel()
+            job.cancel(reason)
             job.finish(AskResult(False, error=reason))
 
     # ---- worker -------------------------------------------------------------------------------------------------

@@ -190,6 +190,28 @@ def test_close_is_idempotent_and_keeps_the_first_reason(engine):
     assert engine.submit(AskRequest('q')).result.error == 'first'
 
 
+def test_stop_refuses_with_its_reason_and_start_serves_again(engine):
+    """A lifecycle node's deactivate/activate: the running job is cancelled, the queued one and every later one
+    answered with the reason, nothing hangs, and after start() the same engine (and its counters) serves again."""
+    engine.answerer.gate.clear()
+    running = engine.submit(AskRequest('running'))
+    assert engine.answerer.started.acquire(timeout=5)
+    queued = engine.submit(AskRequest('queued'))
+    engine.stop(timeout_s=0.1, reason='inactive')
+    assert queued.done and queued.result.error == 'inactive'
+    later = engine.submit(AskRequest('later'))
+    assert later.done and later.result.error == 'inactive' and not later.result.success
+    engine.answerer.gate.set()
+    result = running.wait(5)
+    assert not result.success and result.error == 'inactive'  # answered at once by stop(), not cancelled
+    engine.stop(reason='inactive')  # a second stop (cleanup after deactivate) leaves no stale end marker behind
+    engine.start()
+    ok = engine.submit(AskRequest('again')).wait(5)
+    assert ok.success and ok.answer == 'niaga'
+    assert engine.queue_length == 0 and engine.counts['accepted'] == 3
+    assert [c[0] for c in engine.answerer.calls] == ['running', 'again']
+
+
 def test_a_failing_model_fails_one_request_and_the_next_works(engine):
     engine.answerer.fail_next = RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')
     failed = engine.submit(AskRequest('first')).wait(5)

@@ -218,3 +218,16 @@ def test_build_answerer_refuses_a_batch_larger_than_the_queue():
         build_answerer(LLMConfig(preset='tiny', max_queue=4, max_batch=8))
     with pytest.raises(ValueError, match='max_batch'):
         build_answerer(LLMConfig(preset='tiny', max_batch=0))
+
+
+def test_stop_then_start_serves_again_as_a_lifecycle_reactivation_does(scripted):
+    engine, answerer = scripted
+    decoding = engine.submit(AskRequest('question before'))
+    _until(lambda: engine.decoding == 1, 'one row decoding')
+    answerer.release(1000)
+    engine.stop(reason='inactive')
+    assert decoding.wait(WAIT_S).error == 'inactive'
+    assert engine.submit(AskRequest('while inactive')).wait(WAIT_S).error == 'inactive'
+    assert answerer.running == 0 and engine.queue_length == 0
+    engine.start()
+    assert engine.submit(AskRequest('after')).wait(WAIT_S).answer == 'retfa'

@@ -137,11 +137,24 @@ def test_empty_path_arguments_keep_the_yaml_values():
     assert llm.parameters == (resolved()['params_file'],)
 
 
+@pytest.mark.parametrize('single', ['true', 'false'])
+def test_autostart_false_leaves_the_lifecycle_nodes_unconfigured(single):
+    """Every node that holds a model (the encoders, llm_node) gets autostart: false; by default none is overridden,
+    so the parameter (true unless a file says otherwise) decides."""
+    for node in plan_nodes(resolved(single_process=single, autostart='false', use_grounding='false')):
+        assert node.parameters[-1]['autostart'] is False, node.executable
+        assert 'autostart' in NODE_PARAMS[node.executable]
+    assert all('autostart' not in params for node in plan_nodes(resolved(single_process=single))
+               for params in node.parameters[1:])
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match='unknown launch argument'):
         plan_nodes(resolved(use_kamera='true'))
     with pytest.raises(ValueError, match='true or false'):
         plan_nodes(resolved(use_camera='maybe'))
+    with pytest.raises(ValueError, match='autostart: expected true or false'):
+        plan_nodes(resolved(autostart='yes please'))
 
 
 def test_every_node_is_required_unless_respawned():
