@@ -98,6 +98,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument('--max-batch', type=int, default=8)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dtype', default='auto')
+    parser.add_argument('--threads', type=int, default=0,
+                        help='torch threads of each node (OMP_NUM_THREADS); 0 = torch default (one per core)')
     parser.add_argument('--answer-timeout', type=float, default=900.0)
     parser.add_argument('--out', type=pathlib.Path, default=REPO / 'bench' / 'results' / 'serving.md')
     parser.add_argument('--log-dir', type=pathlib.Path, default=None)
@@ -182,7 +184,8 @@ def start_nodes(preset: str, args: argparse.Namespace, log_dir: pathlib.Path) ->
             overrides['prompt.system'] = 'You are a helpful assistant. Answer in detail.'
         command = [str(executable_path('llm_node')),
                    *ros_args(parameters=[params_file, overrides], remappings=[('__ns', f'/{engine}')])]
-        processes[engine] = start_process(command, log_dir / f'{preset}-{engine}.log')
+        env = {'OMP_NUM_THREADS': str(args.threads)} if args.threads else None
+        processes[engine] = start_process(command, log_dir / f'{preset}-{engine}.log', env=env)
     deadline = time.monotonic() + START_TIMEOUT_S
     for engine, process in processes.items():
         log = log_dir / f'{preset}-{engine}.log'
@@ -241,7 +244,7 @@ def markdown(runs: list[Run], args: argparse.Namespace, elapsed_s: float) -> str
              f'{elapsed_s / 60:.1f} min). Machine: {platform.machine()}, {os.cpu_count()} logical CPUs '
              f'(shared with other jobs: numbers are noisy; serial and batched are measured in the same run, '
              f'alternating per caller count), torch {torch.__version__}, device `{args.device}`, dtype '
-             f'`{args.dtype}`.', '',
+             f'`{args.dtype}`, torch threads per node: {args.threads or "default (one per core)"}.', '',
              f'Settings: {args.requests} requests per caller (sequential per caller), up to {args.new_tokens} new '
              f'tokens per answer (greedy; EOS may end an answer earlier), batched engine `generation.max_batch` = '
              f'{args.max_batch}, both engines with max_queue = {max(max(args.callers), args.max_batch)} (no busy '
