@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 from collections import deque
+from typing import Optional
 
 from mm_llm_ros.core.answering import (AskEngine, AskJob, AskLimits, AskResult, Generated, JobInputs,
                                        _release_accelerator_memory)
@@ -30,11 +31,12 @@ _MAX_SHUTDOWN_STEPS = 3  # cancelled rows leave before any forward: one step end
 class BatchedAskEngine(AskEngine):
     """Serves AskRequests from a bounded queue, decoding up to `answerer.max_batch` of them together."""
 
-    def __init__(self, answerer, store: ModalityStore, limits: AskLimits, line_template: str = '{label}: {text}'):
+    def __init__(self, answerer, store: ModalityStore, limits: AskLimits, line_template: str = '{label}: {text}',
+                 contexts: Optional[ModalityStore] = None):
         if answerer.max_batch > limits.max_queue:
             raise ValueError(f'max_queue ({limits.max_queue}) must be >= the batch size ({answerer.max_batch}): '
                              'it counts waiting + decoding questions')
-        super().__init__(answerer, store, limits, line_template)
+        super().__init__(answerer, store, limits, line_template, contexts=contexts)
         self._decoding: set[AskJob] = set()  # joined the batch (guarded by the lock)
         self._waiting: deque[AskJob] = deque()  # taken from the queue, not yet joined (worker thread only)
 
@@ -159,10 +161,11 @@ def _failure(exc: Exception) -> AskResult:
     return AskResult(False, error=f'generation failed: {type(exc).__name__}: {exc}'[:500])
 
 
-def make_engine(answerer, store: ModalityStore, limits: AskLimits,
-                line_template: str = '{label}: {text}') -> AskEngine:
-    """The batched engine when the answerer decodes batches (`max_batch` > 1), else the serial one."""
+def make_engine(answerer, store: ModalityStore, limits: AskLimits, line_template: str = '{label}: {text}',
+                contexts: Optional[ModalityStore] = None) -> AskEngine:
+    """The batched engine when the answerer decodes batches (`max_batch` > 1), else the serial one. `store` holds
+    the embeddings by source, `contexts` the perception context by kind (default: `store`), as for `AskEngine`."""
     if getattr(answerer, 'max_batch', 1) > 1:
-        return BatchedAskEngine(answerer, store, limits, line_template)
-    return AskEngine(answerer, store, limits, line_template)
+        return BatchedAskEngine(answerer, store, limits, line_template, contexts=contexts)
+    return AskEngine(answerer, store, limits, line_template, contexts=contexts)
 
