@@ -12,7 +12,7 @@ import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -178,6 +178,7 @@ class AskEngine:
         self.line_template = line_template
         self._queue: queue.Queue[Optional[AskJob]] = queue.Queue()
         self._in_flight = 0
+        self._background_in_flight = 0
         self._lock = threading.Lock()
         self._running: Optional[AskJob] = None
         self._closed: Optional[str] = None  # why requests are refused: set by close()/stop(), reset by start()
@@ -220,7 +221,7 @@ class AskEngine:
                 self._queue.put(None)  # stop() already asked the worker to end: keep that request
                 break
             with self._lock:
-                self._in_flight -= 1
+                self._release(job)
             job.finish(AskResult(False, error=reason))
 
     @property
@@ -281,15 +282,25 @@ class AskEngine:
             if self._closed is not None:  # closed since the check above
                 job.finish(AskResult(False, error=self._closed))
                 return job
-            limit = 1 if background else self.limits.max_queue
-            if self._in_flight >= limit:
+            if not self._has_room(background):
                 self.counts['busy'] += 1
                 job.finish(AskResult(False, error=BUSY))
                 return job
             self._in_flight += 1
+            self._background_in_flight += background
             self.counts['accepted'] += 1
             self._queue.put(job)  # under the lock, so that close() cannot miss it
         return job
+
+    def _has_room(self, background: bool) -> bool:
+        """Whether a new request fits (called under the lock): the serial rule, one bounded queue of waiting +
+        running requests; a background request only when nothing else is in flight."""
+        return self._in_flight < (1 if background else self.limits.max_queue)
+
+    def _release(self, job: AskJob) -> None:
+        """A request leaves the engine (called under the lock)."""
+        self._in_flight -= 1
+        self._background_in_flight -= job.background
 
     # ---- worker -----------------------------------------------------------------------------
     def _work(self) -> None:
@@ -300,7 +311,7 @@ class AskEngine:
             with self._lock:
                 closed = self._closed
                 if closed is not None:  # taken from the queue just before close() looked at it
-                    self._in_flight -= 1
+                    self._release(job)
                 else:
                     self._running = job
             if closed is not None:
@@ -315,10 +326,19 @@ class AskEngine:
                 _release_accelerator_memory()
             with self._lock:
                 self._running = None
-                self._in_flight -= 1
+                self._release(job)
             job.finish(result)
 
     def _answer(self, job: AskJob) -> AskResult:
+        inputs = self._inputs(job)
+        if isinstance(inputs, AskResult):
+            return inputs
+        generated = self.answerer.answer(job.request.question, inputs.embeddings, job.request.max_new_tokens,
+                                         job.emit, job.should_stop, context=inputs.context)
+        return self._result(job, inputs, generated)
+
+    def _inputs(self, job: AskJob) -> Union['JobInputs', AskResult]:
+        """What the model reads for this job (fresh embeddings and context text), or its result if cancelled."""
         request = job.request
         fresh, missing = self._select(request.modalities or self.limits.known_modalities, request.max_age_s)
         if job.should_stop():
@@ -329,8 +349,10 @@ class AskEngine:
         context = context_block(self.line_template, ((c.modality, c.value) for c in contexts))
         if not fresh:
             context = NOTHING_PERCEIVED
-        generated = self.answerer.answer(request.question, embeddings, request.max_new_tokens, job.emit,
-                                         job.should_stop, context=context)
+        return JobInputs(fresh, missing, embeddings, context)
+
+    def _result(self, job: AskJob, inputs: 'JobInputs', generated: Generated) -> AskResult:
+        request, fresh, missing = job.request, inputs.fresh, inputs.missing
         cancelled = generated.stopped_reason == 'cancelled'
         self.counts['cancelled' if cancelled else 'answered'] += 1
         if generated.n_tokens:
@@ -380,6 +402,15 @@ class AskEngine:
             notes.append('the bind network is untrained and zero-gated, so sensor embeddings do not inform '
                          f'this answer{informed}')
         return '; '.join(notes)
+
+
+@dataclass
+class JobInputs:
+    """The store's answer for one job: what is fresh, what is missing, and what the model reads."""
+    fresh: Sequence[StoredInput]
+    missing: Sequence[str]
+    embeddings: Sequence[StoredInput]
+    context: Optional[str]
 
 
 def _release_accelerator_memory() -> None:

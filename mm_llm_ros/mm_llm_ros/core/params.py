@@ -156,7 +156,9 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
           'ocr/audio_events/geometry and {label} its readable name (e.g. "Text read by the camera").'),
     Param('context.max_chars', 1000, 'Bound on the context block in the prompt (and on each received text).'),
     Param('max_age_s', 5.0, 'Default freshness: embeddings older than this are not used.'),
-    Param('max_queue', 4, 'Questions waiting or running at once; more get success=false, error "busy".'),
+    Param('max_queue', 4, 'Questions waiting or running at once; more get success=false, error "busy". With '
+          'generation.max_batch > 1 it counts users\' questions waiting + decoding (scene descriptions never count) '
+          'and must be >= generation.max_batch.'),
     Param('max_question_chars', 2000, 'Longer questions are refused.'),
     Param('generation.max_new_tokens', 256, 'Default answer length in tokens.'),
     Param('generation.max_new_tokens_cap', 1024, 'Upper bound for a request\'s max_new_tokens.'),
@@ -168,6 +170,9 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
           'torch.compile of the decode step, compiled at start-up); auto = static on the CPU, compile on CUDA (falling '
           'back to cuda_graph if compiling fails). Greedy tokens are the same up to rounding; see docs/gpu.md.',
           ('auto', 'eager', 'static', 'cuda_graph', 'compile')),
+    Param('generation.max_batch', 1, 'Continuous batching: up to this many answers decode together, one forward '
+          'per token for all of them (a newcomer joins between steps, a finished one leaves at once); 1 = one '
+          'answer at a time (the serial engine). Decoder static (batched KV cache); see docs/design.md.'),
     Param('prompt.template', 'alpaca', "Prompt format: alpaca (as published) or chat (the backbone's chat template).",
           ('alpaca', 'chat')),
     Param('prompt.system', '', "System message for the chat template ('' keeps the template's default)."),

@@ -24,7 +24,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
-from mm_llm_ros.ros.qos import SERVICE_QOS
+from mm_llm_ros.ros.qos import FEEDBACK_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.srv import Ask
 
@@ -61,9 +61,11 @@ def ask_service_client(node, name: str = 'ask'):
 
 def ask_stream_client(node, name: str = 'ask_stream') -> ActionClient:
     """The /ask_stream client of every caller in this package, its goal, result and cancel services with the
-    server's QoS (the default depth 10 drops requests when many callers arrive at once)."""
+    server's QoS (the default depth 10 drops requests when many callers arrive at once), and its feedback with the
+    server's deep FEEDBACK_QOS (with continuous batching tokens come faster than a client drains them)."""
     return ActionClient(node, AskStream, name, goal_service_qos_profile=SERVICE_QOS,
-                        result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS)
+                        result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS,
+                        feedback_sub_qos_profile=FEEDBACK_QOS)
 
 
 def _fill_request(request, args):

@@ -3,7 +3,8 @@ scene descriptions.
 
 Threads: embedding subscriptions and timers run on their own callback groups; /ask and /ask_stream callbacks run on
 a reentrant group and only wait for their own job, which the single generation worker in `AskEngine` serves in
-order. The executor has max_queue + 4 threads, so waiting callbacks can never starve subscriptions or timers.
+order (or, with generation.max_batch > 1, decodes together with others: `batch_engine.BatchedAskEngine`). The
+executor has max_queue + 4 threads, so waiting callbacks can never starve subscriptions or timers.
 
 A lifecycle node (ros/lifecycle.py): configure loads the LLM and creates the topics, /ask and /ask_stream; activate
 starts the generation worker; while inactive, /ask and /ask_stream answer success=false, error "inactive" and no
@@ -25,7 +26,8 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from std_msgs.msg import String
 
-from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, AskResult
+from mm_llm_ros.core.answering import AskLimits, AskRequest, AskResult
+from mm_llm_ros.core.batch_engine import make_engine
 from mm_llm_ros.core.embedding_store import ModalityStore
 from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 from mm_llm_ros.core.params import LLM_PARAMS
@@ -34,7 +36,7 @@ from mm_llm_ros.ros.conversions import ns_to_stamp, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.lifecycle import INACTIVE, ManagedNode, autostarted, inactive_note
 from mm_llm_ros.ros.node_main import StartupError, exit_now, run_node
-from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS, SERVICE_QOS
+from mm_llm_ros.ros.qos import EMBEDDING_QOS, FEEDBACK_QOS, LATCHED_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import Embedding, PerceptionContext, SceneDescription
 from mm_llm_ros_interfaces.srv import Ask
@@ -63,7 +65,7 @@ class LLMNode(ManagedNode):
 
         self.store = ModalityStore()      # embeddings, by source
         self.contexts = ModalityStore()   # perception context, by kind
-        self.engine = AskEngine(self.answerer, self.store, AskLimits(
+        self.engine = make_engine(self.answerer, self.store, AskLimits(
             known_modalities=self.config.sources + tuple(self.config.context_kinds),
             groups={m: sources_of(m) for m in self.config.modalities},
             max_queue=self.config.max_queue,
@@ -88,7 +90,7 @@ class LLMNode(ManagedNode):
             self, AskStream, 'ask_stream', execute_callback=self.ask_stream_execute,
             goal_callback=lambda _goal: GoalResponse.ACCEPT, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
             goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
-            cancel_service_qos_profile=SERVICE_QOS, callback_group=requests)
+            cancel_service_qos_profile=SERVICE_QOS, feedback_pub_qos_profile=FEEDBACK_QOS, callback_group=requests)
 
         self.description_pub = self.create_publisher(SceneDescription, 'scene_description', LATCHED_QOS)
         self.description_text_pub = self.create_publisher(String, 'scene_description/text', LATCHED_QOS)

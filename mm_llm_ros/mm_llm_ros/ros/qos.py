@@ -15,3 +15,8 @@ LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, histor
 # /ask and /ask_stream: the default service depth (10) silently drops requests (and replies) when more callers
 # arrive at once, leaving them hanging. Keep far more than max_queue so every caller gets an answer or "busy".
 SERVICE_QOS = QoSProfile(depth=256, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+
+# /ask_stream feedback: one message per token and goal. With several answers decoding together (continuous
+# batching) tokens come faster than a client drains them, and the default depth (10) drops pieces of the stream
+# (`new_text`); a deep reliable history keeps every piece. Clients that need every piece use it too.
+FEEDBACK_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)

@@ -1,6 +1,7 @@
 """Lifecycle transitions driven over DDS (lifecycle_msgs ChangeState/GetState, as `ros2 lifecycle set` does):
 llm_node and the encoders pause, resume, release and reload their models; autostart brings them up by itself."""
 import numpy as np
+import pytest
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import Transition
@@ -70,10 +71,11 @@ def status_values(arrays, name: str) -> dict:
     return {}
 
 
-def test_llm_node_pauses_resumes_releases_and_reloads(node_graph, test_node, config_dir):
+@pytest.mark.parametrize('max_batch', [1, 4])  # the serial engine and continuous batching
+def test_llm_node_pauses_resumes_releases_and_reloads(node_graph, test_node, config_dir, max_batch):
     process = node_graph.start('llm_node', params_files=[config_dir / 'tiny.yaml'],
                                params={'autostart': False, 'generation.context_length': 4096,
-                                       'generation.max_new_tokens_cap': 4000})
+                                       'generation.max_new_tokens_cap': 4000, 'generation.max_batch': max_batch})
     life = Lifecycle(test_node, 'llm_node')
     ask_client = test_node.node.create_client(Ask, '/ask', qos_profile=SERVICE_QOS)
     stream_client = ActionClient(test_node.node, AskStream, '/ask_stream')

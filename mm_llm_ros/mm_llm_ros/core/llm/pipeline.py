@@ -25,10 +25,11 @@ import torch
 from mm_llm_ros.core.answering import Generated
 from mm_llm_ros.core.device import describe, resolve_device, resolve_dtype
 from mm_llm_ros.core.embedding_store import StoredInput
+from mm_llm_ros.core.llm.batching import BatchDecoder, BatchRequest, BatchScheduler
 from mm_llm_ros.core.llm.decoding import (DecoderError, DecoderMode, StaticDecoder, fallback_mode,
                                           resolve_decoder_mode)
 from mm_llm_ros.core.llm.fusion import fuse_embeddings
-from mm_llm_ros.core.llm.generation import GenerationConfig, generate_stream
+from mm_llm_ros.core.llm.generation import GenerationConfig, GenerationResult, TokenEvent, generate_stream
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 from mm_llm_ros.core.llm.prompt import PromptBuilder, PromptConfig
 from mm_llm_ros.core.llm.quantization import (check_quantization, model_dtype, parameter_bytes,
@@ -64,6 +65,7 @@ class LLMConfig:
     context_max_chars: int = 1000
     max_age_s: float = 5.0
     max_queue: int = 4
+    max_batch: int = 1
     max_question_chars: int = 2000
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_new_tokens_cap: int = 1024
@@ -99,6 +101,7 @@ class LLMConfig:
                    context_kinds=tuple(p['context.kinds']), context_line=p['context.line_template'],
                    context_max_chars=int(p['context.max_chars']),
                    max_age_s=float(p['max_age_s']), max_queue=int(p['max_queue']),
+                   max_batch=int(p['generation.max_batch']),
                    max_question_chars=int(p['max_question_chars']), generation=generation,
                    max_new_tokens_cap=int(p['generation.max_new_tokens_cap']),
                    prompt_template=p['prompt.template'], prompt_system=p['prompt.system'],
@@ -122,14 +125,16 @@ def source_weights(p: Mapping[str, object]) -> dict[str, float]:
 
 
 class LLMAnswerer:
-    """Answers one question at a time (the model holds per-query visual state) for `AskEngine`."""
+    """Answers questions for `AskEngine`: one at a time with `answer` (the model holds per-query visual state), or,
+    with a `BatchScheduler`, up to `max_batch` together through `begin` + `step` (one thread drives those)."""
 
     def __init__(self, model: ImageBindLLM, tokenizer: TextTokenizer, prompt: PromptBuilder,
                  generation: GenerationConfig, fusion_weights: Mapping[str, float],
                  visual_cache: Optional[VisualCache] = None, name: str = '',
-                 decoder: Optional[StaticDecoder] = None):
+                 decoder: Optional[StaticDecoder] = None, batch: Optional[BatchScheduler] = None):
         self.model = model
         self.decoder = decoder
+        self.batch = batch
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.generation = generation
@@ -139,6 +144,8 @@ class LLMAnswerer:
         self.description = f'{name} on {self.device_description}'
         if decoder is not None:
             self.description += f', {decoder.mode} decoder'
+        if batch is not None:
+            self.description += f', batches of up to {batch.decoder.max_batch}'
         self.sensors_inform_answers = any(bool(p.detach().abs().max() > 0)
                                           for n, p in model.named_parameters() if n.endswith('gate'))
         self._lock = threading.Lock()
@@ -167,9 +174,55 @@ class LLMAnswerer:
                 if event.text:
                     on_text(event.text)
             result = stream.result
-        ttft = result.time_to_first_token_s
-        return Generated(result.text, result.n_tokens, math.nan if ttft is None else ttft, result.tokens_per_s,
-                         result.stopped_reason)
+        return _generated(result)
+
+    # ---- continuous batching (AskEngine's batched worker) ----------------------------------------------------------
+    @property
+    def max_batch(self) -> int:
+        return 1 if self.batch is None else self.batch.decoder.max_batch
+
+    @property
+    def free_rows(self) -> int:
+        return 0 if self.batch is None else self.batch.free
+
+    @property
+    def running(self) -> int:
+        return 0 if self.batch is None else self.batch.running
+
+    def begin(self, question: str, embeddings: Sequence[StoredInput], max_new_tokens: int,
+              on_text: Callable[[str], None], should_stop: Callable[[], bool], on_done: Callable[[Generated], None],
+              context: Optional[str] = None, tag: object = None) -> None:
+        """Prefill this question into a free batch row (its first token is streamed now); `step()` continues it and
+        `on_done` gets its answer when it leaves. Raises on an unusable prompt or when no row is free."""
+        config = replace(self.generation, max_new_tokens=max_new_tokens)
+        features = self.visual_features(embeddings)
+        prompt_ids = self.prompt.encode(self.tokenizer, question, context)
+
+        def prepare() -> None:  # the row's o_proj biases are read from the model right after this
+            self.model.set_visual_features(None if features is None else features.to(self.model.device))
+
+        def on_token(event: TokenEvent) -> None:
+            if event.text:
+                on_text(event.text)
+        with self._lock:
+            self.batch.join(BatchRequest(prompt_ids, config, on_done=lambda r: on_done(_generated(r)),
+                                         on_token=on_token, should_stop=should_stop, prepare=prepare, tag=tag))
+
+    def step(self) -> None:
+        """One decode forward over every running question."""
+        with self._lock:
+            self.batch.step()
+
+    def abort(self) -> list[object]:
+        """Drop every running question without an answer (after a failed step); returns their tags."""
+        with self._lock:
+            return [request.tag for request in self.batch.abort()]
+
+
+def _generated(result: GenerationResult) -> Generated:
+    ttft = result.time_to_first_token_s
+    return Generated(result.text, result.n_tokens, math.nan if ttft is None else ttft, result.tokens_per_s,
+                     result.stopped_reason)
 
 
 def build_answerer(config: LLMConfig) -> LLMAnswerer:
@@ -178,6 +231,9 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     dtype = model_dtype(config.quantization, config.dtype, resolve_dtype(config.dtype, device))
     # Refused before any weight is loaded.
     decoder_mode = resolve_decoder_mode(config.decoder, device)
+    if config.max_batch < 1 or config.max_queue < config.max_batch:
+        raise ValueError(f'generation.max_batch must be >= 1 and <= max_queue ({config.max_queue}), got '
+                         f'{config.max_batch}: the queue counts waiting + decoding questions')
     check_quantization(config.quantization, device, dtype)  # likewise
     model_config = ImageBindLLMConfig(embed_dim=config.embedding_dim)
     if config.preset in ('tiny', 'embedded'):
@@ -228,7 +284,13 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
                                         system_prompt=config.prompt_system or None,
                                         chat_user_template_with_context=config.prompt_chat_context_template),
                            chat_tokenizer=tokenizer if config.prompt_template == 'chat' else None)
-    return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, name, decoder)
+    batch = None
+    if config.max_batch > 1:
+        batch = BatchScheduler(BatchDecoder(model.backbone, config.max_batch, config.generation.context_length),
+                               tokenizer)
+        logger.info('continuous batching: up to %d answers per decode step', config.max_batch)
+    return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, name, decoder,
+                       batch)
 
 
 def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int,
