@@ -74,9 +74,11 @@ def test_one_process_per_sensor_reads_the_one_encoder_section(node_graph, config
     """single_process:=false with demo.yaml, which has one encoder section: each process takes its settings."""
     specs = [s for s in plan_nodes({'params_file': str(config_dir / 'demo.yaml'), 'single_process': 'false',
                                     'use_grounding': 'false'}) if s.executable == 'encoder']
-    assert [s.name for s in specs] == ['camera_encoder', 'audio_encoder', 'lidar_encoder']
+    # demo.yaml also turns on the thermal camera and the IMU its replay publishes.
+    assert [s.name for s in specs] == ['camera_encoder', 'audio_encoder', 'lidar_encoder', 'thermal_encoder',
+                                       'imu_encoder']
     processes = [node_graph.start_spec(spec) for spec in specs]
-    for process, sensor in zip(processes, ('camera', 'audio', 'lidar')):
+    for process, sensor in zip(processes, ('camera', 'audio', 'lidar', 'thermal_camera', 'imu')):
         process.wait_for_log('encoding ', timeout_s=120)
         log = process.log()
         assert f'encoding {sensor} <- ' in log and 'imagebind_tiny (random weights)' in log, log[-2000:]
