@@ -60,6 +60,7 @@ class LLMConfig:
     modalities: tuple[str, ...] = ('vision', 'audio', 'depth', 'point')
     context_kinds: tuple[str, ...] = ('ocr', 'audio_events', 'geometry')
     context_line: str = '{label}: {text}'
+    context_format: str = 'text'
     context_max_chars: int = 1000
     max_age_s: float = 5.0
     max_queue: int = 4
@@ -79,6 +80,11 @@ class LLMConfig:
     description_max_new_tokens: int = 64
     diagnostics_period_s: float = 1.0
 
+    @property
+    def context_template(self) -> str:
+        """The line template AskEngine applies to each stored context: fact lines already name what they are."""
+        return '{text}' if self.context_format == 'facts' else self.context_line
+
     @classmethod
     def from_params(cls, p: Mapping[str, object]) -> 'LLMConfig':
         generation = GenerationConfig(max_new_tokens=int(p['generation.max_new_tokens']),
@@ -91,6 +97,7 @@ class LLMConfig:
                    decoder=p['generation.decoder'], device=p['device'], dtype=p['dtype'],
                    embedding_dim=int(p['embedding_dim']), modalities=tuple(p['modalities']),
                    context_kinds=tuple(p['context.kinds']), context_line=p['context.line_template'],
+                   context_format=p['context.format'],
                    context_max_chars=int(p['context.max_chars']),
                    max_age_s=float(p['max_age_s']), max_queue=int(p['max_queue']),
                    max_question_chars=int(p['max_question_chars']), generation=generation,
