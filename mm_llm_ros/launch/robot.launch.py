@@ -5,7 +5,11 @@
     ros2 launch mm_llm_ros robot.launch.py config:=demo      # no weights, no GPU: the embedded default
 
 A node that cannot start (a missing checkpoint, no CUDA) exits 1 with its one-line FATAL reason; the launch then
-shuts down with that node named, instead of running a partial graph.
+shuts down with that node named, instead of running a partial graph, and `ros2 launch` exits 1.
+
+llm_node and the encoders are lifecycle nodes that bring themselves to active (their `autostart` parameter), so
+they are plain launch_ros Node actions and need no lifecycle events from here; `autostart:=false` leaves them
+unconfigured for `ros2 lifecycle set <node> configure` / `activate` or a lifecycle manager.
 
 Which nodes start, with which parameters and remappings, is decided by `mm_llm_ros.launch_plan` (shared with the
 tests); this file only declares the arguments and turns that plan into launch_ros actions.
@@ -15,14 +19,13 @@ import re
 
 from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import (DeclareLaunchArgument, EmitEvent, GroupAction, LogInfo, OpaqueFunction,
-                            RegisterEventHandler, SetEnvironmentVariable)
+from launch.actions import (DeclareLaunchArgument, GroupAction, OpaqueFunction, RegisterEventHandler,
+                            SetEnvironmentVariable)
 from launch.event_handlers import OnProcessExit
-from launch.events import Shutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node, PushRosNamespace
 
-from mm_llm_ros.launch_plan import LAUNCH_ARGUMENTS, params_file_for, plan_nodes
+from mm_llm_ros.launch_plan import LAUNCH_ARGUMENTS, NodeFailed, failure_reason, params_file_for, plan_nodes
 
 
 def _default(name: str, share: str) -> str:
@@ -46,12 +49,13 @@ def _fastdds_profile_variable() -> str:
 
 
 def _shutdown_on_failure(node_name: str):
-    """Bring the whole launch down when a node exits with an error (its FATAL line says why); a node that exits 0
-    (Ctrl-C, a finished replay) does not."""
+    """Bring the whole launch down when a required node fails (its FATAL line says why), with a non-zero exit code:
+    the raised NodeFailed ends the launch with its message and return code 1. A node that exits 0 (Ctrl-C, a
+    finished replay) does not."""
     def on_exit(event, _context):
-        if event.returncode not in (0, None):
-            reason = f'{node_name} exited with code {event.returncode} (its FATAL line above says why)'
-            return [LogInfo(msg=f'shutting the launch down: {reason}'), EmitEvent(event=Shutdown(reason=reason))]
+        reason = failure_reason(node_name, event.returncode)
+        if reason is not None:
+            raise NodeFailed(f'shutting the launch down: {reason}')
         return None
     return on_exit
 
@@ -70,7 +74,7 @@ def _launch_setup(context):
                     parameters=list(spec.parameters), remappings=list(spec.remappings), respawn=spec.respawn,
                     respawn_delay=2.0, arguments=['--ros-args', '--log-level', spec.log_level])
         nodes.append(node)
-        if not spec.respawn:
+        if spec.required:
             handlers.append(RegisterEventHandler(OnProcessExit(target_action=node,
                                                                on_exit=_shutdown_on_failure(spec.name))))
     actions.append(GroupAction([PushRosNamespace(values['namespace']), *nodes]))

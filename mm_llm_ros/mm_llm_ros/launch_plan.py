@@ -7,8 +7,9 @@ has no `ros2 launch`) exercises exactly what a robot runs.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Mapping
+import signal
+from dataclasses import dataclass
+from typing import Mapping, Optional
 
 
 # Input topic names as the encoder nodes use them (relative, so a pushed namespace applies).
@@ -50,6 +51,9 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument('adapter_checkpoint', '', "ImageBind-LLM adapter (7B.pth); empty keeps the YAML's."),
     LaunchArgument('cache_index', '', "FAISS visual-cache index; empty keeps the YAML's."),
     LaunchArgument('single_process', 'true', 'Run all encoders in one process sharing one ImageBind model.'),
+    LaunchArgument('autostart', 'true', 'Bring llm_node and the encoders (lifecycle nodes) to active on start, as nav2 '
+                   'does; false starts them unconfigured, for `ros2 lifecycle set <node> configure` and `activate` '
+                   '(true keeps the parameter file\'s autostart, true by default).'),
     LaunchArgument('log_level', 'info', 'Log level of every node.'),
     LaunchArgument('respawn', 'false', 'Restart a node that exits.'),
     LaunchArgument('fastdds_profile', '', 'Fast DDS XML profile for large camera frames (default: '
@@ -65,6 +69,32 @@ class NodeSpec:
     remappings: tuple = ()          # (from, to) pairs
     respawn: bool = False
     log_level: str = 'info'
+
+    @property
+    def required(self) -> bool:
+        """A node the graph cannot do without: its failure brings the whole launch down (a respawned node is
+        restarted instead)."""
+        return not self.respawn
+
+
+class NodeFailed(RuntimeError):
+    """Raised by robot.launch.py's exit handler when a required node fails. launch (3.x) has no way to give a
+    Shutdown a return code; an exception raised by an event handler shuts the launch down with its message and
+    makes `ros2 launch` exit 1."""
+
+
+def failure_reason(node_name: str, returncode: Optional[int]) -> Optional[str]:
+    """Why a node's exit must bring the launch down, or None for a clean exit (0: Ctrl-C, a finished replay)."""
+    if returncode in (0, None):
+        return None
+    if returncode < 0:
+        try:
+            how = f'was killed by {signal.Signals(-returncode).name}'
+        except ValueError:
+            how = f'was killed by signal {-returncode}'
+    else:
+        how = f'exited with code {returncode}'
+    return f'{node_name} {how} (its FATAL line above says why)' if returncode > 0 else f'{node_name} {how}'
 
 
 def _truthy(value: str, name: str = '') -> bool:
@@ -102,8 +132,9 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     respawn = _truthy(values['respawn'], 'respawn')
     log_level = values['log_level']
     device = _non_empty({'device': values['device']})
-    encoder_overrides = device | _non_empty({'model.checkpoint': values['imagebind_checkpoint']})
-    llm_overrides = device | _non_empty({'llm.backbone_path': values['llama_dir'],
+    lifecycle = {} if _truthy(values['autostart'], 'autostart') else {'autostart': False}  # lifecycle nodes only
+    encoder_overrides = device | lifecycle | _non_empty({'model.checkpoint': values['imagebind_checkpoint']})
+    llm_overrides = device | lifecycle | _non_empty({'llm.backbone_path': values['llama_dir'],
                                          'llm.adapter_checkpoint': values['adapter_checkpoint'],
                                          'cache.index_path': values['cache_index']})
     remaps = {

@@ -99,18 +99,32 @@ class AskJob:
         self.received = time.monotonic()
         self._cancelled = threading.Event()
         self._done = threading.Event()
+        self._finish_lock = threading.Lock()
         self.result: Optional[AskResult] = None
+        self.cancel_reason = 'cancelled'
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = 'cancelled') -> None:
+        self.cancel_reason = reason
         self._cancelled.set()
 
     def should_stop(self) -> bool:
         return self._cancelled.is_set() or self._external_stop()
 
-    def finish(self, result: AskResult) -> None:
-        result.latency_s = time.monotonic() - self.received
-        self.result = result
-        self._done.set()
+    def finish(self, result: AskResult) -> bool:
+        """Set the result; the first one wins (a job ended by `AskEngine.close` keeps that reason when its
+        generation stops later). Returns whether this result was taken."""
+        with self._finish_lock:
+            if self._done.is_set():
+                return False
+            result.latency_s = time.monotonic() - self.received
+            self.result = result
+            self._done.set()
+            return True
+
+    def emit(self, text: str) -> None:
+        """Stream a piece of the answer, unless the job already has its result."""
+        if not self._done.is_set():
+            self.on_text(text)
 
     def wait(self, timeout_s: Optional[float] = None) -> Optional[AskResult]:
         self._done.wait(timeout_s)
@@ -152,29 +166,60 @@ class AskEngine:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._running: Optional[AskJob] = None
+        self._closed: Optional[str] = None  # why requests are refused: set by close()/stop(), reset by start()
         self._worker = threading.Thread(target=self._work, name='ask-worker', daemon=True)
         self.time_to_first_token = RollingStats()
         self.tokens_per_s = RollingStats()
         self.counts = {'accepted': 0, 'busy': 0, 'invalid': 0, 'failed': 0, 'answered': 0, 'cancelled': 0}
 
     # ---- lifecycle --------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, timeout_s: float = 5.0) -> None:
+        """Start serving; after stop() this starts again (a lifecycle node's activate) with a new worker thread."""
+        if self._worker.ident is not None:  # it ran before: wait for it to end (stop() cancelled its job)
+            self._worker.join(timeout_s)
+            if self._worker.is_alive():
+                raise RuntimeError(f'the previous generation did not end within {timeout_s:g} s')
+            self._worker = threading.Thread(target=self._work, name='ask-worker', daemon=True)
+        with self._lock:
+            self._closed = None
+            while not self._queue.empty():  # end markers of earlier stop() calls; no job is queued while refusing
+                self._queue.get_nowait()
         self._worker.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Cancel the running job, refuse the queued ones and end the worker; no waiter is left hanging."""
+    def close(self, reason: str) -> None:
+        """Stop serving at once: refuse new requests, and end the running and every queued request with `reason`
+        (success false). The running generation is cancelled; its waiter does not wait for it to stop."""
         with self._lock:
+            if self._closed is None:
+                self._closed = reason
+            reason = self._closed
             running = self._running
         if running is not None:
-            running.cancel()
+            running.cancel(reason)
+            running.finish(AskResult(False, error=reason))
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
-                job.finish(AskResult(False, error='node shutting down'))
-        self._queue.put(None)
+            if job is None:
+                self._queue.put(None)  # stop() already asked the worker to end: keep that request
+                break
+            with self._lock:
+                self._in_flight -= 1
+            job.finish(AskResult(False, error=reason))
+
+    @property
+    def closed(self) -> Optional[str]:
+        """The reason given to close(), or None while serving."""
+        return self._closed
+
+    def stop(self, timeout_s: float = 5.0, reason: str = 'node shutting down') -> None:
+        """close(reason) (unless closed already) and end the worker; no waiter is left hanging. Requests submitted
+        from now on until start() are refused with the reason."""
+        self.close(reason)
+        with self._lock:  # submit() queues under the same lock: nothing can be queued behind the end marker
+            self._queue.put(None)
         if self._worker.is_alive():
             self._worker.join(timeout_s)
 
@@ -211,11 +256,17 @@ class AskEngine:
         """
         error, resolved = self.resolve(request)
         job = AskJob(resolved, on_text, should_stop, background)
+        if self._closed is not None:
+            job.finish(AskResult(False, error=self._closed))
+            return job
         if error:
             self.counts['invalid'] += 1
             job.finish(AskResult(False, error=error))
             return job
         with self._lock:
+            if self._closed is not None:  # closed since the check above
+                job.finish(AskResult(False, error=self._closed))
+                return job
             limit = 1 if background else self.limits.max_queue
             if self._in_flight >= limit:
                 self.counts['busy'] += 1
@@ -223,7 +274,7 @@ class AskEngine:
                 return job
             self._in_flight += 1
             self.counts['accepted'] += 1
-        self._queue.put(job)
+            self._queue.put(job)  # under the lock, so that close() cannot miss it
         return job
 
     # ---- worker -----------------------------------------------------------------------------
@@ -233,7 +284,14 @@ class AskEngine:
             if job is None:
                 return
             with self._lock:
-                self._running = job
+                closed = self._closed
+                if closed is not None:  # taken from the queue just before close() looked at it
+                    self._in_flight -= 1
+                else:
+                    self._running = job
+            if closed is not None:
+                job.finish(AskResult(False, error=closed))
+                continue
             try:
                 result = self._answer(job)
             except Exception as exc:  # the worker must survive anything a model does, e.g. CUDA OOM
@@ -252,13 +310,13 @@ class AskEngine:
         fresh, missing = self.store.select(wanted, request.max_age_s)
         if job.should_stop():
             self.counts['cancelled'] += 1
-            return AskResult(False, error='cancelled', cancelled=True)
+            return AskResult(False, error=job.cancel_reason, cancelled=True)
         embeddings = [e for e in fresh if isinstance(e.value, np.ndarray)]
         contexts = [c for c in fresh if isinstance(c.value, str)]
         context = '\n'.join(context_line(self.line_template, c.modality, c.value) for c in contexts) or None
         if not fresh:
             context = NOTHING_PERCEIVED
-        generated = self.answerer.answer(request.question, embeddings, request.max_new_tokens, job.on_text,
+        generated = self.answerer.answer(request.question, embeddings, request.max_new_tokens, job.emit,
                                          job.should_stop, context=context)
         cancelled = generated.stopped_reason == 'cancelled'
         self.counts['cancelled' if cancelled else 'answered'] += 1
@@ -266,7 +324,7 @@ class AskEngine:
             self.time_to_first_token.add(generated.time_to_first_token_s)
             self.tokens_per_s.add(generated.tokens_per_s)
         return AskResult(
-            success=not cancelled, answer=generated.text.strip(), error='cancelled' if cancelled else '',
+            success=not cancelled, answer=generated.text.strip(), error=job.cancel_reason if cancelled else '',
             note=self._note(request, fresh, missing),
             modalities_used=[e.modality for e in fresh], source_stamps_ns=[e.stamp_ns for e in fresh],
             n_tokens=generated.n_tokens, time_to_first_token_s=generated.time_to_first_token_s,

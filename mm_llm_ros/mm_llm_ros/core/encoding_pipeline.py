@@ -62,6 +62,7 @@ class Stream:
         self.encodes = RollingStats(clock=clock)     # values: latency from sensor stamp to publish (s)
         self.preprocess_s = RollingStats(clock=clock)
         self.rejected: collections.Counter = collections.Counter()
+        self.dropped_inactive = 0  # arrived while the node was inactive (lifecycle): never decoded nor encoded
         self._lock = threading.Lock()
         self.wakeup: Optional[threading.Event] = None  # set by the worker
 
@@ -76,10 +77,23 @@ class Stream:
         with self._lock:
             self.rejected[reason] += 1
 
+    def drop_inactive(self) -> None:
+        with self._lock:
+            self.dropped_inactive += 1
+
+    def discard_pending(self) -> None:
+        """Forget the item not yet encoded (counted as dropped while inactive), so that a paused node does not
+        encode a stale message when it resumes."""
+        if self.slot:
+            self.slot.take()
+            self.drop_inactive()
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             rejected = dict(self.rejected)
+            dropped_inactive = self.dropped_inactive
         return {'received': self.slot.received, 'dropped': self.slot.dropped, 'encoded': self.encodes.count,
+                'dropped_inactive': dropped_inactive,
                 'rejected': sum(rejected.values()), **{f'rejected_{k}': v for k, v in rejected.items()},
                 'input_rate_hz': self.inputs.rate_hz(), 'encode_rate_hz': self.encodes.rate_hz(),
                 'latency_p50_s': self.encodes.percentile(50), 'latency_p95_s': self.encodes.percentile(95),

@@ -40,6 +40,12 @@ DEVICE_PARAMS = (
     Param('diagnostics_period_s', 1.0, 'Period of /diagnostics status messages in seconds (0 disables).'),
 )
 
+# ---- Lifecycle (managed) nodes: the encoders and llm_node ---------------------------------------
+LIFECYCLE_PARAMS = (
+    Param('autostart', True, 'Configure (load the models) and activate on start, as nav2 does; false starts '
+          'unconfigured and waits for `ros2 lifecycle set <node> configure`, then `activate`.'),
+)
+
 # ---- ImageBind encoder nodes (camera_encoder, audio_encoder, lidar_encoder, encoder) -----------
 IMAGEBIND_PARAMS = (
     Param('model.preset', 'huge', 'ImageBind architecture: huge (official imagebind_huge) or tiny (tests, CPU demos).',
@@ -58,7 +64,7 @@ IMAGEBIND_PARAMS = (
           'capture fails.'),
 )
 
-ENCODER_COMMON_PARAMS = DEVICE_PARAMS + IMAGEBIND_PARAMS + (
+ENCODER_COMMON_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + IMAGEBIND_PARAMS + (
     Param('max_rate_hz', 2.0, 'Maximum encode rate per input stream; newer frames replace older unencoded ones.'),
     Param('max_message_mb', 64.0, 'Messages larger than this are dropped and counted before decoding.'),
 )
@@ -98,7 +104,7 @@ LIDAR_PARAMS = (
 )
 
 # ---- ImageBind-LLM node ----------------------------------------------------------------------
-LLM_PARAMS = DEVICE_PARAMS + (
+LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
     Param('llm.preset', '', "'' uses llm.backbone_path; 'embedded' = SmolLM2-135M-Instruct from PyPI; 'tiny' = "
           'a small random model for tests.', ('', 'embedded', 'tiny')),
     Param('llm.backbone_path', '', 'LLaMA backbone: a Meta-format directory (params.json, consolidated.*.pth, '

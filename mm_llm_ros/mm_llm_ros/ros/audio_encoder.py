@@ -1,10 +1,11 @@
 """audio_encoder: the ImageBind encoder node for the audio only (see encoder_node.py)."""
 from mm_llm_ros.ros.encoder_node import EncoderNode
+from mm_llm_ros.ros.lifecycle import autostarted
 from mm_llm_ros.ros.node_main import exit_now, run_node
 
 
 def main(args=None) -> None:
-    exit_now(run_node(lambda: EncoderNode('audio_encoder', sensors=('audio',)), args))
+    exit_now(run_node(autostarted(lambda: EncoderNode('audio_encoder', sensors=('audio',))), args))
 
 
 if __name__ == '__main__':

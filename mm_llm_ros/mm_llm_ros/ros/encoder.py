@@ -1,10 +1,11 @@
 """encoder: every enabled sensor (use_camera, use_audio, use_lidar) in one process with one shared ImageBind."""
 from mm_llm_ros.ros.encoder_node import EncoderNode
+from mm_llm_ros.ros.lifecycle import autostarted
 from mm_llm_ros.ros.node_main import exit_now, run_node
 
 
 def main(args=None) -> None:
-    exit_now(run_node(lambda: EncoderNode('encoder'), args))
+    exit_now(run_node(autostarted(lambda: EncoderNode('encoder')), args))
 
 
 if __name__ == '__main__':

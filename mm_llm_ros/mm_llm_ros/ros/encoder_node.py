@@ -3,6 +3,9 @@
 `camera_encoder`, `audio_encoder` and `lidar_encoder` are this node with one sensor; `encoder` hosts any subset
 (use_camera/use_audio/use_lidar) with ONE shared model. Callbacks only hand messages to the `EncoderWorker`
 (core/encoding_pipeline.py); decoding, preprocessing and encoding happen on its thread.
+
+A lifecycle node (ros/lifecycle.py): configure loads the model and subscribes, activate starts the worker,
+deactivate stops it (sensor messages are then dropped and counted as `dropped_inactive`), cleanup releases the model.
 """
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from typing import Optional, Sequence
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 from mm_llm_ros.core.audio_buffer import AudioRingBuffer
@@ -20,7 +22,7 @@ from mm_llm_ros.core.encoding_pipeline import EncoderWorker, InputRejected, Prep
 from mm_llm_ros.core.imagebind.lidar_projection import (T_OPTICAL_FROM_LIDAR, PinholeCamera, lidar_to_depth_input,
                                                         virtual_camera, yaw_to_forward)
 from mm_llm_ros.core.imagebind.model import (CheckpointError, ImageBindConfig, ImageBindConfigError,
-                                             get_shared_encoder)
+                                             get_shared_encoder, release_shared_encoders)
 from mm_llm_ros.core.imagebind.official import ImageBindUnavailableError
 from mm_llm_ros.core.imagebind.preprocess import preprocess_audio, preprocess_depth, preprocess_vision
 from mm_llm_ros.core.params import NODE_PARAMS
@@ -29,21 +31,28 @@ from mm_llm_ros.launch_plan import EMBEDDING_TOPIC, TOPICS
 from mm_llm_ros.ros.conversions import (audio_from_msg, compressed_image_from_msg, image_from_msg,
                                         pointcloud_from_msg, stamp_to_ns)
 from mm_llm_ros.ros.diagnostics import make_array, make_status
+from mm_llm_ros.ros.lifecycle import ManagedNode
 from mm_llm_ros.ros.node_main import StartupError
-from mm_llm_ros.ros.parameters import declare_parameters
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, SENSOR_QOS
 from mm_llm_ros_interfaces.msg import AudioChunk, Embedding
 
 SENSORS = ('camera', 'audio', 'lidar')
 
 
-class EncoderNode(Node):
+class EncoderNode(ManagedNode):
 
     executor_threads = 1  # callbacks only hand messages to the worker thread
 
     def __init__(self, node_name: str, sensors: Optional[Sequence[str]] = None):
-        super().__init__(node_name)
-        self.params = p = declare_parameters(self, NODE_PARAMS[node_name].values())
+        super().__init__(node_name, NODE_PARAMS[node_name].values())
+        self.sensors = sensors
+        self.encoder = self.audio_buffer = None
+        self.worker: Optional[EncoderWorker] = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def configure(self, p) -> None:
+        self.params = p
+        sensors = self.sensors
         if sensors is None:
             sensors = [s for s in SENSORS if p[f'use_{s}']]
         if not sensors:
@@ -66,19 +75,34 @@ class EncoderNode(Node):
         if 'camera' in sensors or (p.get('lidar.projection') == 'camera' and 'lidar' in sensors):
             self.create_subscription(CameraInfo, TOPICS['camera_info'], self._camera_info_callback, SENSOR_QOS,
                                      callback_group=inputs)
-        self.worker = EncoderWorker(self.encoder, self.streams, self._publish,
-                                    now_ns=lambda: self.get_clock().now().nanoseconds,
-                                    on_rejected=self._log_rejected)
-        self.worker.start()
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         if p['diagnostics_period_s'] > 0:
             self.create_timer(p['diagnostics_period_s'], self._diagnostics_callback,
                               callback_group=MutuallyExclusiveCallbackGroup())
+
+    def activate(self) -> None:
+        self.worker = EncoderWorker(self.encoder, self.streams, self._publish,  # a thread runs once: new per activate
+                                    now_ns=lambda: self.get_clock().now().nanoseconds,
+                                    on_rejected=self._log_rejected)
+        self.worker.start()
         self.get_logger().info(f"encoding {', '.join(s.name + ' <- ' + s.source_topic for s in self.streams)} with "
                                f"{self.encoder.model_name} on {describe(self.encoder.device, self.encoder.dtype)}")
 
-    def close(self) -> None:
+    def deactivate(self) -> None:
         self.worker.stop()
+        for stream in self.streams:
+            stream.discard_pending()
+        if self.audio_buffer is not None:
+            self.audio_buffer.clear()  # resume with fresh audio, not a window spanning the pause
+
+    def cleanup(self) -> None:
+        self.encoder = self.worker = self.camera_info = self.tf_buffer = self._tf_listener = self.audio_buffer = None
+        self.streams, self.embedding_pubs = [], {}
+        release_shared_encoders()
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _load_model(self, p):
@@ -86,9 +110,6 @@ class EncoderNode(Node):
             encoder = get_shared_encoder(ImageBindConfig.from_params(p))
         except (ImageBindConfigError, CheckpointError, DeviceError, ImageBindUnavailableError) as exc:
             raise StartupError(str(exc)) from exc
-        if encoder.random_weights:
-            self.get_logger().warning(f'{encoder.model_name}: embeddings carry no meaning; give model.checkpoint '
-                                      'for real ones')
         return encoder
 
     def _publisher(self, modality: str):
@@ -99,8 +120,8 @@ class EncoderNode(Node):
 
     def _add_stream(self, name: str, msg_type, topic: str, prepare, group, offer=None) -> Stream:
         stream = Stream(name, '', prepare, self.params['max_rate_hz'])
-        subscription = self.create_subscription(msg_type, topic, offer or stream.offer, SENSOR_QOS,
-                                                callback_group=group)
+        subscription = self.create_subscription(msg_type, topic, self._when_active(stream, offer or stream.offer),
+                                                SENSOR_QOS, callback_group=group)
         stream.source_topic = subscription.topic_name
         self.streams.append(stream)
         return stream
@@ -147,6 +168,14 @@ class EncoderNode(Node):
         self._publisher('depth')
 
     # ---- callbacks (never block) ---------------------------------------------------------------
+    def _when_active(self, stream: Stream, callback):
+        def gated(msg) -> None:
+            if self.active:
+                callback(msg)
+            else:
+                stream.drop_inactive()
+        return gated
+
     def _camera_info_callback(self, msg: CameraInfo) -> None:
         self.camera_info = msg
 
@@ -222,12 +251,14 @@ class EncoderNode(Node):
 
     def _diagnostics_callback(self) -> None:
         device = describe(self.encoder.device, self.encoder.dtype)
+        model_p50 = self.worker.model_s.percentile(50) if self.worker is not None else float('nan')
         statuses = []
         for stream in self.streams:
-            values = stream.snapshot() | {'model_p50_s': self.worker.model_s.percentile(50), 'device': device,
-                                          'model': self.encoder.model_name}
+            values = stream.snapshot() | {'model_p50_s': model_p50, 'device': device,
+                                          'model': self.encoder.model_name, 'active': self.active}
             level = 'warn' if values['rejected'] else 'ok'
             statuses.append(make_status(f'{self.get_name()}: {stream.name}', stream.source_topic, level,
+                                        ('' if self.active else 'inactive: ') +
                                         f"{values['encoded']} encoded, {values['dropped']} dropped, "
                                         f"{values['rejected']} rejected", values))
         self.diagnostics_pub.publish(make_array(self.get_clock().now().to_msg(), statuses))

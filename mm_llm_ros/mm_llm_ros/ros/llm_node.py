@@ -4,6 +4,10 @@ scene descriptions.
 Threads: embedding subscriptions and timers run on their own callback groups; /ask and /ask_stream callbacks run on
 a reentrant group and only wait for their own job, which the single generation worker in `AskEngine` serves in
 order. The executor has max_queue + 4 threads, so waiting callbacks can never starve subscriptions or timers.
+
+A lifecycle node (ros/lifecycle.py): configure loads the LLM and creates the topics, /ask and /ask_stream; activate
+starts the generation worker; while inactive, /ask and /ask_stream answer success=false, error "inactive" and no
+description is generated; cleanup releases the model.
 """
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
 import numpy as np  # noqa: E402
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.node import Node
 from std_msgs.msg import String
 
 from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, AskResult
@@ -30,8 +33,8 @@ from mm_llm_ros.core.params import LLM_PARAMS
 from mm_llm_ros.launch_plan import CONTEXT_TOPIC, EMBEDDING_TOPIC
 from mm_llm_ros.ros.conversions import ns_to_stamp, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
+from mm_llm_ros.ros.lifecycle import INACTIVE, ManagedNode, autostarted, inactive_note
 from mm_llm_ros.ros.node_main import StartupError, exit_now, run_node
-from mm_llm_ros.ros.parameters import declare_parameters
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import Embedding, PerceptionContext, SceneDescription
@@ -39,13 +42,17 @@ from mm_llm_ros_interfaces.srv import Ask
 from diagnostic_msgs.msg import DiagnosticArray
 
 
-class LLMNode(Node):
+class LLMNode(ManagedNode):
 
     def __init__(self):
-        super().__init__('llm_node')
-        params = declare_parameters(self, LLM_PARAMS)
+        super().__init__('llm_node', LLM_PARAMS)
+        # The executor is built before configure runs: sized from the (read-only) declared queue bound.
+        self.executor_threads = self.get_parameter('max_queue').value + 4
+        self.engine = self._action_server = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def configure(self, params) -> None:
         self.config = LLMConfig.from_params(params)
-        self.executor_threads = self.config.max_queue + 4
         _no_progress_bars()
         try:
             self.answerer = build_answerer(self.config)
@@ -62,7 +69,6 @@ class LLMNode(Node):
             max_question_chars=self.config.max_question_chars, default_max_age_s=self.config.max_age_s,
             default_max_new_tokens=self.config.generation.max_new_tokens,
             max_new_tokens_cap=self.config.max_new_tokens_cap), line_template=self.config.context_template)
-        self.engine.start()
         self.dropped_embeddings = 0
 
         sensors = MutuallyExclusiveCallbackGroup()
@@ -92,12 +98,35 @@ class LLMNode(Node):
         if self.config.diagnostics_period_s > 0:
             self.create_timer(self.config.diagnostics_period_s, self.diagnostics_callback,
                               callback_group=MutuallyExclusiveCallbackGroup())
+
+    def activate(self) -> None:
+        self.engine.start()
         self.get_logger().info(f"serving {self.resolve_service_name('ask')} and "
                                f"{self.resolve_service_name('ask_stream')}")
 
+    def finish_requests(self, reason: str) -> None:
+        """Called by run_node on the first SIGINT/SIGTERM: every in-flight and queued /ask call and /ask_stream goal
+        ends now with `reason` (success false; goals are aborted), and new ones get the same answer. run_node then
+        lets the executor send those replies before it shuts down."""
+        if self.engine is None:  # not configured (or cleaned up): nothing to end
+            return
+        in_flight = self.engine.queue_length
+        self.get_logger().info(f'{reason}: ending {in_flight} request(s) in flight' if in_flight else reason)
+        self.engine.close(reason)
+
+    def deactivate(self) -> None:
+        self.engine.stop(reason=INACTIVE)  # cancels the running generation, refuses the queued requests
+
+    def cleanup(self) -> None:
+        if self.engine is not None:
+            self.engine.stop(reason=INACTIVE)
+        self.engine = self.answerer = self.store = self._action_server = None  # entities: destroyed by the base
+
     def close(self) -> None:
-        self.engine.stop()
-        self._action_server.destroy()
+        if self.engine is not None:
+            self.engine.stop()
+        if self._action_server is not None:
+            self._action_server.destroy()
 
     # ---- inputs -----------------------------------------------------------------------------
     def embedding_callback(self, modality: str, msg: Embedding) -> None:
@@ -125,10 +154,15 @@ class LLMNode(Node):
 
     # ---- /ask and /ask_stream ------------------------------------------------------------------
     def ask_callback(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
+        if not self.active:
+            return _fill(response, self._inactive())
         job = self.engine.submit(_to_ask_request(request))
         return _fill(response, job.wait())
 
     def ask_stream_execute(self, goal_handle) -> AskStream.Result:
+        if not self.active:
+            goal_handle.abort()
+            return _fill(AskStream.Result(), self._inactive())
         feedback = AskStream.Feedback()
 
         def on_text(piece: str) -> None:
@@ -150,6 +184,9 @@ class LLMNode(Node):
                 goal_handle.abort()
         return _fill(AskStream.Result(), result)
 
+    def _inactive(self) -> AskResult:
+        return AskResult(False, error=INACTIVE, note=inactive_note(self))
+
     @contextlib.contextmanager
     def _unless_shutting_down(self):
         """Publishing fails once Ctrl-C has invalidated the context, before close() ends the engine and wakes the
@@ -163,7 +200,7 @@ class LLMNode(Node):
     # ---- scene descriptions -------------------------------------------------------------------
     def describe_callback(self) -> None:
         generation = self.store.generation
-        if generation == self._described_generation:
+        if not self.active or generation == self._described_generation:
             return  # nothing new since the last description
         request = AskRequest(self.config.description_prompt, max_new_tokens=self.config.description_max_new_tokens)
         result = self.engine.submit(request, background=True).wait()
@@ -183,12 +220,13 @@ class LLMNode(Node):
                   'time_to_first_token_p50_s': self.engine.time_to_first_token.percentile(50),
                   'tokens_per_s_p50': self.engine.tokens_per_s.percentile(50),
                   'dropped_embeddings': self.dropped_embeddings, 'device': self.answerer.device_description,
+                  'active': self.active,
                   **{f'{k}_requests': v for k, v in self.engine.counts.items()},
                   **{f'age_{m}_s': ages.get(m, float('inf'))
                      for m in (*self.config.modalities, *self.config.context_kinds)}}
         level = 'warn' if self.engine.queue_length >= self.config.max_queue else 'ok'
         status = make_status(f'{self.get_name()}: ImageBind-LLM', self.answerer.device_description, level,
-                             f'{self.engine.queue_length} request(s) in flight', values)
+                             f'{self.engine.queue_length} request(s) in flight' if self.active else INACTIVE, values)
         self.diagnostics_pub.publish(make_array(self.get_clock().now().to_msg(), [status]))
 
 
@@ -218,7 +256,7 @@ def _fill(response, result: AskResult):
 
 
 def main(args=None) -> None:
-    exit_now(run_node(LLMNode, args))
+    exit_now(run_node(autostarted(LLMNode), args))
 
 
 if __name__ == '__main__':

@@ -22,3 +22,8 @@ def declare_parameters(node: Node, params: Iterable[Param]) -> dict[str, Any]:
         value = node.declare_parameter(param.name, param.default, descriptor).value
         values[param.name] = param.validate(value)
     return values
+
+
+def read_parameters(node: Node, params: Iterable[Param]) -> dict[str, Any]:
+    """The current value of every declared parameter, validated (a lifecycle node reads them when it configures)."""
+    return {param.name: param.validate(node.get_parameter(param.name).value) for param in params}

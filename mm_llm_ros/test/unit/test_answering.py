@@ -162,6 +162,56 @@ def test_cancel_stops_generation(engine):
     assert result.cancelled and not result.success and len(pieces) == 2
 
 
+def test_close_ends_the_running_and_queued_requests_with_the_reason_and_refuses_new_ones(engine):
+    engine.answerer.gate.clear()
+    pieces = []
+    running = engine.submit(AskRequest('running', max_new_tokens=8), on_text=pieces.append)
+    assert engine.answerer.started.acquire(timeout=5)
+    queued = engine.submit(AskRequest('queued'))
+    engine.close('llm_node is shutting down (SIGINT)')
+    # Both waiters have their result at once, before the model has produced anything more.
+    for job in (running, queued):
+        assert job.done
+        assert not job.result.success and job.result.error == 'llm_node is shutting down (SIGINT)'
+        assert not job.result.cancelled  # not cancelled by its caller
+    late = engine.submit(AskRequest('late'))
+    assert late.done and late.result.error == 'llm_node is shutting down (SIGINT)'
+    engine.answerer.gate.set()  # the model now notices the cancellation; nothing of it reaches the caller
+    engine.stop()
+    assert pieces == [] and running.result.error == 'llm_node is shutting down (SIGINT)'
+    assert engine.queue_length == 0
+    assert [c[0] for c in engine.answerer.calls] == ['running']
+
+
+def test_close_is_idempotent_and_keeps_the_first_reason(engine):
+    engine.close('first')
+    engine.close('second')
+    assert engine.closed == 'first'
+    assert engine.submit(AskRequest('q')).result.error == 'first'
+
+
+def test_stop_refuses_with_its_reason_and_start_serves_again(engine):
+    """A lifecycle node's deactivate/activate: the running job is cancelled, the queued one and every later one
+    answered with the reason, nothing hangs, and after start() the same engine (and its counters) serves again."""
+    engine.answerer.gate.clear()
+    running = engine.submit(AskRequest('running'))
+    assert engine.answerer.started.acquire(timeout=5)
+    queued = engine.submit(AskRequest('queued'))
+    engine.stop(timeout_s=0.1, reason='inactive')
+    assert queued.done and queued.result.error == 'inactive'
+    later = engine.submit(AskRequest('later'))
+    assert later.done and later.result.error == 'inactive' and not later.result.success
+    engine.answerer.gate.set()
+    result = running.wait(5)
+    assert not result.success and result.error == 'inactive'  # answered at once by stop(), not cancelled
+    engine.stop(reason='inactive')  # a second stop (cleanup after deactivate) leaves no stale end marker behind
+    engine.start()
+    ok = engine.submit(AskRequest('again')).wait(5)
+    assert ok.success and ok.answer == 'niaga'
+    assert engine.queue_length == 0 and engine.counts['accepted'] == 3
+    assert [c[0] for c in engine.answerer.calls] == ['running', 'again']
+
+
 def test_a_failing_model_fails_one_request_and_the_next_works(engine):
     engine.answerer.fail_next = RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')
     failed = engine.submit(AskRequest('first')).wait(5)

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from mm_llm_ros.core.params import NODE_PARAMS
-from mm_llm_ros.launch_plan import LAUNCH_ARGUMENTS, SHIPPED_CONFIGS, params_file_for, plan_nodes
+from mm_llm_ros.launch_plan import (LAUNCH_ARGUMENTS, SHIPPED_CONFIGS, NodeFailed, failure_reason, params_file_for,
+                                   plan_nodes)
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2]
 REPO = PACKAGE.parent
@@ -136,11 +137,54 @@ def test_empty_path_arguments_keep_the_yaml_values():
     assert llm.parameters == (resolved()['params_file'],)
 
 
+@pytest.mark.parametrize('single', ['true', 'false'])
+def test_autostart_false_leaves_the_lifecycle_nodes_unconfigured(single):
+    """Every node that holds a model (the encoders, llm_node) gets autostart: false; by default none is overridden,
+    so the parameter (true unless a file says otherwise) decides."""
+    for node in plan_nodes(resolved(single_process=single, autostart='false', use_grounding='false')):
+        assert node.parameters[-1]['autostart'] is False, node.executable
+        assert 'autostart' in NODE_PARAMS[node.executable]
+    assert all('autostart' not in params for node in plan_nodes(resolved(single_process=single))
+               for params in node.parameters[1:])
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match='unknown launch argument'):
         plan_nodes(resolved(use_kamera='true'))
     with pytest.raises(ValueError, match='true or false'):
         plan_nodes(resolved(use_camera='maybe'))
+    with pytest.raises(ValueError, match='autostart: expected true or false'):
+        plan_nodes(resolved(autostart='yes please'))
+
+
+def test_every_node_is_required_unless_respawned():
+    assert all(n.required for n in plan_nodes(resolved()))
+    assert not any(n.required for n in plan_nodes(resolved(respawn='true')))
+
+
+@pytest.mark.parametrize('returncode, reason', [
+    (0, None),
+    (None, None),
+    (1, 'llm_node exited with code 1 (its FATAL line above says why)'),
+    (-9, 'llm_node was killed by SIGKILL'),
+    (-11, 'llm_node was killed by SIGSEGV'),
+    (-200, 'llm_node was killed by signal 200'),
+])
+def test_a_required_node_failing_is_reported_with_its_reason(returncode, reason):
+    assert failure_reason('llm_node', returncode) == reason
+
+
+def test_launch_file_fails_the_launch_through_the_plan():
+    """robot.launch.py registers an exit handler for exactly the required nodes and raises NodeFailed (launch's
+    only way to make `ros2 launch` exit non-zero) with failure_reason's text."""
+    source = LAUNCH_FILE.read_text()
+    tree = ast.parse(source)
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert {'failure_reason', 'NodeFailed', 'OnProcessExit'} <= names
+    raised = [n.exc for n in ast.walk(tree) if isinstance(n, ast.Raise)]
+    assert any(isinstance(e, ast.Call) and getattr(e.func, 'id', '') == 'NodeFailed' for e in raised)
+    assert 'spec.required' in source
+    assert issubclass(NodeFailed, Exception)  # launch turns an Exception from a handler into return code 1
 
 
 def test_launch_file_declares_exactly_the_plan_arguments():
@@ -167,3 +211,19 @@ def test_launch_file_runs_with_launch_ros_when_available():
     for entity in description.entities:
         entity.visit(context)
     assert context.launch_configurations['single_process'] == 'true'
+
+
+def test_a_failing_node_makes_the_launch_raise_when_launch_is_available():
+    """With launch installed (a robot, not CI): the registered exit handler raises NodeFailed for exit code 1."""
+    pytest.importorskip('launch_ros')
+    import importlib.util
+    from launch.events.process import ProcessExited
+    spec = importlib.util.spec_from_file_location('robot_launch', LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    on_exit = module._shutdown_on_failure('encoder')
+    event = ProcessExited(action=None, name='encoder-1', cmd=['encoder'], cwd=None, env=None, pid=1, returncode=1)
+    with pytest.raises(NodeFailed, match='encoder exited with code 1'):
+        on_exit(event, None)
+    assert on_exit(ProcessExited(action=None, name='encoder-1', cmd=['encoder'], cwd=None, env=None, pid=1,
+                                 returncode=0), None) is None

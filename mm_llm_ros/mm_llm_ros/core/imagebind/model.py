@@ -286,8 +286,8 @@ class ImageBindEncoder:
         self._random_weights = state is None
         model = _build_model(config, random_init=self._random_weights)
         if state is None:
-            logger.warning('%s runs with RANDOM weights (seed %d): its embeddings carry no meaning', arch,
-                           config.seed)
+            logger.warning('%s runs with RANDOM weights (seed %d): its embeddings carry no meaning; set '
+                           'model.checkpoint for real ones', arch, config.seed)
         else:
             _check_state_dict(model, state, config.checkpoint, arch)
             # assign=True adopts the (memory-mapped) tensors instead of copying them into the built ones.
