@@ -35,7 +35,7 @@ GROUNDED_SYSTEM_PROMPT = (
     'Example readings:\nText read by the camera: "PLATFORM 9".\nSound heard: church bell.\nSomeone speaking: no.\n'
     'Nearest obstacle in front: 2.3 m.\nNearest obstacle on the left: none.\nObjects around the robot: 3.\n'
     'Nearest object: 2.6 m away, to the right.\n\n'
-    'Example answers:\nQ: What does the sign say? A: It says "PLATFORM 9".\n'
+    'Example answers:\nQ: What text can you read? A: "PLATFORM 9".\n'
     'Q: How far is the nearest obstacle ahead? A: 2.3 m.\n'
     'Q: How close is the nearest thing on the left? A: There is no obstacle on the left.\n'
     'Q: Is anyone talking? A: No.\nQ: Where is the closest object? A: To the right.\n'

@@ -5,7 +5,7 @@ whole result. A 135M-parameter model misreads the compact line ("nearest front 8
 nearest obstacle ahead is 5.5 m"), so llm_node can instead give its model one unambiguous line per fact, worded
 as the questions are (`context.format: facts`):
 
-    Text read by the camera: "POKKA", "LOGISTICS(S", "TD".
+    Text read by the camera: 'POKKA', 'LOGISTICS(S', 'TD'.
     Sound heard: vehicle horn, car horn, honking.
     Someone speaking: no.
     Nearest obstacle in front: 3.7 m.

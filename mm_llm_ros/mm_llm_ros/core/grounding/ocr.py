@@ -86,10 +86,11 @@ class OcrResult:
         return cls(items, tuple(data.get('image_size', (0, 0))))
 
     def facts(self) -> list[str]:
-        """Short prompt lines for small models: every string read, quoted, and nothing else."""
+        """Short prompt lines for small models: every string read, in single quotes as in `to_text` (with double
+        quotes SmolLM2 answered "What text can you read?" with an invented sentence), and nothing else."""
         if self.is_empty:
             return ['Text read by the camera: none.']
-        return ['Text read by the camera: ' + ', '.join(f'"{item.text}"' for item in self.items) + '.']
+        return ['Text read by the camera: ' + ', '.join(f"'{item.text}'" for item in self.items) + '.']
 
     def to_text(self, max_chars: int = 200) -> str:
         if self.is_empty:
