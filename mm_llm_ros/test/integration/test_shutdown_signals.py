@@ -136,8 +136,13 @@ def test_requests_in_flight_end_with_the_shutdown_reason(node_graph, config_dir,
         start = time.monotonic()
         llm.signal(sig)
         reason = f'llm_node is shutting down ({sig.name})'
-        answer = test_node.result(ask_result, timeout_s=5.0)
-        goal = test_node.result(goal_result, timeout_s=5.0)
+        try:
+            answer = test_node.result(ask_result, timeout_s=5.0)
+            goal = test_node.result(goal_result, timeout_s=5.0)
+        except TimeoutError as exc:
+            llm.popen.wait(10.0)
+            raise AssertionError(f'{exc} (ask done: {ask_result.done()}, goal done: {goal_result.done()}); '
+                                 f'llm_node log:\n{llm.log()}') from exc
         code = llm.popen.wait(10.0)
         elapsed = time.monotonic() - start
         log = llm.log()
