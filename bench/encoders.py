@@ -423,7 +423,8 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any
 
 @dataclass
 class StreamSpec:
-    """One emulated sensor: the node's stream name (its /diagnostics entry), the embedding it produces, its rate."""
+    """One emulated sensor: the node's stream name (its /diagnostics entry and embedding topic, core/specs.py), the
+    modality of its embeddings, its rate."""
     name: str
     modality: str
     topic: str
@@ -476,7 +477,7 @@ class Probe:
         self.model_name = ''
         self.diagnostics: list[Diagnostics] = []
         self.subscriptions = [
-            self.node.create_subscription(Embedding, f'/mm_llm/embedding/{s.modality}', self._on_embedding,
+            self.node.create_subscription(Embedding, f'/mm_llm/embedding/{s.name}', self._on_embedding,
                                           EMBEDDING_QOS) for s in specs]
         self.subscriptions.append(self.node.create_subscription(DiagnosticArray, '/diagnostics',
                                                                 self._on_diagnostics, 10))

@@ -174,7 +174,7 @@ def render(rows: Sequence[Row], context: str, threads: int, repeats: int,
         text = row.text.replace('|', '\\|')
         lines.append(f'| {row.extractor} | {row.input} | {load} | {row.median_ms:.0f} | {row.p90_ms:.0f} '
                      f'| {row.cpu_ms:.0f} | {text} |')
-    lines += ['', 'Sample context from the first input of each extractor (default ContextConfig):',
+    lines += ['', 'Sample context from the first input of each extractor (as llm_node words it):',
               '', '```', context, '```', '']
     if ttft_rows:
         baseline = ttft_rows[0][2]
@@ -189,9 +189,13 @@ def render(rows: Sequence[Row], context: str, threads: int, repeats: int,
 def run(data: pathlib.Path, threads: int, repeats: int, out: pathlib.Path, ttft: TtftFn | None = None,
         llm_note: str = '') -> str:
     """Benchmark, write `out`, return the Markdown. `ttft` adds the time-to-first-token table."""
-    from mm_llm_ros.core.grounding import ContextBuilder
+    from mm_llm_ros.core.answering import context_block
+    from mm_llm_ros.core.params import defaults
     rows, samples = bench_extractors(data, threads, repeats)
-    context = ContextBuilder()(samples)
+    # As llm_node words them: each result's published line under its kind's label (a result's section is its kind).
+    node = defaults('grounding_node') | defaults('llm_node')
+    context = context_block(node['context.line_template'],
+                            ((r.section, r.to_text(node['text_max_chars'])) for r in samples)) or ''
     ttft_rows = measure_ttft_effect(ttft, context, repeats=repeats) if ttft else None
     markdown = render(rows, context, threads, repeats, ttft_rows, llm_note)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,14 +22,17 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from mm_llm_ros.core.specs import CONTEXT_KINDS, SENSOR_SPECS
+
 QUESTIONS = (
     ('ask', 'What text can you read?'),
     ('ask_stream', 'What do you hear?'),
     ('ask', 'How far away is the nearest obstacle ahead, and where is it?'),
     ('ask_stream', 'Describe what is in front of the robot.'),
 )
-WAIT_FOR = ('vision', 'audio', 'depth')  # embeddings the demo waits for before asking
-CONTEXT_WAIT_FOR = ('ocr', 'audio_events', 'geometry')
+
+WAIT_FOR = tuple(s.name for s in SENSOR_SPECS if s.enabled_by_default)  # embeddings the demo waits for before asking
+CONTEXT_WAIT_FOR = tuple(CONTEXT_KINDS)
 
 
 @dataclass
@@ -89,12 +92,12 @@ class DemoClient:
         rclpy.try_shutdown()
 
     def watch_inputs(self) -> None:
-        from mm_llm_ros.launch_plan import CONTEXT_TOPIC, EMBEDDING_TOPIC
+        from mm_llm_ros.core.specs import CONTEXT_TOPIC, EMBEDDING_TOPIC
         from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS
         from mm_llm_ros_interfaces.msg import Embedding, PerceptionContext
-        for modality in WAIT_FOR:
-            self.node.create_subscription(Embedding, EMBEDDING_TOPIC.format(modality=modality),
-                                          lambda msg: self._saw(msg.modality, msg.model), EMBEDDING_QOS)
+        for source in WAIT_FOR:
+            self.node.create_subscription(Embedding, EMBEDDING_TOPIC.format(source=source),
+                                          lambda msg, s=source: self._saw(s, msg.model), EMBEDDING_QOS)
         for kind in CONTEXT_WAIT_FOR:
             self.node.create_subscription(PerceptionContext, CONTEXT_TOPIC.format(kind=kind),
                                           lambda msg: self._saw(msg.kind, msg.text), LATCHED_QOS)
@@ -115,9 +118,9 @@ class DemoClient:
         return missing
 
     def ask(self, question: str, deadline: float) -> Answer:
-        from mm_llm_ros.ros.qos import SERVICE_QOS
+        from mm_llm_ros.ros.ask_client import ask_service_client
         from mm_llm_ros_interfaces.srv import Ask
-        client = self.node.create_client(Ask, 'ask', qos_profile=SERVICE_QOS)
+        client = ask_service_client(self.node)
         if not client.wait_for_service(timeout_sec=max(0.0, deadline - time.monotonic())):
             raise TimeoutError('/ask is not available')
         response = _wait_future(client.call_async(Ask.Request(question=question)), deadline)
@@ -125,11 +128,9 @@ class DemoClient:
         return _answer('ask', question, response, response.answer)
 
     def ask_stream(self, question: str, deadline: float, on_text: Callable[[str], None]) -> Answer:
-        from rclpy.action import ActionClient
-        from mm_llm_ros.ros.qos import SERVICE_QOS
+        from mm_llm_ros.ros.ask_client import ask_stream_client
         from mm_llm_ros_interfaces.action import AskStream
-        client = ActionClient(self.node, AskStream, 'ask_stream', goal_service_qos_profile=SERVICE_QOS,
-                              result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS)
+        client = ask_stream_client(self.node)
         if not client.wait_for_server(timeout_sec=max(0.0, deadline - time.monotonic())):
             raise TimeoutError('/ask_stream is not available')
         goal = _wait_future(client.send_goal_async(AskStream.Goal(question=question),

@@ -11,14 +11,24 @@ import signal
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, LAUNCH_SWITCHES, SENSOR_SPECS
 
-# Input topic names as the encoder nodes use them (relative, so a pushed namespace applies).
-TOPICS = {'image': 'camera/image_raw', 'camera_info': 'camera/camera_info', 'depth': 'camera/depth/image_raw',
-          'audio': 'audio', 'points': 'points'}
-EMBEDDING_TOPIC = 'mm_llm/embedding/{modality}'
+def _sensors(switch: str) -> tuple:
+    return tuple(s for s in SENSOR_SPECS if s.launch_switch == switch)
+
+
+def _primary(switch: str) -> tuple:
+    """The sensors a launch switch turns on: those on by default (the camera, not the depth camera), else all."""
+    return tuple(s for s in _sensors(switch) if s.enabled_by_default) or _sensors(switch)
+
+
+def _switch_flags(switch: str, on: bool) -> dict[str, bool]:
+    """Encoder parameters for `use_<switch>`: on, its primary sensors on (others as the file says); off, all off."""
+    return {s.enable_param: True for s in _primary(switch)} if on else {s.enable_param: False for s in _sensors(switch)}
+
+
 # Parameter files shipped in config/ that `config:=<name>` selects (tiny.yaml is for tests only).
 SHIPPED_CONFIGS = {'robot': 'robot.yaml', 'demo': 'demo.yaml'}
-CONTEXT_TOPIC = 'mm_llm/context/{kind}'
 
 
 @dataclass(frozen=True)
@@ -34,17 +44,20 @@ LAUNCH_ARGUMENTS = (
     LaunchArgument('config', 'robot', 'Shipped parameter file: robot (official weights on a GPU; give their paths) '
                    'or demo (runs anywhere with nothing downloaded). Ignored when params_file is given.'),
     LaunchArgument('params_file', '', 'Parameter YAML for all nodes (default: config/<config>.yaml).'),
-    LaunchArgument('use_camera', 'true', 'Start the camera encoder (vision).'),
-    LaunchArgument('use_audio', 'true', 'Start the audio encoder.'),
-    LaunchArgument('use_lidar', 'true', 'Start the lidar encoder (depth projection).'),
+    # A sensor most robots lack (thermal, IMU) is switched by the parameter file unless the launch says otherwise.
+    *(LaunchArgument(f'use_{switch}', 'true' if any(s.enabled_by_default for s in _sensors(switch)) else '',
+                     f'Encode the {switch} inputs (' + ', '.join(s.name for s in _sensors(switch)) + ')'
+                     + ('.' if any(s.enabled_by_default for s in _sensors(switch)) else
+                        "; empty: as the parameter file's encoder section says (" +
+                        ', '.join(s.enable_param for s in _sensors(switch)) + ').'))
+      for switch in LAUNCH_SWITCHES),
     LaunchArgument('use_grounding', 'true', 'Start grounding_node: OCR, audio events and lidar geometry as prompt '
                    'context for the LLM (each part switchable in the parameter file).'),
-    LaunchArgument('image_topic', 'camera/image_raw', 'sensor_msgs/Image input (its /compressed sibling when '
-                   'camera.transport is compressed).'),
-    LaunchArgument('camera_info_topic', 'camera/camera_info', 'sensor_msgs/CameraInfo for lidar projection.'),
-    LaunchArgument('depth_topic', 'camera/depth/image_raw', 'Depth image input (16UC1 mm or 32FC1 m).'),
-    LaunchArgument('audio_topic', 'audio', 'mm_llm_ros_interfaces/AudioChunk input.'),
-    LaunchArgument('points_topic', 'points', 'sensor_msgs/PointCloud2 input.'),
+    *(LaunchArgument(s.topic_argument, s.topic, f"{s.msg_type.replace('/msg/', '/')} input of the {s.name} sensor"
+                     + (f' (its /compressed sibling when {s.compressed_param} is compressed).' if s.compressed_param
+                        else '.')) for s in SENSOR_SPECS),
+    LaunchArgument('camera_info_topic', CAMERA_INFO_TOPIC, 'sensor_msgs/CameraInfo for the depth camera\'s focal '
+                   'length and lidar projection.'),
     LaunchArgument('device', '', "Torch device for all models (auto, cpu, cuda, cuda:N); empty keeps the YAML's."),
     LaunchArgument('imagebind_checkpoint', '', "ImageBind checkpoint (imagebind_huge.pth); empty keeps the YAML's."),
     LaunchArgument('llama_dir', '', "LLaMA backbone directory (Meta or HF format); empty keeps the YAML's."),
@@ -104,6 +117,13 @@ def _truthy(value: str, name: str = '') -> bool:
     return value in ('true', '1', 'yes', 'on')
 
 
+def _switch_on(switch: str, value: str, section: Mapping) -> bool:
+    """`use_<switch>`: true or false as given; empty, whether the file's encoder section enables one of its sensors."""
+    if str(value).strip():
+        return _truthy(value, f'use_{switch}')
+    return any(bool(section.get(s.enable_param, s.enabled_by_default)) for s in _sensors(switch))
+
+
 def _non_empty(pairs: Mapping[str, str]) -> dict:
     return {k: v for k, v in pairs.items() if v}
 
@@ -128,7 +148,8 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     values = {a.name: a.default for a in LAUNCH_ARGUMENTS} | dict(args)
     if not values['params_file']:
         raise ValueError('params_file must be resolved to a YAML path')
-    use = {s: _truthy(values[f'use_{s}'], f'use_{s}') for s in ('camera', 'audio', 'lidar')}
+    section = _encoder_section(values['params_file'])
+    use = {s: _switch_on(s, values[f'use_{s}'], section) for s in LAUNCH_SWITCHES}
     respawn = _truthy(values['respawn'], 'respawn')
     log_level = values['log_level']
     device = _non_empty({'device': values['device']})
@@ -137,30 +158,49 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     llm_overrides = device | lifecycle | _non_empty({'llm.backbone_path': values['llama_dir'],
                                          'llm.adapter_checkpoint': values['adapter_checkpoint'],
                                          'cache.index_path': values['cache_index']})
-    remaps = {
-        'camera': ((TOPICS['image'], values['image_topic']),
-                   (TOPICS['image'] + '/compressed', values['image_topic'] + '/compressed'),
-                   (TOPICS['depth'], values['depth_topic'])),
-        'audio': ((TOPICS['audio'], values['audio_topic']),),
-        'lidar': ((TOPICS['points'], values['points_topic']), (TOPICS['camera_info'], values['camera_info_topic'])),
-    }
+    remaps = {switch: _remappings(switch, values) for switch in LAUNCH_SWITCHES}
 
-    def spec(executable, overrides, remappings=()):
-        parameters = (values['params_file'],) + ((overrides,) if overrides else ())
-        return NodeSpec(executable, executable, parameters, tuple(remappings), respawn, log_level)
+    def spec(executable, overrides, remappings=(), name=None, first=()):
+        parameters = tuple(first) + (values['params_file'],) + ((overrides,) if overrides else ())
+        return NodeSpec(executable, name or executable, parameters, tuple(remappings), respawn, log_level)
 
     nodes = []
     if _truthy(values['single_process'], 'single_process'):
         if any(use.values()):
-            flags = {f'use_{s}': on for s, on in use.items()}
+            flags = {name: value for switch, on in use.items() for name, value in _switch_flags(switch, on).items()}
             nodes.append(spec('encoder', encoder_overrides | flags,
                               [r for s in use if use[s] for r in remaps[s]]))
     else:
-        for sensor, executable in (('camera', 'camera_encoder'), ('audio', 'audio_encoder'),
-                                   ('lidar', 'lidar_encoder')):
-            if use[sensor]:
-                nodes.append(spec(executable, encoder_overrides, remaps[sensor]))
+        # One `encoder` process per launch switch, named after it (node names must differ), configured by the file's
+        # one `encoder` section in both launch modes (a `<switch>_encoder` section, if any, still applies on top).
+        for switch in LAUNCH_SWITCHES:
+            if use[switch]:
+                flags = {name: value for other in LAUNCH_SWITCHES
+                         for name, value in _switch_flags(other, other == switch).items()}
+                nodes.append(spec('encoder', encoder_overrides | flags, remaps[switch], name=f'{switch}_encoder',
+                                  first=(section,) if section else ()))
     if _truthy(values['use_grounding'], 'use_grounding'):
-        nodes.append(spec('grounding_node', {}, [r for s in ('camera', 'audio', 'lidar') for r in remaps[s]]))
+        nodes.append(spec('grounding_node', {}, dict.fromkeys(r for s in LAUNCH_SWITCHES for r in remaps[s])))
     nodes.append(spec('llm_node', llm_overrides))
     return nodes
+
+
+def _encoder_section(params_file: str) -> dict:
+    """The `encoder` section of a parameter file (empty when the file has none or cannot be read here)."""
+    from mm_llm_ros.core.params import ParamsFileError, read_params_file
+    try:
+        return dict(read_params_file(params_file).get('encoder', {}))
+    except ParamsFileError:
+        return {}   # the node reports an unreadable file itself, with its name
+
+
+def _remappings(switch: str, values: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Input remappings of the sensors a launch switch starts (topic arguments of core/specs.py)."""
+    pairs = []
+    for sensor in (s for s in SENSOR_SPECS if s.launch_switch == switch):
+        pairs.append((sensor.topic, values[sensor.topic_argument]))
+        if sensor.compressed_param:
+            pairs.append((sensor.topic + '/compressed', values[sensor.topic_argument] + '/compressed'))
+        if sensor.uses_camera_info and (CAMERA_INFO_TOPIC, values['camera_info_topic']) not in pairs:
+            pairs.append((CAMERA_INFO_TOPIC, values['camera_info_topic']))
+    return tuple(pairs)

@@ -12,12 +12,13 @@ import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
 from mm_llm_ros.core.embedding_store import ModalityStore, StoredInput
 from mm_llm_ros.core.scheduling import RollingStats
+from mm_llm_ros.core.specs import CONTEXT_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,21 @@ BUSY = 'busy'
 # describe a scene it never saw (the answer's note says the same to the caller).
 NOTHING_PERCEIVED = ('Nothing has been perceived: no camera, microphone or lidar data and no perception result '
                      'has arrived recently. Say that you cannot perceive anything yet.')
-CONTEXT_LABELS = {'ocr': 'Text read by the camera', 'audio_events': 'Sounds heard', 'geometry': 'Lidar obstacles'}
 
 
 def context_line(template: str, kind: str, text: str) -> str:
     """One prompt line for a perception-context result, e.g. 'Text read by the camera: 'POKKA' (0.98, left)'."""
-    return template.format(kind=kind, label=CONTEXT_LABELS.get(kind, kind), text=text)
+    spec = CONTEXT_KINDS.get(kind)
+    return template.format(kind=kind, label=spec.label if spec else kind, text=text)
+
+
+def context_block(template: str, texts: Iterable[tuple[str, str]]) -> Optional[str]:
+    """The prompt's perception context: one `context_line` per (kind, text), in the given order; None if empty.
+
+    This is the one formatter of perception context (llm_node, the evaluation and the grounding benchmark use it);
+    the prompt builder bounds the block to `context.max_chars` (`core/llm/prompt.py: bound_context`).
+    """
+    return '\n'.join(context_line(template, kind, text) for kind, text in texts) or None
 
 
 @dataclass
@@ -79,7 +89,9 @@ class Answerer(Protocol):
 
 @dataclass(frozen=True)
 class AskLimits:
-    known_modalities: tuple[str, ...]  # embedding modalities and perception-context kinds
+    known_modalities: tuple[str, ...]  # store keys: embedding sources (sensors) and perception-context kinds
+    # Further names a question may ask for, each standing for several keys (a modality: all of its sources).
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     max_queue: int = 4
     max_question_chars: int = 2000
     default_max_age_s: float = 5.0
@@ -152,12 +164,14 @@ class AskEngine:
     """Serves AskRequests in order from a bounded queue with one worker thread."""
 
     def __init__(self, answerer: Answerer, store: ModalityStore, limits: AskLimits,
-                 line_template: str = '{label}: {text}'):
+                 line_template: str = '{label}: {text}', contexts: Optional[ModalityStore] = None):
+        """`store` holds the embeddings by source; `contexts` the perception context by kind (default: `store`)."""
         self.answerer = answerer
         self.store = store
+        self.contexts = contexts if contexts is not None else store
         self.limits = limits
         try:  # fail at start-up, not at the first question
-            context_line(line_template, 'ocr', '')
+            context_line(line_template, 'kind', '')
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"context line template '{line_template}' must use only {{kind}}, {{label}} and {{text}}"
                              ) from exc
@@ -235,10 +249,10 @@ class AskEngine:
         if error:
             return error, request
         modalities = list(dict.fromkeys(m.strip().lower() for m in request.modalities))
-        unknown = [m for m in modalities if m not in self.limits.known_modalities]
+        known = tuple(dict.fromkeys((*self.limits.known_modalities, *self.limits.groups)))
+        unknown = [m for m in modalities if m not in known]
         if unknown:
-            return (f"unknown modality '{unknown[0]}' (known: {', '.join(self.limits.known_modalities)})",
-                    request)
+            return f"unknown modality '{unknown[0]}' (known: {', '.join(known)})", request
         max_age = request.max_age_s
         if not isinstance(max_age, (int, float)) or math.isnan(max_age) or max_age < 0:
             return 'max_age_s must be a number >= 0 (0 means the node default)', request
@@ -306,14 +320,13 @@ class AskEngine:
 
     def _answer(self, job: AskJob) -> AskResult:
         request = job.request
-        wanted = request.modalities or self.limits.known_modalities
-        fresh, missing = self.store.select(wanted, request.max_age_s)
+        fresh, missing = self._select(request.modalities or self.limits.known_modalities, request.max_age_s)
         if job.should_stop():
             self.counts['cancelled'] += 1
             return AskResult(False, error=job.cancel_reason, cancelled=True)
         embeddings = [e for e in fresh if isinstance(e.value, np.ndarray)]
         contexts = [c for c in fresh if isinstance(c.value, str)]
-        context = '\n'.join(context_line(self.line_template, c.modality, c.value) for c in contexts) or None
+        context = context_block(self.line_template, ((c.modality, c.value) for c in contexts))
         if not fresh:
             context = NOTHING_PERCEIVED
         generated = self.answerer.answer(request.question, embeddings, request.max_new_tokens, job.emit,
@@ -329,6 +342,28 @@ class AskEngine:
             modalities_used=[e.modality for e in fresh], source_stamps_ns=[e.stamp_ns for e in fresh],
             n_tokens=generated.n_tokens, time_to_first_token_s=generated.time_to_first_token_s,
             tokens_per_s=generated.tokens_per_s, cancelled=cancelled)
+
+    @property
+    def generation(self) -> int:
+        """Bumps whenever an embedding or a context arrives ("anything new since the last description?")."""
+        return self.store.generation + (self.contexts.generation if self.contexts is not self.store else 0)
+
+    def _select(self, names: Sequence[str], max_age_s: float) -> tuple[list[StoredInput], list[str]]:
+        """Fresh entries for the asked names (a group name: any of its keys) and the names with none fresh."""
+        fresh: list[StoredInput] = []
+        missing: list[str] = []
+        seen: set[str] = set()
+        for name in names:
+            keys = [k for k in self.limits.groups.get(name, (name,)) if k not in seen]
+            if not keys:
+                continue   # every key already asked for under another name
+            seen.update(keys)
+            found = [entry for store in dict.fromkeys((self.store, self.contexts))
+                     for entry in store.select(keys, max_age_s)[0]]
+            fresh += found
+            if not found:
+                missing.append(name)
+        return fresh, missing
 
     def _note(self, request: AskRequest, fresh: Sequence[StoredInput], missing: Sequence[str]) -> str:
         notes = []

@@ -41,9 +41,11 @@ class AudioRingBuffer:
     All methods may be called from different threads.
     """
 
-    def __init__(self, window_s: float, max_sample_rate: int = 192_000, max_channels: int = 16) -> None:
+    def __init__(self, window_s: float, max_sample_rate: int = 192_000, max_channels: int = 16,
+                 min_window_s: float = 0.0) -> None:
         if not (window_s > 0 and math.isfinite(window_s)):
             raise ValueError(f'window_s must be a positive number of seconds, got {window_s}')
+        self.min_window_s = float(min_window_s)
         if max_sample_rate <= 0 or max_channels <= 0:
             raise ValueError(f'max_sample_rate and max_channels must be positive, got '
                              f'{max_sample_rate} and {max_channels}')
@@ -89,6 +91,10 @@ class AudioRingBuffer:
             self._last_chunk_ns = stamp_ns
             self._end_stamp_ns = stamp_ns + round((frames - 1) * 1e9 / sample_rate)
 
+    def add(self, audio, stamp_ns: int) -> None:
+        """Add a decoded chunk (`core.sensor_decoding.DecodedAudio`) whose first sample was taken at ``stamp_ns``."""
+        self.append(audio.waveform, audio.sample_rate, stamp_ns)
+
     def snapshot(self) -> AudioSnapshot | None:
         """A copy of the buffered window in time order, or None when nothing has been buffered yet."""
         with self._lock:
@@ -101,6 +107,14 @@ class AudioRingBuffer:
             else:  # the window wraps around the end of the ring
                 waveform = np.concatenate([self._samples[:, start:], self._samples[:, :end - self._capacity]], axis=1)
             return AudioSnapshot(waveform, self._sample_rate, self._end_stamp_ns)
+
+    def ready_window(self) -> AudioSnapshot | None:
+        """The buffered window once it holds at least ``min_window_s`` seconds (the audio window of the encoder and
+        of the audio-event extractor alike), else None: keep listening."""
+        snapshot = self.snapshot()
+        if snapshot is None or snapshot.waveform.shape[1] < self.min_window_s * snapshot.sample_rate:
+            return None
+        return snapshot
 
     def clear(self) -> None:
         """Drop the buffered audio (not counted as a reset)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
@@ -18,7 +17,8 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
-from mm_llm_ros.core.scheduling import BackgroundLoop, LatestSlot, RateLimiter, RollingStats
+from mm_llm_ros.core.latest_worker import LatestInput
+from mm_llm_ros.core.scheduling import BackgroundLoop, RollingStats
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class BatchEncoder(Protocol):
     def encode(self, batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]: ...
 
 
-class Stream:
-    """One input (a camera, a microphone, a lidar) feeding the worker.
+class Stream(LatestInput):
+    """One input (a camera, a microphone, a lidar) feeding the worker: a `LatestInput` with what encoding it took.
 
     `prepare(item)` turns what the callback offered into a `Prepared` input, returns None when there is nothing to
     encode yet (e.g. too little audio), or raises `InputRejected`/`ValueError` for bad input.
@@ -53,32 +53,19 @@ class Stream:
 
     def __init__(self, name: str, source_topic: str, prepare: Callable[[Any], Optional[Prepared]],
                  max_rate_hz: float, clock=time.monotonic):
+        super().__init__(max_rate_hz, clock)
         self.name = name
         self.source_topic = source_topic
         self.prepare = prepare
-        self.slot: LatestSlot = LatestSlot()
-        self.limiter = RateLimiter(max_rate_hz, clock)
-        self.inputs = RollingStats(clock=clock)
         self.encodes = RollingStats(clock=clock)     # values: latency from sensor stamp to publish (s)
         self.preprocess_s = RollingStats(clock=clock)
-        self.rejected: collections.Counter = collections.Counter()
         self.dropped_inactive = 0  # arrived while the node was inactive (lifecycle): never decoded nor encoded
-        self._lock = threading.Lock()
-        self.wakeup: Optional[threading.Event] = None  # set by the worker
-
-    def offer(self, item: Any) -> None:
-        """Called from a subscription callback: never blocks, never raises."""
-        self.slot.put(item)
-        self.inputs.add()
-        if self.wakeup is not None:
-            self.wakeup.set()
 
     def reject(self, reason: str) -> None:
-        with self._lock:
-            self.rejected[reason] += 1
+        self.count(reason)
 
     def drop_inactive(self) -> None:
-        with self._lock:
+        with self._counters_lock:
             self.dropped_inactive += 1
 
     def discard_pending(self) -> None:
@@ -89,8 +76,8 @@ class Stream:
             self.drop_inactive()
 
     def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            rejected = dict(self.rejected)
+        rejected = self.counters()   # the named counters are the rejection reasons
+        with self._counters_lock:
             dropped_inactive = self.dropped_inactive
         return {'received': self.slot.received, 'dropped': self.slot.dropped, 'encoded': self.encodes.count,
                 'dropped_inactive': dropped_inactive,
@@ -137,8 +124,7 @@ class EncoderWorker(BackgroundLoop):
         """Prepare, encode and publish the pending item of each stream; returns how many were published."""
         prepared: list[tuple[Stream, Prepared]] = []
         for stream in streams:
-            item = stream.slot.take()
-            stream.limiter.mark()
+            item = stream.take()
             started = time.perf_counter()
             try:
                 result = stream.prepare(item)

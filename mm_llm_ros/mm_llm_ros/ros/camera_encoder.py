@@ -5,7 +5,7 @@ from mm_llm_ros.ros.node_main import exit_now, run_node
 
 
 def main(args=None) -> None:
-    exit_now(run_node(autostarted(lambda: EncoderNode('camera_encoder', sensors=('camera',))), args))
+    exit_now(run_node(autostarted(lambda: EncoderNode('camera_encoder')), args))
 
 
 if __name__ == '__main__':

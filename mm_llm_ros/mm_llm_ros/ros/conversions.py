@@ -11,8 +11,9 @@ import array
 import numpy as np
 
 from mm_llm_ros.core.sensor_decoding import (DEFAULT_LIMITS, DecodedAudio, DecodedImage, DecodedPointCloud,
-                                             DecodeLimits, decode_audio, decode_compressed_image,
-                                             decode_image, decode_pointcloud2, encode_audio,
+                                             DecodedThermal, DecodeLimits, decode_audio, decode_compressed_image,
+                                             decode_image, decode_imu, decode_pointcloud2, decode_thermal_image,
+                                             encode_audio,
                                              encode_compressed_depth, encode_compressed_image, encode_image,
                                              encode_pointcloud2)
 
@@ -55,6 +56,36 @@ def pointcloud_from_msg(msg, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedPo
 def audio_from_msg(msg, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedAudio:
     """mm_llm_ros_interfaces/AudioChunk -> :class:`DecodedAudio` (raises DecodeError)."""
     return decode_audio(msg.encoding, msg.channels, msg.sample_rate, msg.data, limits)
+
+
+def append_audio(buffer, msg, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+    """Decode an AudioChunk into an `AudioRingBuffer`, stamped by its header (raises DecodeError or
+    AudioBufferError; the window then stays what it was: a lost chunk is no evidence of silence)."""
+    buffer.add(audio_from_msg(msg, limits), stamp_to_ns(msg.header.stamp))
+
+
+def thermal_from_msg(msg, limits: DecodeLimits = DEFAULT_LIMITS) -> DecodedThermal:
+    """A thermal sensor_msgs/Image -> :class:`DecodedThermal`, raw values kept (raises DecodeError)."""
+    return decode_thermal_image(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data, limits)
+
+
+def imu_from_msg(msg, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """sensor_msgs/Imu -> one (6,) sample: acc xyz (m/s^2), gyro xyz (rad/s) (raises DecodeError)."""
+    return decode_imu(msg.linear_acceleration, msg.angular_velocity, msg.linear_acceleration_covariance,
+                      msg.angular_velocity_covariance)
+
+
+# The reader of each message a sensor of core/specs.py may have: keyed by the message class name, or by the
+# sensor's `reader` where one message type is read two ways (a thermal Image keeps its raw values).
+DECODERS = {'Image': image_from_msg, 'CompressedImage': compressed_image_from_msg, 'PointCloud2': pointcloud_from_msg,
+            'AudioChunk': audio_from_msg, 'ThermalImage': thermal_from_msg, 'Imu': imu_from_msg}
+
+
+def message_class(type_name: str):
+    """The message class of 'package/msg/Name' (imported now)."""
+    import importlib
+    package, _, name = type_name.split('/')
+    return getattr(importlib.import_module(f'{package}.msg'), name)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -104,6 +135,16 @@ def audio_to_msg(waveform: np.ndarray, sample_rate: int, encoding: str, stamp_ns
     return AudioChunk(header=_header(stamp_ns, frame_id), sample_rate=int(sample_rate),
                       channels=int(waveform.shape[0]), encoding=encoding,
                       data=_uint8_array(encode_audio(waveform, encoding)))
+
+
+def imu_to_msg(sample: np.ndarray, stamp_ns: int, frame_id: str):
+    """(6,) acc xyz (m/s^2) + gyro xyz (rad/s) -> sensor_msgs/Imu without orientation (covariance[0] = -1)."""
+    from geometry_msgs.msg import Vector3
+    from sensor_msgs.msg import Imu
+    acc, gyro = (Vector3(x=float(v[0]), y=float(v[1]), z=float(v[2])) for v in (sample[:3], sample[3:6]))
+    msg = Imu(header=_header(stamp_ns, frame_id), linear_acceleration=acc, angular_velocity=gyro)
+    msg.orientation_covariance[0] = -1.0  # no orientation estimate (REP 145)
+    return msg
 
 
 def _header(stamp_ns: int, frame_id: str):

@@ -1,62 +1,58 @@
-"""The shared ImageBind encoder node: camera, depth camera, microphone and lidar inputs to Embedding messages.
+"""The shared ImageBind encoder node: the sensors of `core/specs.py` (camera, depth camera, microphone, lidar) to
+Embedding messages on `mm_llm/embedding/<sensor>`.
 
-`camera_encoder`, `audio_encoder` and `lidar_encoder` are this node with one sensor; `encoder` hosts any subset
-(use_camera/use_audio/use_lidar) with ONE shared model. Callbacks only hand messages to the `EncoderWorker`
-(core/encoding_pipeline.py); decoding, preprocessing and encoding happen on its thread.
+`encoder` hosts any subset (`use_<sensor>`) with ONE shared model; `camera_encoder`, `audio_encoder` and
+`lidar_encoder` are this node with the sensors of one launch switch. Callbacks only hand messages to the
+`EncoderWorker` (core/encoding_pipeline.py); decoding, preprocessing and encoding happen on its thread.
 
 A lifecycle node (ros/lifecycle.py): configure loads the model and subscribes, activate starts the worker,
 deactivate stops it (sensor messages are then dropped and counted as `dropped_inactive`), cleanup releases the model.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, PointCloud2
 
-from mm_llm_ros.core.audio_buffer import AudioRingBuffer
 from mm_llm_ros.core.device import DeviceError, describe
 from mm_llm_ros.core.encoding_pipeline import EncoderWorker, InputRejected, Prepared, Stream
-from mm_llm_ros.core.imagebind.lidar_projection import (T_OPTICAL_FROM_LIDAR, PinholeCamera, lidar_to_depth_input,
-                                                        virtual_camera, yaw_to_forward)
+from mm_llm_ros.core.imagebind.lidar_projection import (T_OPTICAL_FROM_LIDAR, PinholeCamera, virtual_camera,
+                                                        yaw_to_forward)
 from mm_llm_ros.core.imagebind.model import (CheckpointError, ImageBindConfig, ImageBindConfigError,
                                              get_shared_encoder, release_shared_encoders)
 from mm_llm_ros.core.imagebind.official import ImageBindUnavailableError
-from mm_llm_ros.core.imagebind.preprocess import preprocess_audio, preprocess_depth, preprocess_vision
 from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits
-from mm_llm_ros.launch_plan import EMBEDDING_TOPIC, TOPICS
-from mm_llm_ros.ros.conversions import (audio_from_msg, compressed_image_from_msg, image_from_msg,
-                                        pointcloud_from_msg, stamp_to_ns)
+from mm_llm_ros.core.sensor_inputs import InputContext
+from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, SENSOR_SPECS, SensorSpec, resolve
+from mm_llm_ros.ros.conversions import DECODERS, message_class, pointcloud_from_msg, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.lifecycle import ManagedNode
 from mm_llm_ros.ros.node_main import StartupError
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, SENSOR_QOS
-from mm_llm_ros_interfaces.msg import AudioChunk, Embedding
-
-SENSORS = ('camera', 'audio', 'lidar')
+from mm_llm_ros_interfaces.msg import Embedding
 
 
 class EncoderNode(ManagedNode):
 
     executor_threads = 1  # callbacks only hand messages to the worker thread
 
-    def __init__(self, node_name: str, sensors: Optional[Sequence[str]] = None):
+    def __init__(self, node_name: str):
         super().__init__(node_name, NODE_PARAMS[node_name].values())
-        self.sensors = sensors
-        self.encoder = self.audio_buffer = None
+        self.encoder = None
         self.worker: Optional[EncoderWorker] = None
+        self.windows: list = []   # the windowed sensors' buffers (audio): emptied on deactivate
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def configure(self, p) -> None:
         self.params = p
-        sensors = self.sensors
-        if sensors is None:
-            sensors = [s for s in SENSORS if p[f'use_{s}']]
+        sensors = [spec for spec in SENSOR_SPECS if p.get(spec.enable_param)]
         if not sensors:
-            raise StartupError('no sensor enabled: set use_camera, use_audio or use_lidar')
+            raise StartupError('no sensor enabled: set ' + ' or '.join(
+                spec.enable_param for spec in SENSOR_SPECS if spec.enable_param in p))
         if p.get('point.checkpoint'):
             raise StartupError('point.checkpoint is set, but the Point-Bind point modality is not implemented in this '
                                'version (its encoder needs a CUDA-only extension); unset it to encode lidar as depth')
@@ -65,15 +61,12 @@ class EncoderNode(ManagedNode):
         self.camera_info: Optional[CameraInfo] = None
         self.embedding_pubs: dict[str, object] = {}
         self.streams: list[Stream] = []
+        self.windows = []
         inputs = MutuallyExclusiveCallbackGroup()
-        if 'camera' in sensors:
-            self._add_camera(p, inputs)
-        if 'audio' in sensors:
-            self._add_audio(p, inputs)
-        if 'lidar' in sensors:
-            self._add_lidar(p, inputs)
-        if 'camera' in sensors or (p.get('lidar.projection') == 'camera' and 'lidar' in sensors):
-            self.create_subscription(CameraInfo, TOPICS['camera_info'], self._camera_info_callback, SENSOR_QOS,
+        for spec in sensors:
+            self._add_sensor(spec, p, inputs)
+        if any(spec.uses_camera_info for spec in sensors):
+            self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self._camera_info_callback, SENSOR_QOS,
                                      callback_group=inputs)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         if p['diagnostics_period_s'] > 0:
@@ -92,12 +85,12 @@ class EncoderNode(ManagedNode):
         self.worker.stop()
         for stream in self.streams:
             stream.discard_pending()
-        if self.audio_buffer is not None:
-            self.audio_buffer.clear()  # resume with fresh audio, not a window spanning the pause
+        for window in self.windows:
+            window.clear()  # resume with fresh audio, not a window spanning the pause
 
     def cleanup(self) -> None:
-        self.encoder = self.worker = self.camera_info = self.tf_buffer = self._tf_listener = self.audio_buffer = None
-        self.streams, self.embedding_pubs = [], {}
+        self.encoder = self.worker = self.camera_info = self.tf_buffer = self._tf_listener = None
+        self.streams, self.embedding_pubs, self.windows = [], {}, []
         release_shared_encoders()
 
     def close(self) -> None:
@@ -112,41 +105,39 @@ class EncoderNode(ManagedNode):
             raise StartupError(str(exc)) from exc
         return encoder
 
-    def _publisher(self, modality: str):
-        if modality not in self.embedding_pubs:
-            self.embedding_pubs[modality] = self.create_publisher(
-                Embedding, EMBEDDING_TOPIC.format(modality=modality), EMBEDDING_QOS)
-        return self.embedding_pubs[modality]
+    def _add_sensor(self, spec: SensorSpec, p, group) -> None:
+        """Subscribe to the sensor's topic; its messages are decoded and preprocessed on the worker thread."""
+        msg_type, topic = message_class(spec.msg_type), spec.topic
+        if spec.compressed_param and p[spec.compressed_param] == 'compressed':
+            msg_type, topic = CompressedImage, topic + '/compressed'
+        decode = DECODERS[msg_type.__name__ if msg_type is CompressedImage else spec.reader or msg_type.__name__]
+        preprocess = resolve(spec.preprocess)
+        if spec.decoder == 'window':
+            self._add_window(spec, p, msg_type, topic, decode, preprocess, group)
+        elif spec.decoder == 'pointcloud':
+            self._add_lidar(spec, p, group, preprocess)
+        else:   # frames: decoded and preprocessed with nothing else than the latest focal length
+            self._add_stream(spec, msg_type, topic, lambda msg: Prepared(
+                spec.modality, preprocess(decode(msg, self.limits), self._input_context()),
+                stamp_to_ns(msg.header.stamp), msg.header.frame_id), group)
+        self.embedding_pubs[spec.name] = self.create_publisher(Embedding, spec.embedding_topic, EMBEDDING_QOS)
 
-    def _add_stream(self, name: str, msg_type, topic: str, prepare, group, offer=None) -> Stream:
-        stream = Stream(name, '', prepare, self.params['max_rate_hz'])
+    def _add_stream(self, spec: SensorSpec, msg_type, topic: str, prepare, group, offer=None) -> Stream:
+        stream = Stream(spec.name, '', prepare, self.params['max_rate_hz'])
         subscription = self.create_subscription(msg_type, topic, self._when_active(stream, offer or stream.offer),
                                                 SENSOR_QOS, callback_group=group)
         stream.source_topic = subscription.topic_name
         self.streams.append(stream)
         return stream
 
-    def _add_camera(self, p, group) -> None:
-        if p['camera.transport'] == 'compressed':
-            self._add_stream('camera', CompressedImage, TOPICS['image'] + '/compressed',
-                             lambda msg: self._prepare_image(msg, compressed_image_from_msg(msg, self.limits)), group)
-        else:
-            self._add_stream('camera', Image, TOPICS['image'],
-                             lambda msg: self._prepare_image(msg, image_from_msg(msg, self.limits)), group)
-        self._publisher('vision')
-        if p['use_depth_camera']:
-            self._add_stream('depth_camera', Image, TOPICS['depth'],
-                             lambda msg: self._prepare_image(msg, image_from_msg(msg, self.limits)), group)
-            self._publisher('depth')
+    def _add_window(self, spec: SensorSpec, p, msg_type, topic: str, decode, preprocess, group) -> None:
+        window = resolve(spec.window)(p)
+        self.windows.append(window)
+        stream = self._add_stream(spec, msg_type, topic, lambda frame_id: self._prepare_window(
+            spec, window, preprocess, frame_id), group,
+            offer=lambda msg: self._window_callback(stream, window, decode, msg))
 
-    def _add_audio(self, p, group) -> None:
-        self.audio_buffer = AudioRingBuffer(p['audio.window_s'])
-        self.audio_min_s = p['audio.min_window_s']
-        stream = self._add_stream('audio', AudioChunk, TOPICS['audio'], self._prepare_audio, group,
-                                  offer=lambda msg: self._audio_callback(stream, msg))
-        self._publisher('audio')
-
-    def _add_lidar(self, p, group) -> None:
+    def _add_lidar(self, spec: SensorSpec, p, group, preprocess) -> None:
         self.lidar_camera = None
         self.lidar_extrinsic = np.asarray(p['lidar.extrinsic'], dtype=np.float64)
         if self.lidar_extrinsic.size != 16:
@@ -164,8 +155,7 @@ class EncoderNode(ManagedNode):
                 raise StartupError('lidar.use_tf needs tf2_ros (apt: ros-<distro>-tf2-ros-py)') from exc
             self.tf_buffer = Buffer()
             self._tf_listener = TransformListener(self.tf_buffer, self)
-        self._add_stream('lidar', PointCloud2, TOPICS['points'], self._prepare_points, group)
-        self._publisher('depth')
+        self._add_stream(spec, PointCloud2, spec.topic, lambda msg: self._prepare_points(spec, preprocess, msg), group)
 
     # ---- callbacks (never block) ---------------------------------------------------------------
     def _when_active(self, stream: Stream, callback):
@@ -179,11 +169,11 @@ class EncoderNode(ManagedNode):
     def _camera_info_callback(self, msg: CameraInfo) -> None:
         self.camera_info = msg
 
-    def _audio_callback(self, stream: Stream, msg: AudioChunk) -> None:
-        # Every chunk matters for audio, so decoding (a cheap reinterpretation of bytes) happens here.
+    def _window_callback(self, stream: Stream, window, decode, msg) -> None:
+        # Every message of a window matters (audio chunks), so decoding (a cheap reinterpretation of bytes) happens
+        # here; the worker preprocesses the window.
         try:
-            audio = audio_from_msg(msg, self.limits)
-            self.audio_buffer.append(audio.waveform, audio.sample_rate, stamp_to_ns(msg.header.stamp))
+            window.add(decode(msg, self.limits), stamp_to_ns(msg.header.stamp))
         except (DecodeError, ValueError) as exc:
             reason = getattr(exc, 'reason', 'invalid')
             self.worker.reject(stream, getattr(reason, 'value', reason), str(exc))
@@ -191,28 +181,21 @@ class EncoderNode(ManagedNode):
         stream.offer(msg.header.frame_id)
 
     # ---- worker-side preparation -----------------------------------------------------------------
-    def _prepare_image(self, msg, image) -> Prepared:
-        stamp, frame = stamp_to_ns(msg.header.stamp), msg.header.frame_id
-        if image.is_depth:
-            info = self.camera_info
-            focal = float(info.k[0]) if info is not None and info.k[0] > 0 else None
-            return Prepared('depth', preprocess_depth(image.depth_m, focal), stamp, frame)
-        return Prepared('vision', preprocess_vision(image.rgb), stamp, frame)
+    def _input_context(self, projection=None) -> InputContext:
+        info = self.camera_info
+        focal = float(info.k[0]) if info is not None and info.k[0] > 0 else None
+        return InputContext(self.params, focal, projection)
 
-    def _prepare_audio(self, frame_id: str) -> Optional[Prepared]:
-        snapshot = self.audio_buffer.snapshot()
-        if snapshot is None or snapshot.waveform.shape[-1] < self.audio_min_s * snapshot.sample_rate:
+    def _prepare_window(self, spec: SensorSpec, window, preprocess, frame_id: str) -> Optional[Prepared]:
+        snapshot = window.ready_window()
+        if snapshot is None:
             return None  # keep listening until the first window is long enough
-        return Prepared('audio', preprocess_audio(snapshot.waveform, snapshot.sample_rate),
-                        snapshot.end_stamp_ns, frame_id)
+        return Prepared(spec.modality, preprocess(snapshot, self._input_context()), snapshot.end_stamp_ns, frame_id)
 
-    def _prepare_points(self, msg: PointCloud2) -> Prepared:
+    def _prepare_points(self, spec: SensorSpec, preprocess, msg: PointCloud2) -> Prepared:
         cloud = pointcloud_from_msg(msg, self.limits)
-        camera, transform = self._projection_for(msg)
-        tensor = lidar_to_depth_input(cloud.xyz, camera, transform, self.params['lidar.min_range_m'],
-                                      self.params['lidar.max_range_m'],
-                                      fill_kernel_size=2 * int(self.params['lidar.hole_fill_px']) + 1)
-        return Prepared('depth', tensor, stamp_to_ns(msg.header.stamp), msg.header.frame_id)
+        tensor = preprocess(cloud, self._input_context(self._projection_for(msg)))
+        return Prepared(spec.modality, tensor, stamp_to_ns(msg.header.stamp), msg.header.frame_id)
 
     def _projection_for(self, msg: PointCloud2):
         if self.lidar_camera is not None:  # virtual forward-looking camera
@@ -240,7 +223,7 @@ class EncoderNode(ManagedNode):
         msg.header.frame_id = item.frame_id
         msg.embedding = np.asarray(vector, dtype=np.float32).ravel().tolist()
         try:
-            self._publisher(item.modality).publish(msg)
+            self.embedding_pubs[stream.name].publish(msg)
         except Exception:
             if self.context.ok():
                 raise

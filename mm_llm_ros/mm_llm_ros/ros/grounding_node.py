@@ -24,23 +24,20 @@ from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 
 from mm_llm_ros.core.audio_buffer import AudioBufferError, AudioRingBuffer
-from mm_llm_ros.core.grounding import (AudioEventConfig, AudioEventExtractor, AudioEventsResult, GeometryConfig,
-                                       GeometryExtractor, GeometryResult, GroundingError, GroundingResult, OcrConfig,
-                                       OcrExtractor, OcrResult, config_from_params)
+from mm_llm_ros.core.grounding import (AudioEventsResult, GeometryResult, GroundingError, GroundingResult, OcrResult,
+                                       config_from_params)
 from mm_llm_ros.core.imagebind.lidar_projection import yaw_to_forward
 from mm_llm_ros.core.latest_worker import LatestWorker
 from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits, DecodeReason
-from mm_llm_ros.launch_plan import CONTEXT_TOPIC, TOPICS
-from mm_llm_ros.ros.conversions import (audio_from_msg, compressed_image_from_msg, image_from_msg, ns_to_stamp,
+from mm_llm_ros.core.specs import CONTEXT_KIND_SPECS, SENSORS, ContextKindSpec, resolve
+from mm_llm_ros.ros.conversions import (append_audio, compressed_image_from_msg, image_from_msg, ns_to_stamp,
                                         pointcloud_from_msg, stamp_to_ns)
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.node_main import StartupError, exit_now, run_node
 from mm_llm_ros.ros.parameters import declare_parameters
 from mm_llm_ros.ros.qos import LATCHED_QOS, SENSOR_QOS
 from mm_llm_ros_interfaces.msg import AudioChunk, PerceptionContext
-
-KINDS = (PerceptionContext.KIND_OCR, PerceptionContext.KIND_AUDIO_EVENTS, PerceptionContext.KIND_GEOMETRY)
 
 
 class ExtractorInput(NamedTuple):
@@ -71,16 +68,14 @@ class GroundingNode(Node):
     def __init__(self):
         super().__init__('grounding_node')
         self.params = p = declare_parameters(self, NODE_PARAMS['grounding_node'].values())
-        kinds = [kind for kind in KINDS if p[f'use_{kind}']]
+        kinds = [kind for kind in CONTEXT_KIND_SPECS if p[kind.enable_param]]
         if not kinds:
-            raise StartupError('no extractor enabled: set use_ocr, use_audio_events or use_geometry')
+            raise StartupError('no extractor enabled: set ' + ' or '.join(k.enable_param for k in CONTEXT_KIND_SPECS))
         self.limits = DecodeLimits(max_bytes=max(1, int(p['max_message_mb'] * 2**20)))
         self.channels: list[Channel] = []
         inputs = MutuallyExclusiveCallbackGroup()
-        add = {PerceptionContext.KIND_OCR: self._add_ocr, PerceptionContext.KIND_AUDIO_EVENTS: self._add_audio_events,
-               PerceptionContext.KIND_GEOMETRY: self._add_geometry}
-        for kind in kinds:
-            add[kind](p, inputs)
+        for kind in kinds:   # _add_<kind>: the extractor's input preparation
+            getattr(self, f'_add_{kind.name}')(kind, p, inputs)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         if p['diagnostics_period_s'] > 0:
             self.create_timer(p['diagnostics_period_s'], self._diagnostics_callback,
@@ -95,36 +90,35 @@ class GroundingNode(Node):
             channel.worker.stop()
 
     # ---- set-up ---------------------------------------------------------------------------------
-    def _add_ocr(self, p, group) -> None:
-        extractor = _loaded('ocr', OcrExtractor(_config(OcrConfig, p, 'ocr')))
-        if p['camera.transport'] == 'compressed':
-            msg_type, topic, decode = CompressedImage, TOPICS['image'] + '/compressed', compressed_image_from_msg
+    def _add_ocr(self, kind: ContextKindSpec, p, group) -> None:
+        sensor = SENSORS[kind.sensor]
+        if p[sensor.compressed_param] == 'compressed':
+            msg_type, topic, decode = CompressedImage, sensor.topic + '/compressed', compressed_image_from_msg
         else:
-            msg_type, topic, decode = Image, TOPICS['image'], image_from_msg
-        self._add_channel(PerceptionContext.KIND_OCR, msg_type, topic, lambda msg: self._prepare_image(msg, decode),
-                          extractor, OcrResult, p['ocr.max_rate_hz'], group)
+            msg_type, topic, decode = Image, sensor.topic, image_from_msg
+        self._add_channel(kind, p, msg_type, topic, lambda msg: self._prepare_image(msg, decode), OcrResult, group)
 
-    def _add_audio_events(self, p, group) -> None:
-        extractor = _loaded('audio', AudioEventExtractor(_config(AudioEventConfig, p, 'audio')))
-        self.audio_buffer = AudioRingBuffer(p['audio.window_s'])
-        self.audio_min_s = p['audio.min_window_s']
-        channel = self._add_channel(PerceptionContext.KIND_AUDIO_EVENTS, AudioChunk, TOPICS['audio'],
-                                    self._prepare_audio, extractor, AudioEventsResult, p['audio.max_rate_hz'], group,
-                                    callback=lambda msg: self._audio_callback(channel, msg))
+    def _add_audio_events(self, kind: ContextKindSpec, p, group) -> None:
+        self.audio_buffer = AudioRingBuffer(p['audio_events.window_s'], min_window_s=p['audio_events.min_window_s'])
+        channel = self._add_channel(kind, p, AudioChunk, SENSORS[kind.sensor].topic, self._prepare_audio,
+                                    AudioEventsResult, group, callback=lambda msg: self._audio_callback(channel, msg))
 
-    def _add_geometry(self, p, group) -> None:
-        yaw = p['geometry.forward_yaw_deg']
+    def _add_geometry(self, kind: ContextKindSpec, p, group) -> None:
+        yaw = p['lidar.forward_yaw_deg']
         self.forward_rotation = yaw_to_forward(yaw)[:3, :3].astype(np.float32) if yaw else None
-        extractor = _loaded('geometry', GeometryExtractor(_config(GeometryConfig, p, 'geometry')))
-        self._add_channel(PerceptionContext.KIND_GEOMETRY, PointCloud2, TOPICS['points'], self._prepare_points,
-                          extractor, GeometryResult, p['geometry.max_rate_hz'], group)
+        self._add_channel(kind, p, PointCloud2, SENSORS[kind.sensor].topic, self._prepare_points, GeometryResult,
+                          group)
 
-    def _add_channel(self, kind: str, msg_type, topic: str, prepare, extract, empty_result, max_rate_hz: float,
-                     group, callback=None) -> Channel:
-        channel = Channel(kind, prepare, extract, empty_result,
-                          self.create_publisher(PerceptionContext, CONTEXT_TOPIC.format(kind=kind), LATCHED_QOS),
-                          self.get_logger().get_child(kind))
-        channel.worker = LatestWorker(f'grounding-{kind}', lambda msg: self._process(channel, msg), max_rate_hz)
+    def _add_channel(self, kind: ContextKindSpec, p, msg_type, topic: str, prepare, empty_result, group,
+                     callback=None) -> Channel:
+        """The kind's extractor (its config read from `<kind>.*`, its models loaded now) on its own worker."""
+        config = _config(resolve(kind.config), kind.config_params(p), kind.name)
+        extractor = _loaded(kind.name, resolve(kind.extractor)(config))
+        channel = Channel(kind.name, prepare, extractor, empty_result,
+                          self.create_publisher(PerceptionContext, kind.topic, LATCHED_QOS),
+                          self.get_logger().get_child(kind.name))
+        channel.worker = LatestWorker(f'grounding-{kind.name}', lambda msg: self._process(channel, msg),
+                                      p[f'{kind.name}.max_rate_hz'])
         subscription = self.create_subscription(msg_type, topic, callback or channel.worker.offer, SENSOR_QOS,
                                                 callback_group=group)
         channel.source_topic = subscription.topic_name
@@ -134,8 +128,7 @@ class GroundingNode(Node):
     # ---- callbacks (never block) ---------------------------------------------------------------
     def _audio_callback(self, channel: Channel, msg: AudioChunk) -> None:
         try:
-            audio = audio_from_msg(msg, self.limits)
-            self.audio_buffer.append(audio.waveform, audio.sample_rate, stamp_to_ns(msg.header.stamp))
+            append_audio(self.audio_buffer, msg, self.limits)
         except (DecodeError, AudioBufferError) as exc:
             self._reject(channel, exc)
             return
@@ -149,8 +142,8 @@ class GroundingNode(Node):
         return ExtractorInput((image.rgb,), stamp_to_ns(msg.header.stamp))
 
     def _prepare_audio(self, msg: AudioChunk) -> Optional[ExtractorInput]:
-        snapshot = self.audio_buffer.snapshot()
-        if snapshot is None or snapshot.waveform.shape[1] < self.audio_min_s * snapshot.sample_rate:
+        snapshot = self.audio_buffer.ready_window()
+        if snapshot is None:
             return None   # keep listening until the first window is long enough
         # The result describes the buffered window, so it carries the time of its newest sample.
         return ExtractorInput((snapshot.waveform.mean(axis=0), snapshot.sample_rate), snapshot.end_stamp_ns)

@@ -30,7 +30,7 @@ from mm_llm_ros.core.embedding_store import ModalityStore
 from mm_llm_ros.core.grounding.facts import prompt_text
 from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 from mm_llm_ros.core.params import LLM_PARAMS
-from mm_llm_ros.launch_plan import CONTEXT_TOPIC, EMBEDDING_TOPIC
+from mm_llm_ros.core.specs import CONTEXT_TOPIC, EMBEDDING_TOPIC, sources_of
 from mm_llm_ros.ros.conversions import ns_to_stamp, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.lifecycle import INACTIVE, ManagedNode, autostarted, inactive_note
@@ -62,20 +62,23 @@ class LLMNode(ManagedNode):
         if not self.answerer.sensors_inform_answers:
             self.get_logger().warning('bind network untrained/zero-gated: sensor embeddings do not inform answers')
 
-        self.store = ModalityStore()
+        self.store = ModalityStore()      # embeddings, by source
+        self.contexts = ModalityStore()   # perception context, by kind
         self.engine = AskEngine(self.answerer, self.store, AskLimits(
-            known_modalities=tuple(self.config.modalities) + tuple(self.config.context_kinds),
+            known_modalities=self.config.sources + tuple(self.config.context_kinds),
+            groups={m: sources_of(m) for m in self.config.modalities},
             max_queue=self.config.max_queue,
             max_question_chars=self.config.max_question_chars, default_max_age_s=self.config.max_age_s,
             default_max_new_tokens=self.config.generation.max_new_tokens,
-            max_new_tokens_cap=self.config.max_new_tokens_cap), line_template=self.config.context_template)
+            max_new_tokens_cap=self.config.max_new_tokens_cap), line_template=self.config.context_template,
+            contexts=self.contexts)
         self.dropped_embeddings = 0
 
         sensors = MutuallyExclusiveCallbackGroup()
         requests = ReentrantCallbackGroup()
-        for modality in self.config.modalities:
-            self.create_subscription(Embedding, EMBEDDING_TOPIC.format(modality=modality),
-                                     lambda msg, m=modality: self.embedding_callback(m, msg), EMBEDDING_QOS,
+        for source in self.config.sources:
+            self.create_subscription(Embedding, EMBEDDING_TOPIC.format(source=source),
+                                     lambda msg, s=source: self.embedding_callback(s, msg), EMBEDDING_QOS,
                                      callback_group=sensors)
         for kind in self.config.context_kinds:
             self.create_subscription(PerceptionContext, CONTEXT_TOPIC.format(kind=kind),
@@ -120,7 +123,8 @@ class LLMNode(ManagedNode):
     def cleanup(self) -> None:
         if self.engine is not None:
             self.engine.stop(reason=INACTIVE)
-        self.engine = self.answerer = self.store = self._action_server = None  # entities: destroyed by the base
+        # Entities are destroyed by the base.
+        self.engine = self.answerer = self.store = self.contexts = self._action_server = None
 
     def close(self) -> None:
         if self.engine is not None:
@@ -129,7 +133,7 @@ class LLMNode(ManagedNode):
             self._action_server.destroy()
 
     # ---- inputs -----------------------------------------------------------------------------
-    def embedding_callback(self, modality: str, msg: Embedding) -> None:
+    def embedding_callback(self, source: str, msg: Embedding) -> None:
         vector = np.asarray(msg.embedding, dtype=np.float32)
         problem = None
         if vector.shape != (self.config.embedding_dim,):
@@ -138,19 +142,19 @@ class LLMNode(ManagedNode):
             problem = 'non-finite values'
         if problem:
             self.dropped_embeddings += 1
-            self.get_logger().warning(f'dropped {modality} embedding from {msg.source_topic or "?"}: {problem}',
+            self.get_logger().warning(f'dropped {source} embedding from {msg.source_topic or "?"}: {problem}',
                                       throttle_duration_sec=5.0)
             return
-        self.store.update(modality, vector, stamp_to_ns(msg.header.stamp), msg.model, msg.source_topic)
+        self.store.update(source, vector, stamp_to_ns(msg.header.stamp), msg.model, msg.source_topic)
 
     def context_callback(self, kind: str, msg: PerceptionContext) -> None:
         # Stored under the topic's kind, never the message's own `kind` field: a hostile publisher could otherwise
         # overwrite another input (an embedding with text) or grow the store with invented kinds. The text is
         # already short and structured; bound it once more. With context.format facts the model gets the result's
         # fact lines, rendered from its JSON (core/grounding/facts.py), as the grounded benchmark measures them.
-        self.store.update(kind, prompt_text(kind, msg.text, msg.json, self.config.context_format,
-                                            self.config.context_max_chars),
-                          stamp_to_ns(msg.header.stamp), source_topic=msg.source_topic)
+        self.contexts.update(kind, prompt_text(kind, msg.text, msg.json, self.config.context_format,
+                                               self.config.context_max_chars),
+                             stamp_to_ns(msg.header.stamp), source_topic=msg.source_topic)
 
     # ---- /ask and /ask_stream ------------------------------------------------------------------
     def ask_callback(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
@@ -199,8 +203,10 @@ class LLMNode(ManagedNode):
 
     # ---- scene descriptions -------------------------------------------------------------------
     def describe_callback(self) -> None:
-        generation = self.store.generation
-        if not self.active or generation == self._described_generation:
+        if not self.active:
+            return  # inactive: no model work
+        generation = self.engine.generation
+        if generation == self._described_generation:
             return  # nothing new since the last description
         request = AskRequest(self.config.description_prompt, max_new_tokens=self.config.description_max_new_tokens)
         result = self.engine.submit(request, background=True).wait()
@@ -215,7 +221,7 @@ class LLMNode(ManagedNode):
         self.description_text_pub.publish(String(data=result.answer))
 
     def diagnostics_callback(self) -> None:
-        ages = self.store.ages()
+        ages = self.store.ages() | self.contexts.ages()
         values = {'queue_length': self.engine.queue_length,
                   'time_to_first_token_p50_s': self.engine.time_to_first_token.percentile(50),
                   'tokens_per_s_p50': self.engine.tokens_per_s.percentile(50),
@@ -223,7 +229,7 @@ class LLMNode(ManagedNode):
                   'active': self.active,
                   **{f'{k}_requests': v for k, v in self.engine.counts.items()},
                   **{f'age_{m}_s': ages.get(m, float('inf'))
-                     for m in (*self.config.modalities, *self.config.context_kinds)}}
+                     for m in (*self.config.sources, *self.config.context_kinds)}}
         level = 'warn' if self.engine.queue_length >= self.config.max_queue else 'ok'
         status = make_status(f'{self.get_name()}: ImageBind-LLM', self.answerer.device_description, level,
                              f'{self.engine.queue_length} request(s) in flight' if self.active else INACTIVE, values)

@@ -6,21 +6,25 @@ from typing import Any, Iterable
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 
-from mm_llm_ros.core.params import Param
+from mm_llm_ros.core.params import Param, resolve_deprecated
 
 
 def declare_parameters(node: Node, params: Iterable[Param]) -> dict[str, Any]:
     """Declare every parameter with its descriptor and return {name: validated value}.
 
-    Raises ValueError with the parameter's name when a value is not among its allowed choices.
+    Raises ValueError with the parameter's name when a value is not among its allowed choices. A value set under a
+    deprecated name is returned under its new name, and the node logs a warning.
     """
     values = {}
+    params = list(params)
     for param in params:
         descriptor = ParameterDescriptor(description=param.description, read_only=True)
         if param.choices:
             descriptor.additional_constraints = 'one of: ' + ', '.join(repr(c) for c in param.choices)
         value = node.declare_parameter(param.name, param.default, descriptor).value
         values[param.name] = param.validate(value)
+    for warning in resolve_deprecated(params, values):
+        node.get_logger().warning(warning)
     return values
 
 

@@ -21,14 +21,14 @@ from typing import Iterator, NamedTuple, Optional, Protocol
 import rclpy.logging
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, Imu, PointCloud2
 
 from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.replay import (BagError, FrameTrack, McapBag, RecordedTopic, ReplayConfig, ReplayEvent, Scene,
                                     Scheduler, SensorFileError, StreamKind, StreamSpec, TimedItem, load_payload,
                                     open_source, recorded_timeline, scene_tracks)
-from mm_llm_ros.ros.conversions import (audio_to_msg, compressed_image_to_msg, image_to_msg, ns_to_stamp,
-                                        pointcloud_to_msg)
+from mm_llm_ros.ros.conversions import (audio_to_msg, compressed_image_to_msg, image_to_msg, imu_to_msg,
+                                        ns_to_stamp, pointcloud_to_msg)
 from mm_llm_ros.ros.node_main import StartupError, run_node
 from mm_llm_ros.ros.parameters import declare_parameters
 from mm_llm_ros.ros.qos import SENSOR_QOS
@@ -168,6 +168,14 @@ class ScenePlayer:
                 self.failed_files.add(exc.path)
                 self.node.get_logger().error(f'skipping unreadable file: {exc}')
             return
+        if stream.kind is StreamKind.IMU:  # one message per sample, stamped with its own time
+            start, stop = event.samples
+            first_ns = start_ns + round(event.stamp_s * 1e9)
+            for offset, sample in enumerate(payload.samples[start:stop]):
+                self.publishers[event.stream].publish(imu_to_msg(
+                    sample, first_ns + round(offset * 1e9 / payload.sample_rate), stream.frame_id))
+            self.published[event.stream] += stop - start
+            return
         if stream.kind is StreamKind.AUDIO:
             start, stop = event.samples
             stamp_ns = start_ns + round(event.stamp_s * 1e9)
@@ -187,6 +195,8 @@ class ScenePlayer:
             return self.node.create_publisher(AudioChunk, stream.topic, SENSOR_QOS)
         if stream.kind is StreamKind.POINTS:
             return self.node.create_publisher(PointCloud2, stream.topic, SENSOR_QOS)
+        if stream.kind is StreamKind.IMU:
+            return self.node.create_publisher(Imu, stream.topic, SENSOR_QOS)
         if stream.kind is StreamKind.IMAGE and self.config.image_transport == 'compressed':
             return self.node.create_publisher(CompressedImage, stream.topic + '/compressed', SENSOR_QOS)
         return self.node.create_publisher(Image, stream.topic, SENSOR_QOS)
@@ -195,13 +205,15 @@ class ScenePlayer:
         """The decoded clip for audio; for frame streams a :class:`_Frame` whose message is stamped when sent."""
         stream = self.scene.streams[stream_index]
         payload = load_payload(stream, file_index)
-        if stream.kind is StreamKind.AUDIO:
+        if stream.kind in (StreamKind.AUDIO, StreamKind.IMU):
             return payload
         if stream.kind is StreamKind.POINTS:
             return _Frame(pointcloud_to_msg(payload.xyz, 0, stream.frame_id, payload.intensity))
         size = payload.shape[:2]
         if stream.kind is StreamKind.DEPTH:
             return _Frame(image_to_msg(payload, '32FC1', 0, stream.frame_id), size)
+        if stream.kind is StreamKind.THERMAL:
+            return _Frame(image_to_msg(payload, 'mono16', 0, stream.frame_id), size)
         if self.config.image_transport == 'compressed':
             return _Frame(compressed_image_to_msg(payload, 'jpeg', 0, stream.frame_id), size)
         return _Frame(image_to_msg(payload, 'rgb8', 0, stream.frame_id), size)

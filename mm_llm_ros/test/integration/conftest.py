@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from mm_llm_ros.node_processes import only_loopback
+from mm_llm_ros.ros.qos import SENSOR_QOS
 from ros_harness import NodeGraph, TestNode
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -67,3 +68,16 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f'rep_{report.when}', report)
+
+
+@pytest.fixture
+def collect(test_node):
+    """test_node.collect, with the subscriptions removed after the test."""
+    made = []
+
+    def subscribe(msg_type, topic, qos=SENSOR_QOS):
+        made.append(test_node.collect(msg_type, topic, qos))
+        return made[-1]
+    yield subscribe
+    for collector in made:
+        collector.close()

@@ -15,8 +15,8 @@ STAMP_NS = 1_532_402_927_612_460_000  # the nuScenes frame's own time
 EMBEDDING_DIM = 1024
 
 
-def embeddings(test_node, modality):
-    return test_node.collect(Embedding, f'/mm_llm/embedding/{modality}', EMBEDDING_QOS)
+def embeddings(test_node, source):
+    return test_node.collect(Embedding, f'/mm_llm/embedding/{source}', EMBEDDING_QOS)
 
 
 def first_with_stamp(collector, stamp_ns):
@@ -40,7 +40,7 @@ def start(node_graph, executable, config_dir, **params):
 @pytest.mark.parametrize('transport', ['raw', 'compressed'])
 def test_camera_frames_become_vision_embeddings(node_graph, test_node, config_dir, shared_data, transport):
     start(node_graph, 'camera_encoder', config_dir, **{'camera.transport': transport})
-    out = embeddings(test_node, 'vision')
+    out = embeddings(test_node, 'camera')
     path = shared_data / sample_msgs.NUSCENES_FRONT
     if transport == 'raw':
         pub = test_node.node.create_publisher(Image, '/camera/image_raw', SENSOR_QOS)
@@ -77,7 +77,7 @@ def test_streamed_wav_becomes_audio_embeddings(node_graph, test_node, config_dir
 @pytest.mark.parametrize('scan', ['kitti', 'nuscenes'])
 def test_lidar_scans_become_depth_embeddings(node_graph, test_node, config_dir, shared_data, scan):
     start(node_graph, 'lidar_encoder', config_dir)
-    out = embeddings(test_node, 'depth')
+    out = embeddings(test_node, 'lidar')
     pub = test_node.node.create_publisher(PointCloud2, '/points', SENSOR_QOS)
     test_node.wait_for_subscribers(pub)
     msg = getattr(sample_msgs, f'{scan}_cloud_msg')(shared_data, STAMP_NS)
@@ -89,7 +89,7 @@ def test_lidar_scans_become_depth_embeddings(node_graph, test_node, config_dir, 
 def test_one_process_hosts_every_sensor_with_one_model(node_graph, test_node, config_dir, shared_data):
     process = start(node_graph, 'encoder', config_dir)
     assert process.log().count('runs with RANDOM weights') == 1  # one shared model for three sensors
-    outs = {m: embeddings(test_node, m) for m in ('vision', 'audio', 'depth')}
+    outs = {s: embeddings(test_node, s) for s in ('camera', 'audio', 'lidar')}
     image_pub = test_node.node.create_publisher(Image, '/camera/image_raw', SENSOR_QOS)
     cloud_pub = test_node.node.create_publisher(PointCloud2, '/points', SENSOR_QOS)
     audio_pub = test_node.node.create_publisher(AudioChunk, '/audio', SENSOR_QOS)
@@ -148,7 +148,7 @@ def test_malformed_messages_are_counted_and_the_node_keeps_encoding(node_graph, 
         return sum(totals.values()) if len(totals) == 3 else 0
     diagnostics.wait_for(lambda msgs: rejected_total(msgs) >= 100, timeout_s=20, what='rejection counters')
 
-    out = embeddings(test_node, 'vision')
+    out = embeddings(test_node, 'camera')
     good = sample_msgs.image_msg(sample_msgs.read_rgb(shared_data / 'images' / 'imagebind_car.jpg'), STAMP_NS)
     got = test_node.publish_until(pubs[Image], lambda: good, first_with_stamp(out, STAMP_NS), what='embedding')
     assert_embedding(got, 'vision', 'camera_optical', '/camera/image_raw')

@@ -7,7 +7,7 @@ executable now selects the profile itself when the user set none; a user's own p
 import pathlib
 
 from diagnostic_msgs.msg import DiagnosticArray
-from sensor_msgs.msg import PointCloud2
+from sensor_msgs.msg import Image, Imu, PointCloud2
 
 from mm_llm_ros.ros.node_main import PROFILE_VARIABLES, default_fastdds_profile
 from mm_llm_ros.ros.qos import SENSOR_QOS
@@ -40,7 +40,8 @@ def test_replay_reaches_an_encoder_with_no_profile_in_the_environment(node_graph
     encoder.wait_for_log('encoding ', timeout_s=60)
     assert 'fastdds_large_data.xml' not in encoder.log()
     diagnostics = test_node.collect(DiagnosticArray, '/diagnostics')
-    others = [test_node.collect(t, topic, SENSOR_QOS) for t, topic in ((PointCloud2, '/points'), (AudioChunk, '/audio'))]
+    others = [test_node.collect(t, topic, SENSOR_QOS) for t, topic in (
+        (PointCloud2, '/points'), (AudioChunk, '/audio'), (Image, '/thermal/image_raw'), (Imu, '/imu'))]
     try:
         replay = node_graph.start('sensor_replay', params={'wait_for_subscribers': 1, 'loop': True,
                                                            'duration_s': FRAMES / 5.0, 'rate_hz': 5.0}, **no_profile)

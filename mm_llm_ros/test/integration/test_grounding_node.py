@@ -107,7 +107,7 @@ def diagnostics_values(arrays, kind):
 
 def test_malformed_messages_give_empty_context_and_good_ones_still_work(node_graph, test_node, shared_data):
     process = start(node_graph, *KINDS, **{'camera.transport': 'compressed', 'ocr.max_rate_hz': 100.0,
-                                           'audio.max_rate_hz': 100.0, 'geometry.max_rate_hz': 100.0})
+                                           'audio_events.max_rate_hz': 100.0, 'geometry.max_rate_hz': 100.0})
     outs = {kind: contexts(test_node, kind) for kind in KINDS}
     diagnostics = test_node.collect(DiagnosticArray, '/diagnostics')
     pubs = {CompressedImage: test_node.node.create_publisher(CompressedImage, '/camera/image_raw/compressed',
@@ -170,11 +170,16 @@ def test_malformed_messages_give_empty_context_and_good_ones_still_work(node_gra
 
 @pytest.mark.parametrize('params, message', [
     ({}, 'no extractor enabled'),
+    ({'use_audio_events': True, 'audio_events.yamnet_model': '/nonexistent/yamnet.onnx'},
+     'audio_events: YAMNet model file not found: /nonexistent/yamnet.onnx'),
+    # The old name of a renamed parameter still works, with a warning (checked below).
     ({'use_audio_events': True, 'audio.yamnet_model': '/nonexistent/yamnet.onnx'},
-     'audio: YAMNet model file not found: /nonexistent/yamnet.onnx'),
+     'audio_events: YAMNet model file not found: /nonexistent/yamnet.onnx'),
     ({'use_ocr': True, 'ocr.min_confidence': 1.5}, 'invalid ocr.* parameter: min_confidence must be in [0, 1]'),
 ])
 def test_bad_configuration_stops_start_up_with_one_clear_message(node_graph, params, message):
     process = node_graph.start('grounding_node', params={f'use_{kind}': False for kind in KINDS} | params)
     assert process.popen.wait(timeout=START_TIMEOUT_S) == 1
     assert f'cannot start: {message}' in process.log() and 'Traceback' not in process.log()
+    if 'audio.yamnet_model' in params:
+        assert "parameter 'audio.yamnet_model' is deprecated: use 'audio_events.yamnet_model'" in process.log()

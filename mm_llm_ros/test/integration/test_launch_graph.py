@@ -23,7 +23,7 @@ def test_launch_plan_graph_answers_about_a_replayed_scene(node_graph, test_node,
     # OCR is the slowest input (seconds per frame on 2 loaded cores): wait for its first result, not for a number
     # of answers, which take milliseconds with the tiny model.
     ocr.wait_for(timeout_s=120, what='the first OCR result')
-    wanted = {'vision', 'audio', 'depth', 'ocr', 'geometry'}
+    wanted = {'camera', 'audio', 'lidar', 'ocr', 'geometry'}  # sources and context kinds
     response = None
     for _ in range(120):  # the rest of the scene arrives within seconds; each try is a real request
         response = test_node.result(client.call_async(Ask.Request(question='What text can you read?',
@@ -68,3 +68,16 @@ def test_demo_preset_reads_the_truck_sign_on_the_nuscenes_scene(node_graph, test
     assert response.success and response.modalities_used == ['ocr'], (response.error, response.note)
     assert 'POKKA' in response.answer.upper(), response.answer
     test_node.node.destroy_client(client)
+
+
+def test_one_process_per_sensor_reads_the_one_encoder_section(node_graph, config_dir):
+    """single_process:=false with demo.yaml, which has one encoder section: each process takes its settings."""
+    specs = [s for s in plan_nodes({'params_file': str(config_dir / 'demo.yaml'), 'single_process': 'false',
+                                    'use_grounding': 'false'}) if s.executable == 'encoder']
+    assert [s.name for s in specs] == ['camera_encoder', 'audio_encoder', 'lidar_encoder']
+    processes = [node_graph.start_spec(spec) for spec in specs]
+    for process, sensor in zip(processes, ('camera', 'audio', 'lidar')):
+        process.wait_for_log('encoding ', timeout_s=120)
+        log = process.log()
+        assert f'encoding {sensor} <- ' in log and 'imagebind_tiny (random weights)' in log, log[-2000:]
+        assert log.count(' <- ') == 1  # only its own sensor

@@ -154,7 +154,7 @@ def test_a_failed_configure_says_why_in_one_line_and_the_node_stays_up(node_grap
 def test_an_inactive_encoder_drops_and_counts_input_and_resumes_with_fresh_frames(node_graph, test_node, config_dir):
     process = node_graph.start('camera_encoder', params_files=[config_dir / 'tiny.yaml'], params={'autostart': False})
     life = Lifecycle(test_node, 'camera_encoder')
-    out = test_node.collect(Embedding, '/mm_llm/embedding/vision', EMBEDDING_QOS)
+    out = test_node.collect(Embedding, '/mm_llm/embedding/camera', EMBEDDING_QOS)
     diagnostics = test_node.collect(DiagnosticArray, '/diagnostics')
     pub = test_node.node.create_publisher(Image, '/camera/image_raw', SENSOR_QOS)
     rgb = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
@@ -234,7 +234,7 @@ def test_cleanup_leaves_no_reference_to_the_models(config_dir):
 
     rclpy.init(args=['--ros-args', '--params-file', str(config_dir / 'tiny.yaml'), '-p', 'autostart:=false'])
     try:
-        for node in (LLMNode(), EncoderNode('camera_encoder', sensors=('camera',))):
+        for node in (LLMNode(), EncoderNode('camera_encoder')):
             try:
                 assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
                 model = weakref.ref(node.answerer.model if isinstance(node, LLMNode) else node.encoder._model)

@@ -81,12 +81,12 @@ def test_answers_use_fresh_encoder_embeddings_with_their_stamps(node_graph, llm_
         response = ask('Describe the scene.', modalities=['vision'], max_new_tokens=12)
         if response.modalities_used:
             break
-    assert response.success and response.modalities_used == ['vision']
+    assert response.success and response.modalities_used == ['camera']
     assert [(s.sec, s.nanosec) for s in response.source_stamps] == [divmod(STAMP_NS, 10**9)]
     assert response.answer != text_only.answer  # the tiny model's open gates inject the image features
 
     missing = ask('And the sound?', modalities=['vision', 'audio'], max_new_tokens=4)
-    assert missing.success and missing.modalities_used == ['vision'] and 'audio' in missing.note
+    assert missing.success and missing.modalities_used == ['camera'] and 'audio' in missing.note
 
 
 def test_stream_feedback_and_cancel(llm_node, test_node):
@@ -143,7 +143,7 @@ def test_late_subscriber_gets_the_latest_description(node_graph, llm_node, test_
     test_node.publish_until(pub, lambda: frame, lambda: early.messages, period_s=0.2, timeout_s=40,
                             what='a scene description')
     described = early.messages[0]
-    assert described.description and described.modalities == ['vision']
+    assert described.description and described.modalities == ['camera']
     assert [(s.sec, s.nanosec) for s in described.source_stamps] == [divmod(STAMP_NS, 10**9)]
 
     late = test_node.collect(SceneDescription, '/scene_description', LATCHED_QOS)
@@ -190,3 +190,30 @@ def test_ask_client_times_out_without_a_server():
     done = subprocess.run([str(executable_path('ask')), 'anyone?', '--service', 'nobody_here', '--timeout', '2'],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and 'not available' in done.stderr
+
+
+def test_a_depth_camera_and_a_lidar_both_reach_the_answer(node_graph, llm_node, ask, test_node, config_dir,
+                                                          shared_data):
+    """Two sources of one modality (depth) in one graph: each has its own topic and both are fused."""
+    import numpy as np
+    from sensor_msgs.msg import PointCloud2
+    from mm_llm_ros.ros.conversions import image_to_msg
+    llm_node()
+    encoder = node_graph.start('encoder', params_files=[config_dir / 'tiny.yaml'],
+                               params={'use_camera': False, 'use_audio': False, 'use_depth_camera': True})
+    encoder.wait_for_log('encoding ', timeout_s=60)
+    depth_pub = test_node.node.create_publisher(Image, '/camera/depth/image_raw', SENSOR_QOS)
+    cloud_pub = test_node.node.create_publisher(PointCloud2, '/points', SENSOR_QOS)
+    for pub in (depth_pub, cloud_pub):
+        test_node.wait_for_subscribers(pub)
+    depth = image_to_msg(np.random.default_rng(0).integers(500, 5000, (240, 320), np.uint16), '16UC1', STAMP_NS,
+                         'depth_optical')
+    cloud = sample_msgs.kitti_cloud_msg(shared_data, STAMP_NS)
+    response = None
+    for _ in range(100):
+        depth_pub.publish(depth)
+        cloud_pub.publish(cloud)
+        response = ask('How far is the wall?', modalities=['depth'], max_new_tokens=4)
+        if len(response.modalities_used) == 2:
+            break
+    assert response.success and sorted(response.modalities_used) == ['depth_camera', 'lidar'], response.note

@@ -61,9 +61,9 @@ def test_a_normal_run_of_the_demo_graph_logs_no_warnings_bars_or_tracebacks(node
         for _ in range(60):  # until an embedding has arrived (the encoder ran its model); each try is a request
             response = test_node.result(ask.call_async(Ask.Request(question='What do you see?', max_new_tokens=4,
                                                                    max_age_s=30.0)), 60)
-            if 'vision' in response.modalities_used:
+            if 'camera' in response.modalities_used:
                 break
-        assert response.success and 'vision' in response.modalities_used, (response.error, response.note)
+        assert response.success and 'camera' in response.modalities_used, (response.error, response.note)
         goal = test_node.result(stream.send_goal_async(AskStream.Goal(question='Describe the scene.',
                                                                       max_new_tokens=8)))
         assert goal.accepted

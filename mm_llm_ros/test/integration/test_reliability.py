@@ -359,7 +359,7 @@ def test_hostile_ask_stream_goals_end_in_a_reason_or_a_bounded_answer(test_node,
 
 def test_hostile_embeddings_and_context_are_dropped_and_counted(test_node, llm, ask_client, diagnostics, record):
     pubs = {kind: test_node.node.create_publisher(Embedding, f'/mm_llm/embedding/{kind}', EMBEDDING_QOS)
-            for kind in ('vision', 'audio')}
+            for kind in ('camera', 'audio')}
     contexts = test_node.node.create_publisher(PerceptionContext, '/mm_llm/context/ocr', LATCHED_QOS)
     for pub in (*pubs.values(), contexts):
         test_node.wait_for_subscribers(pub)
@@ -384,14 +384,14 @@ def test_hostile_embeddings_and_context_are_dropped_and_counted(test_node, llm, 
     for _ in range(3):  # 16 MB each: what a hostile publisher's single message can weigh
         huge = Embedding(modality='vision')
         huge.embedding = array.array('f', bytes(16_000_000))
-        pubs['vision'].publish(huge)
+        pubs['camera'].publish(huge)
         sent['invalid'] += 1
     one_context()
     # A good embedding after the storm is used, with its own stamp: the inputs still work.
     good = Embedding(modality='vision', model='test')
     good.embedding = np.linspace(-1, 1, EMBEDDING_DIM, dtype=np.float32).tolist()
     good.header.stamp.sec = 1_700_000_000
-    pubs['vision'].publish(good)
+    pubs['camera'].publish(good)
     wait_until(lambda: [stamp_to_ns(s) for s in ask(test_node, ask_client, question='What do you see?',
                                                     modalities=['vision']).source_stamps] == [1_700_000_000 * 10**9],
                what='the good embedding in an answer')
@@ -574,7 +574,7 @@ def test_a_killed_encoder_is_noticed_and_its_respawn_restores_the_modality(graph
 
     def start_encoder() -> NodeProcess:
         process = graph.start('camera_encoder', params_files=[config_dir / 'tiny.yaml'],
-                              remap={'__ns': namespace, 'mm_llm/embedding/vision': '/mm_llm/embedding/vision'})
+                              remap={'__ns': namespace, 'mm_llm/embedding/camera': '/mm_llm/embedding/camera'})
         process.wait_for_log('encoding ', timeout_s=START_TIMEOUT_S)
         return process
 
@@ -587,17 +587,17 @@ def test_a_killed_encoder_is_noticed_and_its_respawn_restores_the_modality(graph
     camera.start()
     try:
         encoder = start_encoder()
-        wait_until(lambda: vision_answer().modalities_used == ['vision'], 30, 'vision in an answer')
+        wait_until(lambda: vision_answer().modalities_used == ['camera'], 30, 'vision in an answer')
         llm_pid = llm.pid
         encoder.signal(signal.SIGKILL)
         killed_at = time.monotonic()
         encoder.popen.wait(10)
-        aged = diagnostics.wait_for(LLM_STATUS, lambda v: float(v['age_vision_s']) > 1.0)
+        aged = diagnostics.wait_for(LLM_STATUS, lambda v: float(v['age_camera_s']) > 1.0)
         stale = vision_answer()
         noticed_s = time.monotonic() - killed_at
         assert stale.modalities_used == [] and 'no vision data fresher than 1 s' in stale.note, stale.note
         respawned = start_encoder()
-        wait_until(lambda: vision_answer().modalities_used == ['vision'], 30, 'vision back in an answer')
+        wait_until(lambda: vision_answer().modalities_used == ['camera'], 30, 'vision back in an answer')
         back_s = time.monotonic() - killed_at
         assert llm.pid == llm_pid and llm.alive() and respawned.alive()
     finally:
@@ -605,7 +605,7 @@ def test_a_killed_encoder_is_noticed_and_its_respawn_restores_the_modality(graph
         camera.join()
     record(area='Faults', tried='camera encoder SIGKILLed mid-stream (10 Hz frames), then started again as launch '
            'respawn would', count=1,
-           outcome=f'llm_node reported age_vision_s {float(aged["age_vision_s"]):.1f} s and answered without vision '
+           outcome=f'llm_node reported age_camera_s {float(aged["age_camera_s"]):.1f} s and answered without vision '
            f'saying "{stale.note}" ({noticed_s:.1f} s after the kill); vision was back {back_s:.1f} s after the kill '
            'with nothing else restarted')
 
@@ -699,7 +699,7 @@ def sensor_graph(graph, config_dir, test_node, diagnostics) -> SensorGraph:
         'max_rate_hz': 1000.0, 'use_depth_camera': True, 'lidar.projection': 'camera',
         'max_message_mb': MAX_MESSAGE_MB})
     grounding = graph.start('grounding_node', params_files=tiny, params={
-        'camera.transport': 'compressed', 'ocr.max_rate_hz': 100.0, 'audio.max_rate_hz': 100.0,
+        'camera.transport': 'compressed', 'ocr.max_rate_hz': 100.0, 'audio_events.max_rate_hz': 100.0,
         'geometry.max_rate_hz': 100.0, 'max_message_mb': MAX_MESSAGE_MB})
     encoder.wait_for_log('encoding ', timeout_s=START_TIMEOUT_S)
     grounding.wait_for_log('extracting ', timeout_s=START_TIMEOUT_S)
@@ -755,7 +755,7 @@ def feed_until_processed(test_node, pubs: dict, stamp_ns: int) -> None:
     """Publish well-formed input of every sensor until the encoder's vision embedding and grounding_node's OCR and
     geometry context of that stamp come out (the first ones also warm the models and their memory arenas up)."""
     good = synthetic_sensor_msgs(stamp_ns)
-    outputs = [test_node.collect(Embedding, '/mm_llm/embedding/vision', EMBEDDING_QOS),
+    outputs = [test_node.collect(Embedding, '/mm_llm/embedding/camera', EMBEDDING_QOS),
                test_node.collect(PerceptionContext, '/mm_llm/context/ocr', LATCHED_QOS),
                test_node.collect(PerceptionContext, '/mm_llm/context/geometry', LATCHED_QOS)]
 
@@ -867,7 +867,8 @@ def test_sensors_at_five_times_their_rate_shed_load_with_bounded_memory(test_nod
     achieved = {key: sent[key] / duration_s for key in rates}
     changes = {name: delta(after[name], before[name]) for name in ENCODER_STREAMS}
     assert all(r.success for r, _ in answers)
-    assert any({'vision', 'depth', 'audio'} <= set(r.modalities_used) for r, _ in answers)
+    # The depth camera and the lidar are two sources of one modality: both reach the answer.
+    assert any({'camera', 'depth_camera', 'lidar', 'audio'} <= set(r.modalities_used) for r, _ in answers)
     for name in ('encoder: camera', 'encoder: depth_camera', 'encoder: lidar'):
         assert changes[name]['dropped'] > 0, changes  # the newest-only slot shed the excess
     drift = {name: sampler.drift_mb(name) for name in processes}

@@ -5,30 +5,16 @@ import time
 import numpy as np
 import pytest
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, Imu, PointCloud2
 from std_msgs.msg import String
 
 from mm_llm_ros.core.replay import synthetic
 from mm_llm_ros.core.replay.sensor_files import read_points
 from mm_llm_ros.ros.conversions import (audio_from_msg, compressed_image_from_msg, image_from_msg,
                                         pointcloud_from_msg, stamp_to_ns)
-from mm_llm_ros.ros.qos import SENSOR_QOS
 from mm_llm_ros_interfaces.msg import AudioChunk
 
 EXIT_TIMEOUT_S = 20.0
-
-
-@pytest.fixture
-def collect(test_node):
-    """test_node.collect, with the subscriptions removed after the test."""
-    made = []
-
-    def subscribe(msg_type, topic, qos=SENSOR_QOS):
-        made.append(test_node.collect(msg_type, topic, qos))
-        return made[-1]
-    yield subscribe
-    for collector in made:
-        collector.close()
 
 
 def start_replay(node_graph, **params):
@@ -97,7 +83,8 @@ def read_points_from_seed():
 
 def test_compressed_transport(node_graph, collect):
     images = collect(CompressedImage, '/camera/image_raw/compressed')
-    for msg_type, topic in ((PointCloud2, '/points'), (AudioChunk, '/audio')):
+    for msg_type, topic in ((PointCloud2, '/points'), (AudioChunk, '/audio'), (Image, '/thermal/image_raw'),
+                            (Imu, '/imu')):
         collect(msg_type, topic)  # wait_for_subscribers counts every replayed topic
     process = start_replay(node_graph, duration_s=1.5, image_transport='compressed')
     assert wait_for_exit(process) == 0, process.log()

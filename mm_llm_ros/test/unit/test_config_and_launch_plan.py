@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from mm_llm_ros.core.params import NODE_PARAMS
+from mm_llm_ros.core.params import NODE_PARAMS, SHARED_PARAMS
 from mm_llm_ros.launch_plan import (LAUNCH_ARGUMENTS, SHIPPED_CONFIGS, NodeFailed, failure_reason, params_file_for,
                                    plan_nodes)
 
@@ -31,6 +31,9 @@ def test_the_three_presets_exist():
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
 def test_every_yaml_parameter_is_declared_by_its_node(path):
     for node, params in node_sections(path):
+        if node == '/**':   # the shared section: parameters several nodes declare
+            assert set(params) <= {p.name for p in SHARED_PARAMS}, f'{path.name}: {sorted(params)}'
+            continue
         assert node in NODE_PARAMS, f'{path.name}: unknown node {node}'
         undeclared = set(params) - set(NODE_PARAMS[node])
         assert not undeclared, f'{path.name}: {node} does not declare {sorted(undeclared)}'
@@ -85,20 +88,36 @@ def test_plan_resolves_for_every_sensor_combination(single, camera, audio, lidar
             overrides = nodes[0].parameters[-1]
             assert {k: overrides[k] for k in ('use_camera', 'use_audio', 'use_lidar')} == {
                 f'use_{s}': s in sensors for s in ('camera', 'audio', 'lidar')}
-    else:
-        assert names[:-1] == [f'{s}_encoder' for s in sensors]
+    else:   # one encoder process per sensor, each named after it, with the other sensors switched off
+        assert names[:-1] == ['encoder'] * len(sensors)
+        assert [n.name for n in nodes[:-1]] == [f'{s}_encoder' for s in sensors]
+        for node, sensor in zip(nodes, sensors):
+            flags = {k: v for k, v in node.parameters[-1].items() if k.startswith('use_')}
+            # its own switch turns its sensor on (a depth camera stays as the file says), the others all off
+            expected = {f'use_{s}': s == sensor for s in ('camera', 'audio', 'lidar')}
+            if sensor != 'camera':
+                expected['use_depth_camera'] = False
+            assert {k: flags[k] for k in expected} == expected and not any(  # other sensors of core/specs.py: off
+                v for k, v in flags.items() if k not in expected), flags
     for node in nodes:
-        for params in node.parameters[1:]:
-            assert set(params) <= set(NODE_PARAMS[node.executable]), node.executable
+        for params in node.parameters:
+            if isinstance(params, dict):
+                assert set(params) <= set(NODE_PARAMS[node.executable]), node.executable
 
 
 @pytest.mark.parametrize('single', ['true', 'false'])
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
 def test_every_config_has_a_section_for_every_node_of_both_launch_modes(path, single):
-    """single_process:=false with demo.yaml started encoders with no section (no checkpoint: FATAL)."""
+    """single_process:=false with demo.yaml started encoders with no section (no checkpoint: FATAL). Every encoder
+    process is configured by the one `encoder` section, in both launch modes."""
     sections = dict(node_sections(path))
     for node in plan_nodes({'params_file': str(path), 'single_process': single}):
-        assert node.name in sections, f'{path.name} has no /**/{node.name} section (single_process:={single})'
+        if node.executable == 'encoder':
+            assert 'encoder' in sections, path.name
+            if node.name != 'encoder':
+                assert node.parameters[0] == sections['encoder']
+        else:
+            assert node.name in sections, f'{path.name} has no /**/{node.name} section (single_process:={single})'
 
 
 def test_config_argument_selects_a_shipped_file_and_params_file_wins():
@@ -116,10 +135,12 @@ def test_plan_applies_paths_device_and_remappings():
     nodes = plan_nodes(resolved(single_process='false', image_topic='/usb_cam/image_raw', points_topic='/velodyne_points',
                                 device='cuda:1', imagebind_checkpoint='/m/imagebind_huge.pth', llama_dir='/m/llama',
                                 adapter_checkpoint='/m/7B.pth', respawn='true', log_level='debug'))
-    by_name = {n.executable: n for n in nodes}
+    by_name = {n.name: n for n in nodes}
     assert ('camera/image_raw', '/usb_cam/image_raw') in by_name['camera_encoder'].remappings
     assert ('points', '/velodyne_points') in by_name['lidar_encoder'].remappings
-    assert by_name['camera_encoder'].parameters[-1] == {'device': 'cuda:1', 'model.checkpoint': '/m/imagebind_huge.pth'}
+    assert by_name['camera_encoder'].parameters[-1].items() >= {
+        'device': 'cuda:1', 'model.checkpoint': '/m/imagebind_huge.pth', 'use_camera': True, 'use_audio': False,
+        'use_lidar': False}.items()
     assert by_name['llm_node'].parameters[-1] == {'device': 'cuda:1', 'llm.backbone_path': '/m/llama',
                                                   'llm.adapter_checkpoint': '/m/7B.pth'}
     assert all(n.respawn and n.log_level == 'debug' for n in nodes)
@@ -211,6 +232,19 @@ def test_launch_file_runs_with_launch_ros_when_available():
     for entity in description.entities:
         entity.visit(context)
     assert context.launch_configurations['single_process'] == 'true'
+
+
+def test_a_renamed_parameter_still_works_under_its_old_name_with_a_warning(caplog):
+    from mm_llm_ros.core.params import node_params
+    sections = {'**': {'lidar.min_range_m': 2.5},
+                'grounding_node': {'geometry.max_range_m': 50.0, 'audio.window_s': 3.0, 'audio.top_k': 3}}
+    with caplog.at_level('WARNING'):
+        values = node_params(sections, 'grounding_node')
+    assert values['lidar.max_range_m'] == 50.0 and values['audio_events.window_s'] == 3.0
+    assert values['lidar.min_range_m'] == 2.5  # the shared section
+    assert 'geometry.max_range_m' not in values and 'audio.window_s' not in values
+    assert "'geometry.max_range_m' is deprecated: use 'lidar.max_range_m'" in caplog.text
+    assert 'audio.top_k' not in caplog.text  # set to its default: nothing to move
 
 
 def test_a_failing_node_makes_the_launch_raise_when_launch_is_available():

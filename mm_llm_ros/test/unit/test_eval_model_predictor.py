@@ -128,7 +128,7 @@ def test_ocr_context_reaches_the_llm_as_the_node_formats_it(smoke_items, monkeyp
     question, embeddings, max_new_tokens, context = calls[0]
     assert context == "Text read by the camera: 'STOP' (0.98, center)"
     assert question == instruction(smoke_items[0]) and max_new_tokens == model_predictor.MAX_NEW_TOKENS_MULTIPLE_CHOICE
-    assert [e.modality for e in embeddings] == ['vision'] and embeddings[0].value.shape == (1024,)
+    assert [e.modality for e in embeddings] == ['camera'] and embeddings[0].value.shape == (1024,)
     assert np.isfinite(embeddings[0].value).all()
 
 

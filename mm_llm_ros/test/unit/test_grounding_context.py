@@ -1,4 +1,4 @@
-"""Text budgets and the merged prompt context (no models needed)."""
+"""Text budgets of the extractor results and the prompt's context block (no models needed)."""
 import json
 import threading
 from dataclasses import dataclass
@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mm_llm_ros.core.grounding import (AudioEvent, AudioEventsResult, Cluster, ContextBuilder, ContextConfig,
-                                       GeometryResult, GroundingConfigError, OcrResult, TextItem, results_to_dict)
+from mm_llm_ros.core.answering import AskEngine, AskLimits, context_block, context_line
+from mm_llm_ros.core.embedding_store import ModalityStore
+from mm_llm_ros.core.grounding import AudioEvent, AudioEventsResult, Cluster, GeometryResult, OcrResult, TextItem
+from mm_llm_ros.core.llm.prompt import bound_context
 from mm_llm_ros.core.grounding.base import GroundingModelError, Lazy, join_within, package_file, truncate
 
 BOX = ((10.0, 10.0), (50.0, 10.0), (50.0, 30.0), (10.0, 30.0))
@@ -81,72 +83,60 @@ def test_empty_results_say_so():
 
 
 def test_results_are_json_serialisable():
-    merged = results_to_dict([ocr_result(), None, audio_result(), geometry_result()])
-    decoded = json.loads(json.dumps(merged))
-    assert set(decoded) == {'ocr', 'audio', 'geometry'}
+    # grounding_node publishes each result as PerceptionContext.json
+    decoded = {r.section: json.loads(json.dumps(r.to_dict())) for r in (ocr_result(), audio_result(), geometry_result())}
     assert decoded['ocr']['items'][0]['text'] == 'POKKA LOGISTICS'
-    assert decoded['audio']['events'][0] == {'label': 'Dog', 'score': 0.81}
+    assert decoded['audio_events']['events'][0] == {'label': 'Dog', 'score': 0.81}
     assert decoded['geometry']['nearest_m']['right'] is None
 
 
-def test_context_orders_sections_and_skips_missing_ones():
-    text = ContextBuilder()([geometry_result(), None, ocr_result(), audio_result()])
-    lines = text.split('\n')
-    assert [line.split(']')[0] for line in lines] == ['[ocr', '[audio', '[geometry']
-    assert lines[0] == "[ocr] 'POKKA LOGISTICS' (0.97, top-center); 'EXIT' (0.88, right)"
-    assert ContextBuilder()([]) == ''
+# ---- the prompt's context block: llm_node's one formatter (core/answering.py), bounded by the prompt builder ----
+def published():
+    """(kind, PerceptionContext.text) as grounding_node publishes them, in context.kinds order."""
+    return [('ocr', ocr_result().to_text()), ('audio_events', audio_result().to_text()),
+            ('geometry', geometry_result().to_text())]
 
 
-def test_context_template_header_and_unknown_sections_are_configurable():
-    config = ContextConfig(line_template='{section}: {text}', header='Sensors:', sections=('audio', 'ocr'))
-    text = ContextBuilder(config)([Fake('odd one'), ocr_result(), audio_result()])
-    assert text.split('\n') == ['Sensors:', 'audio: dog 0.81; bark 0.70 | speech: no | level -21 dBFS',
-                                "ocr: 'POKKA LOGISTICS' (0.97, top-center); 'EXIT' (0.88, right)", 'fake: odd one']
+def test_context_block_labels_each_kind_in_order_and_is_none_when_empty():
+    lines = context_block('{label}: {text}', published()).split('\n')
+    assert lines == ["Text read by the camera: 'POKKA LOGISTICS' (0.97, top-center); 'EXIT' (0.88, right)",
+                     'Sounds heard: dog 0.81; bark 0.70 | speech: no | level -21 dBFS',
+                     'Lidar obstacles: nearest front 6.2 m, left 2.2 m, right -, back -; 1 objects: 6.6 m ahead '
+                     '(4.1x1.8x1.5 m)']
+    assert context_block('{label}: {text}', []) is None
+
+
+def test_context_template_may_name_the_kind():
+    assert context_block('[{kind}] {text}', published()[:1]) == "[ocr] 'POKKA LOGISTICS' (0.97, top-center); " \
+                                                                 "'EXIT' (0.88, right)"
+    assert context_line('{label}: {text}', 'sonar', 'x') == 'sonar: x'  # an unknown kind is labelled by its name
 
 
 @pytest.mark.parametrize('max_chars', [40, 80, 120, 200, 600])
-def test_context_stays_within_max_chars_and_marks_cuts(max_chars):
-    results = [ocr_result(), audio_result(), geometry_result(), Fake('x' * 500)]
-    text = ContextBuilder(ContextConfig(max_chars=max_chars, section_max_chars=min(240, max_chars)))(results)
-    assert 0 < len(text) <= max_chars
-    assert text.endswith('…') or '(+' in text
+def test_context_stays_within_max_chars(max_chars):
+    texts = published() + [('geometry', 'x' * 500)]
+    assert 0 < len(bound_context(context_block('{label}: {text}', texts), max_chars)) <= max_chars
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.text(max_size=300), max_size=5), st.integers(12, 400), st.integers(12, 300), st.text(max_size=30))
-def test_context_never_exceeds_max_chars(bodies, max_chars, section_max_chars, header):
-    config = ContextConfig(max_chars=max_chars, section_max_chars=section_max_chars, header=header)
-    assert len(ContextBuilder(config)([Fake(body) for body in bodies])) <= max_chars
+@given(st.lists(st.tuples(st.sampled_from(['ocr', 'audio_events', 'geometry']), st.text(max_size=300)), max_size=5),
+       st.integers(0, 400))
+def test_context_never_exceeds_max_chars(texts, max_chars):
+    assert len(bound_context(context_block('{label}: {text}', texts), max_chars) or '') <= max_chars
 
 
-def test_section_bound_shortens_items_before_cutting():
+def test_a_result_line_shortens_items_before_cutting():
     many = OcrResult([TextItem(f'SIGN {i}', 0.9, BOX, 'center') for i in range(20)], (640, 480))
-    line = ContextBuilder(ContextConfig(section_max_chars=80))([many])
+    line = many.to_text(80)   # text_max_chars bounds the published line
     assert len(line) <= 80
     assert line.endswith('more)')
     assert "'SIGN 0' (0.90, center)" in line
 
 
-def test_token_bound_uses_the_given_counter():
-    count_words = lambda text: len(text.split())  # noqa: E731
-    builder = ContextBuilder(ContextConfig(max_tokens=12), count_tokens=count_words)
-    text = builder([ocr_result(), audio_result(), geometry_result()])
-    assert count_words(text) <= 12
-    assert text.endswith('…')
-    assert text.startswith("[ocr] 'POKKA")
-
-
-@pytest.mark.parametrize('kwargs', [{'max_chars': 5}, {'section_max_chars': 0}, {'max_tokens': -1},
-                                    {'line_template': '[{section}]'}, {'line_template': '{name}: {text}'},
-                                    {'line_template': '{text'}])
-def test_bad_context_config_is_rejected(kwargs):
-    with pytest.raises(GroundingConfigError):
-        ContextConfig(**kwargs)
-
-
-def test_token_bound_needs_a_counter():
-    with pytest.raises(GroundingConfigError, match='count_tokens'):
-        ContextBuilder(ContextConfig(max_tokens=10))
+@pytest.mark.parametrize('template', ['{name}: {text}', '{text', '{0}'])
+def test_bad_context_template_is_rejected_at_start(template):
+    with pytest.raises(ValueError, match='context line template'):
+        AskEngine(answerer=None, store=ModalityStore(), limits=AskLimits(()), line_template=template)
 
 
 def test_lazy_builds_once_across_threads():

@@ -320,8 +320,9 @@ def test_synthetic_scene_is_deterministic(synthetic_scene, tmp_path):
 
 
 def test_synthetic_scene_streams(synthetic_scene):
-    image, points, audio = synthetic_scene.streams
+    image, points, audio, thermal, imu = synthetic_scene.streams
     assert (image.topic, points.topic, audio.topic) == ('camera/image_raw', 'points', 'audio')
+    assert (thermal.topic, imu.topic) == ('thermal/image_raw', 'imu')
     assert image.camera_info == synthetic.INTRINSICS
     assert load_payload(image, 0).shape == (720, 1280, 3)
     clip = load_payload(audio, 0)
@@ -424,9 +425,9 @@ def test_streams_merge_in_time_order():
 
 
 def test_scene_tracks_use_file_rates_and_wav_lengths(synthetic_scene):
-    image, points, audio = scene_tracks(synthetic_scene, rate_hz=5.0)
-    assert image == FrameTrack(1, 5.0) and points == FrameTrack(1, 5.0)
-    assert audio == AudioTrack(((64000, 16000),))
+    image, points, audio, thermal, imu = scene_tracks(synthetic_scene, rate_hz=5.0)
+    assert image == FrameTrack(1, 5.0) and points == FrameTrack(1, 5.0) and thermal == FrameTrack(1, 5.0)
+    assert audio == AudioTrack(((64000, 16000),)) and imu == AudioTrack(((1600, 200),))  # 8 s at 200 Hz
 
 
 @pytest.mark.parametrize('make', [lambda: TimelineConfig(duration_s=-1), lambda: TimelineConfig(audio_chunk_s=0),

@@ -779,3 +779,13 @@ def test_ring_buffer_appends_are_atomic_across_threads():
         thread.join()
     assert not errors and buffer.resets == 0
     assert buffer.snapshot().waveform.shape == (1, 1000)
+
+
+def test_audio_window_is_ready_once_it_holds_the_minimum():
+    """The one audio-window helper of the encoder and grounding nodes: nothing until min_window_s is buffered."""
+    buffer = AudioRingBuffer(2.0, min_window_s=1.0)
+    assert buffer.ready_window() is None
+    buffer.append(np.zeros((1, 8000), np.float32), 16000, 0)
+    assert buffer.ready_window() is None and buffer.snapshot() is not None
+    buffer.append(np.zeros((1, 8000), np.float32), 16000, 500_000_000)
+    assert buffer.ready_window().waveform.shape == (1, 16000)

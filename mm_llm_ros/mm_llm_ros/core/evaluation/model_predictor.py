@@ -27,14 +27,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, context_line, validate_question
+from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, context_block, validate_question
 from mm_llm_ros.core.embedding_store import ModalityStore, StoredInput
 from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor, config_from_params
 from mm_llm_ros.core.grounding.facts import prompt_text
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder
-from mm_llm_ros.core.imagebind.preprocess import preprocess_vision
 from mm_llm_ros.core.llm.pipeline import NO_LLM_CONFIGURED, LLMAnswerer, LLMConfig, build_answerer
 from mm_llm_ros.core.params import node_params, read_params_file
+from mm_llm_ros.core.sensor_decoding import DecodedImage
+from mm_llm_ros.core.sensor_inputs import InputContext
+from mm_llm_ros.core.specs import CONTEXT_KIND_SPECS, resolve, sensor_for_replay_kind, sources_of
 
 from .datasets import EvalItem
 from .runner import PredictionError
@@ -46,10 +48,12 @@ MAX_NEW_TOKENS_MULTIPLE_CHOICE = 10
 # Answer-format lines of LLaVA-1.5's evaluation prompts, which VLMEvalKit also uses for MMBench.
 MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 SHORT_ANSWER_SUFFIX = 'Answer the question using a single word or phrase.'
-# Benchmarks hold images only, so only the image-based grounding context can be computed for them.
-IMAGE_CONTEXT_KINDS = ('ocr',)
-# Where the encoder parameters are read from: the shared encoder node, else the camera-only one.
-ENCODER_NODES = ('encoder', 'camera_encoder')
+# Benchmark images stand for this sensor's frames (core/specs.py: the sensor sensor_replay publishes images on).
+IMAGE_SENSOR = sensor_for_replay_kind('image')
+# Benchmarks hold images only, so only the grounding context read from that sensor can be computed for them.
+IMAGE_CONTEXT_KINDS = tuple(k.name for k in CONTEXT_KIND_SPECS if k.sensor == IMAGE_SENSOR.name)
+# Where the encoder parameters are read from: the shared encoder node, else the one of the image sensor.
+ENCODER_NODES = ('encoder', f'{IMAGE_SENSOR.launch_switch}_encoder')
 
 T = TypeVar('T')
 
@@ -100,8 +104,9 @@ class ModelPredictorConfig:
         if ignored:
             raise ModelConfigError(f"llm_node context.kinds lack {', '.join(ignored)}: the node would not use "
                                    'that context')
-        if 'vision' not in self.llm.modalities:
-            raise ModelConfigError("llm_node modalities lack 'vision': the model would never see the images")
+        if IMAGE_SENSOR.modality not in self.llm.modalities:
+            raise ModelConfigError(f"llm_node modalities lack '{IMAGE_SENSOR.modality}': the model would never see "
+                                   'the images')
         out_dim = self.imagebind.model_kwargs()['out_embed_dim']
         if out_dim != self.llm.embedding_dim:
             raise ModelConfigError(f'ImageBind embeds into {out_dim} dimensions but llm_node embedding_dim is '
@@ -126,7 +131,7 @@ class ModelPredictorConfig:
         llm = LLMConfig.from_params(node_params(sections, 'llm_node'))
         grounding = node_params(sections, 'grounding_node')
         _check_weights(imagebind, llm)
-        ocr = config_from_params(OcrConfig, grounding, 'ocr')
+        ocr = config_from_params(OcrConfig, grounding, IMAGE_CONTEXT_KINDS[0])
         return cls(imagebind=imagebind, llm=replace(llm, generation=replace(llm.generation, temperature=0.0)),
                    context=tuple(context), ocr=ocr, context_text_max_chars=grounding['text_max_chars'])
 
@@ -216,16 +221,17 @@ class ModelPredictor:
         node's template) and answers with the node's answer budget. Only the kinds in `context.kinds` are used,
         as the node subscribes to no others; no sensor embeddings are given (a scene has context only)."""
         llm = self.config.llm
-        store = ModalityStore()
+        contexts = ModalityStore()   # llm_node's perception-context store, by kind
         for kind, text, json_text in item.metadata['context']:
             if kind in llm.context_kinds:
-                store.update(kind, prompt_text(kind, text, json_text, llm.context_format, llm.context_max_chars),
-                             stamp_ns=0)
-        engine = AskEngine(self._answerer(), store, AskLimits(
-            known_modalities=tuple(llm.modalities) + tuple(llm.context_kinds), max_queue=1,
+                contexts.update(kind, prompt_text(kind, text, json_text, llm.context_format, llm.context_max_chars),
+                                stamp_ns=0)
+        engine = AskEngine(self._answerer(), ModalityStore(), AskLimits(
+            known_modalities=llm.sources + tuple(llm.context_kinds),
+            groups={m: sources_of(m) for m in llm.modalities}, max_queue=1,
             max_question_chars=llm.max_question_chars, default_max_age_s=llm.max_age_s,
             default_max_new_tokens=llm.generation.max_new_tokens, max_new_tokens_cap=llm.max_new_tokens_cap),
-            line_template=llm.context_template)
+            line_template=llm.context_template, contexts=contexts)
         engine.start()
         try:
             result = engine.submit(AskRequest(item.question)).wait()
@@ -241,14 +247,20 @@ class ModelPredictor:
 
     def _embed(self, image: np.ndarray) -> StoredInput:
         encoder = get_shared_encoder(self.config.imagebind)
-        vector = encoder.encode({'vision': preprocess_vision(image)[None]})['vision'][0]
-        return StoredInput('vision', vector, stamp_ns=0, received_monotonic=0.0, model=encoder.model_name,
+        modality = IMAGE_SENSOR.modality
+        tensor = resolve(IMAGE_SENSOR.preprocess)(DecodedImage('rgb8', rgb=image), InputContext({}))
+        vector = encoder.encode({modality: tensor[None]})[modality][0]
+        return StoredInput(IMAGE_SENSOR.name, vector, stamp_ns=0, received_monotonic=0.0, model=encoder.model_name,
                            source_topic='')
 
     def _context(self, image: np.ndarray) -> str | None:
         """The context block llm_node would build from the grounding node's results for this image."""
-        if 'ocr' not in self.config.context:
+        if not self.config.context:   # only the OCR of the image can be asked for (IMAGE_CONTEXT_KINDS)
             return None
         ocr = _ocr_extractors.get(_key(self.config.ocr), lambda: OcrExtractor(self.config.ocr))
-        text = ocr(image).to_text(self.config.context_text_max_chars)
-        return context_line(self.config.llm.context_line, 'ocr', text)
+        result = ocr(image)
+        kind, llm = IMAGE_CONTEXT_KINDS[0], self.config.llm
+        # As grounding_node publishes the result (text and JSON) and llm_node's context callback stores it.
+        text = prompt_text(kind, result.to_text(self.config.context_text_max_chars), json.dumps(result.to_dict()),
+                           llm.context_format, llm.context_max_chars)
+        return context_block(llm.context_template, [(kind, text)])

@@ -272,7 +272,7 @@ class AudioEvent:
 class AudioEventsResult:
     """Top sound events of the last seconds of audio, with speech presence and loudness."""
 
-    section: ClassVar[str] = 'audio'
+    section: ClassVar[str] = 'audio_events'   # its context kind (core/specs.py)
     events: list[AudioEvent] = field(default_factory=list)
     speech: bool | None = None              # None: VAD disabled or no audio
     speech_fraction: float | None = None    # share of 32 ms windows with speech

@@ -35,6 +35,7 @@ from mm_llm_ros.core.llm.quantization import (check_quantization, model_dtype, p
                                                    quantize_linear_weights)
 from mm_llm_ros.core.llm.tokenizer import TextTokenizer
 from mm_llm_ros.core.llm.visual_cache import VisualCache
+from mm_llm_ros.core.specs import CONTEXT_KINDS, MODALITIES, SENSOR_SPECS, sources_of
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ class LLMConfig:
     device: str = 'auto'
     dtype: str = 'auto'
     embedding_dim: int = 1024
-    modalities: tuple[str, ...] = ('vision', 'audio', 'depth', 'point')
-    context_kinds: tuple[str, ...] = ('ocr', 'audio_events', 'geometry')
+    modalities: tuple[str, ...] = tuple(MODALITIES)
+    context_kinds: tuple[str, ...] = tuple(CONTEXT_KINDS)
     context_line: str = '{label}: {text}'
     context_format: str = 'text'
     context_max_chars: int = 1000
@@ -70,7 +71,7 @@ class LLMConfig:
     prompt_template: str = 'alpaca'
     prompt_system: str = ''
     prompt_chat_context_template: str = 'Sensor readings:\n{context}\n\nQuestion: {instruction}'
-    fusion_weights: Mapping[str, float] = field(default_factory=dict)
+    fusion_weights: Mapping[str, float] = field(default_factory=dict)   # by source (sensor); absent: 1.0
     cache_index_path: str = ''
     cache_size: int = 10
     cache_temperature: float = 20.0
@@ -84,6 +85,11 @@ class LLMConfig:
     def context_template(self) -> str:
         """The line template AskEngine applies to each stored context: fact lines already name what they are."""
         return '{text}' if self.context_format == 'facts' else self.context_line
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The embedding sources (sensors) of the configured modalities, subscribed on mm_llm/embedding/<source>."""
+        return tuple(source for modality in self.modalities for source in sources_of(modality))
 
     @classmethod
     def from_params(cls, p: Mapping[str, object]) -> 'LLMConfig':
@@ -104,12 +110,22 @@ class LLMConfig:
                    max_new_tokens_cap=int(p['generation.max_new_tokens_cap']),
                    prompt_template=p['prompt.template'], prompt_system=p['prompt.system'],
                    prompt_chat_context_template=p['prompt.chat_context_template'],
-                   fusion_weights={m: float(p[f'fusion.weights.{m}']) for m in ('vision', 'audio', 'depth', 'point')},
+                   fusion_weights=source_weights(p),
                    cache_index_path=p['cache.index_path'], cache_size=int(p['cache.size']),
                    cache_temperature=float(p['cache.temperature']), cache_weight=float(p['cache.weight']),
                    description_rate_hz=float(p['description.rate_hz']), description_prompt=p['description.prompt'],
                    description_max_new_tokens=int(p['description.max_new_tokens']),
                    diagnostics_period_s=float(p['diagnostics_period_s']))
+
+
+def source_weights(p: Mapping[str, object]) -> dict[str, float]:
+    """The fusion weight of every source: `fusion.source_weights.<source>`, or when negative its modality's
+    `fusion.weights.<modality>`."""
+    weights = {}
+    for sensor in SENSOR_SPECS:
+        own = float(p[f'fusion.source_weights.{sensor.name}'])
+        weights[sensor.name] = own if own >= 0 else float(p[f'fusion.weights.{sensor.modality}'])
+    return weights
 
 
 class LLMAnswerer:
@@ -138,7 +154,7 @@ class LLMAnswerer:
         """The published fusion of the given embeddings, refined by the visual cache when configured."""
         if not embeddings:
             return None
-        features = fuse_embeddings({e.modality: e.value for e in embeddings}, self.fusion_weights)
+        features = fuse_embeddings({e.modality: e.value for e in embeddings}, self.fusion_weights)  # keyed by source
         if self.visual_cache is not None:
             features = self.visual_cache(features)
         return features

@@ -12,7 +12,7 @@ pattern's matches are sorted)::
 
     name: loading-dock            # optional, for logs
     streams:
-      - kind: image               # image | depth | audio | points
+      - kind: image               # image | depth | audio | points | thermal | imu
         topic: camera/image_raw   # relative names follow the node's namespace
         frame_id: camera_optical_frame
         files: [frames/*.jpg]     # one pattern or a list
@@ -35,6 +35,14 @@ pattern's matches are sorted)::
         topic: audio
         frame_id: microphone
         files: [sound.wav]
+      - kind: thermal             # single-channel 16-bit PNGs (centikelvin), published as mono16
+        topic: thermal/image_raw
+        frame_id: thermal_optical_frame
+        files: [thermal/*.png]
+      - kind: imu                 # CSV t_s,acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z (SI), streamed in real time
+        topic: imu
+        frame_id: imu_link
+        files: [imu.csv]
 
 Unknown keys, empty patterns and missing files raise :class:`SceneError` naming the scene file.
 """
@@ -49,13 +57,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mm_llm_ros.core.replay.sensor_files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, POINT_SUFFIXES
-from mm_llm_ros.launch_plan import TOPICS  # plain data, no ROS imports
+from mm_llm_ros.core.specs import SENSOR_SPECS
 
 
-# The encoders' input topics (relative, so a namespace applies), keyed by stream kind.
-DEFAULT_TOPICS = {kind: TOPICS[kind] for kind in ('image', 'depth', 'audio', 'points')}
-DEFAULT_FRAMES = {'image': 'camera_optical_frame', 'depth': 'camera_optical_frame', 'audio': 'microphone',
-                  'points': 'lidar'}
+# The encoders' input topics (relative, so a namespace applies) and frames, keyed by stream kind (core/specs.py).
+DEFAULT_TOPICS = {s.replay_kind: s.topic for s in SENSOR_SPECS if s.replay_kind}
+DEFAULT_FRAMES = {s.replay_kind: s.default_frame for s in SENSOR_SPECS if s.replay_kind}
 
 NUSCENES_CAMERAS = ('CAM_FRONT', 'CAM_FRONT_LEFT', 'CAM_FRONT_RIGHT', 'CAM_BACK', 'CAM_BACK_LEFT', 'CAM_BACK_RIGHT')
 NUSCENES_AUDIO = 'audio/imagebind_car.wav'  # street sound: nuScenes has no microphone
@@ -70,11 +77,13 @@ class StreamKind(str, enum.Enum):
     DEPTH = 'depth'
     AUDIO = 'audio'
     POINTS = 'points'
+    THERMAL = 'thermal'
+    IMU = 'imu'
 
     @property
     def is_frame(self) -> bool:
-        """Published one file per period (as opposed to audio, streamed in real time)."""
-        return self is not StreamKind.AUDIO
+        """Published one file per period (as opposed to audio and IMU, streamed in real time)."""
+        return self not in (StreamKind.AUDIO, StreamKind.IMU)
 
 
 @dataclasses.dataclass(frozen=True)

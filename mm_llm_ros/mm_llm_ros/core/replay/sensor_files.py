@@ -28,6 +28,7 @@ from mm_llm_ros.core.sensor_decoding import DecodedAudio, DecodedPointCloud
 
 IMAGE_SUFFIXES = frozenset({'.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm'})
 AUDIO_SUFFIXES = frozenset({'.wav'})
+IMU_SUFFIXES = frozenset({'.csv'})
 POINT_SUFFIXES = frozenset({'.bin', '.npy', '.pcd'})
 
 # Float32 values per point in headerless .bin scans.
@@ -62,12 +63,7 @@ def read_depth_image(path: str | pathlib.Path, units_per_metre: float = 1000.0) 
     """
     if units_per_metre <= 0:
         raise SensorFileError(path, f'units_per_metre must be positive, got {units_per_metre}')
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise SensorFileError(path, 'not a readable image (missing, empty or an unsupported format)')
-    if raw.ndim != 2 or raw.dtype != np.uint16:
-        raise SensorFileError(path, f'a depth image must be single-channel 16-bit, got {raw.dtype} with shape '
-                                    f'{raw.shape}')
+    raw = _read_uint16_image(path, 'depth')
     depth = raw.astype(np.float32) / np.float32(units_per_metre)
     depth[raw == 0] = np.nan
     return depth
@@ -419,3 +415,59 @@ def lzf_decompress(data: bytes | memoryview, size: int) -> bytes:
         raise ValueError(f'decompressed {op} bytes, expected {size}')
     return bytes(out)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Thermal images and IMU streams
+
+
+def read_thermal_image(path: str | pathlib.Path) -> np.ndarray:
+    """A single-channel 16-bit PNG/TIFF of radiometric counts (e.g. centikelvin) -> (H, W) uint16, as the camera
+    sends it (published as mono16)."""
+    return _read_uint16_image(path, 'thermal')
+
+
+def _read_uint16_image(path: str | pathlib.Path, what: str) -> np.ndarray:
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise SensorFileError(path, 'not a readable image (missing, empty or an unsupported format)')
+    if raw.ndim != 2 or raw.dtype != np.uint16:
+        raise SensorFileError(path, f'a {what} image must be single-channel 16-bit, got {raw.dtype} with shape '
+                                    f'{raw.shape}')
+    return raw
+
+
+@dataclasses.dataclass(frozen=True)
+class ImuClip:
+    """An IMU recording on a uniform clock: ``samples`` (N, 6) acc xyz (m/s^2), gyro xyz (rad/s)."""
+    samples: np.ndarray
+    sample_rate: int
+
+
+IMU_CSV_HEADER = 't_s,acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z'
+
+
+def read_imu_csv(path: str | pathlib.Path) -> ImuClip:
+    """A CSV with the header ``t_s,acc_x,acc_y,acc_z,gyro_x,gyro_y,gyro_z`` and uniformly spaced rows (Ego4D's
+    layout, in SI units) -> :class:`ImuClip`."""
+    try:
+        with open(path, encoding='utf-8') as file:
+            header = file.readline().strip().replace(' ', '')
+            table = np.loadtxt(file, delimiter=',', ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise SensorFileError(path, f'not a readable IMU CSV ({exc})') from None
+    if header != IMU_CSV_HEADER:
+        raise SensorFileError(path, f'expected the header {IMU_CSV_HEADER!r}, got {header!r}')
+    if table.shape[0] < 2 or table.shape[1] != 7 or not np.isfinite(table).all():
+        raise SensorFileError(path, f'expected at least 2 finite rows of 7 values, got shape {table.shape}')
+    steps = np.diff(table[:, 0])
+    rate = 1.0 / float(np.median(steps)) if np.all(steps > 0) else 0.0
+    if not rate > 0 or np.abs(steps * rate - 1.0).max() > 0.01:
+        raise SensorFileError(path, 'rows must be uniformly spaced in time (t_s strictly increasing)')
+    return ImuClip(table[:, 1:].astype(np.float64), int(round(rate)))
+
+
+def imu_duration(path: str | pathlib.Path) -> tuple[int, int]:
+    """(samples, sample_rate) of an IMU CSV, for the replay's timeline."""
+    clip = read_imu_csv(path)
+    return len(clip.samples), clip.sample_rate

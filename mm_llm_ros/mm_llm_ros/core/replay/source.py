@@ -11,8 +11,9 @@ from mm_llm_ros.core.replay.mcap_bag import McapBag
 from mm_llm_ros.core.replay.scene import (Scene, SceneError, StreamKind, StreamSpec, nuscenes_scene,
                                           scene_from_folder, scene_from_yaml)
 from mm_llm_ros.core.replay.scheduler import AudioTrack, FrameTrack, TimelineConfig, Track
-from mm_llm_ros.core.replay.sensor_files import (SensorFileError, read_depth_image, read_image, read_points,
-                                                 read_wav, wav_duration)
+from mm_llm_ros.core.replay.sensor_files import (SensorFileError, imu_duration, read_depth_image, read_image,
+                                                 read_imu_csv, read_points, read_thermal_image, read_wav,
+                                                 wav_duration)
 from mm_llm_ros.core.replay.synthetic import write_synthetic_scene
 from mm_llm_ros.core.sensor_decoding import DecodedAudio, DecodedPointCloud
 
@@ -91,6 +92,8 @@ def scene_tracks(scene: Scene, rate_hz: float) -> list[Track]:
         try:
             if stream.kind is StreamKind.AUDIO:
                 tracks.append(AudioTrack(tuple(wav_duration(path) for path in stream.files)))
+            elif stream.kind is StreamKind.IMU:  # streamed like audio: chunks of samples at their own times
+                tracks.append(AudioTrack(tuple(imu_duration(path) for path in stream.files)))
             else:
                 tracks.append(FrameTrack(len(stream.files), stream.rate_hz or rate_hz))
         except SensorFileError:
@@ -109,4 +112,8 @@ def load_payload(stream: StreamSpec, index: int) -> Payload:
         return read_depth_image(path, stream.depth_units_per_metre)
     if stream.kind is StreamKind.POINTS:
         return read_points(path, stream.bin_columns)
+    if stream.kind is StreamKind.THERMAL:
+        return read_thermal_image(path)
+    if stream.kind is StreamKind.IMU:
+        return read_imu_csv(path)
     return read_wav(path)

@@ -17,6 +17,7 @@ import numpy as np
 
 from mm_llm_ros.core.replay.scene import DEFAULT_FRAMES, DEFAULT_TOPICS, CameraIntrinsics, Scene, StreamKind, StreamSpec
 from mm_llm_ros.core.sensor_decoding import encode_audio
+from mm_llm_ros.core.replay.sensor_files import IMU_CSV_HEADER
 
 IMAGE_WIDTH, IMAGE_HEIGHT = 1280, 720
 FOCAL_PX = 900.0
@@ -66,7 +67,8 @@ WALL_Y = 14.0
 
 
 def write_synthetic_scene(folder: str | pathlib.Path, seed: int = 0) -> Scene:
-    """Write street.png, lidar.bin (KITTI layout) and street_sound.wav into ``folder``; return their scene."""
+    """Write street.png, lidar.bin (KITTI layout), street_sound.wav, thermal.png (centikelvin) and imu.csv into
+    ``folder``; return their scene."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -75,12 +77,25 @@ def write_synthetic_scene(folder: str | pathlib.Path, seed: int = 0) -> Scene:
         raise OSError(f'could not write {image_path}')
     street_cloud(rng).astype('<f4').tofile(cloud_path)
     write_wav(audio_path, street_sound(rng)[None, :], AUDIO_RATE)
+    thermal_path, imu_path = folder / 'thermal.png', folder / 'imu.csv'
+    # A radiometric camera's mono16 output: centikelvin.
+    if not cv2.imwrite(str(thermal_path), np.round(thermal_image(rng) * 100).astype(np.uint16)):
+        raise OSError(f'could not write {thermal_path}')
+    write_imu_csv(imu_path, *imu_stream(rng))
     return Scene((
         StreamSpec(StreamKind.IMAGE, DEFAULT_TOPICS['image'], DEFAULT_FRAMES['image'], (image_path,),
                    camera_info=INTRINSICS),
         StreamSpec(StreamKind.POINTS, DEFAULT_TOPICS['points'], DEFAULT_FRAMES['points'], (cloud_path,)),
         StreamSpec(StreamKind.AUDIO, DEFAULT_TOPICS['audio'], DEFAULT_FRAMES['audio'], (audio_path,)),
+        StreamSpec(StreamKind.THERMAL, DEFAULT_TOPICS['thermal'], DEFAULT_FRAMES['thermal'], (thermal_path,)),
+        StreamSpec(StreamKind.IMU, DEFAULT_TOPICS['imu'], DEFAULT_FRAMES['imu'], (imu_path,)),
     ), name='synthetic street')
+
+
+def write_imu_csv(path: pathlib.Path, stamps_ns: np.ndarray, samples: np.ndarray) -> None:
+    """An IMU stream -> the replay's CSV (`sensor_files.read_imu_csv`), times relative to its first sample."""
+    table = np.column_stack([(stamps_ns - stamps_ns[0]) / 1e9, samples])
+    np.savetxt(path, table, delimiter=',', header=IMU_CSV_HEADER, comments='', fmt='%.9g')
 
 
 def write_wav(path: pathlib.Path, waveform: np.ndarray, sample_rate: int) -> None:
