@@ -1,8 +1,10 @@
-"""`evaluate`: run configurations side by side on MME, TextVQA or MMBench and write JSON, markdown and a chart.
+"""`evaluate`: run configurations side by side on MME, TextVQA, MMBench or the grounded benchmark and write JSON,
+markdown and a chart.
 
     evaluate --benchmark mme --data MME_Benchmark_release_version --config base=config/robot.yaml \\
              --config ocr=config/robot.yaml+ocr --out results/mme [--limit N] [--subset OCR,count]
     evaluate --smoke --data shared/data/vqa/questions.jsonl --out /tmp/smoke
+    evaluate --benchmark grounded --data ../shared/data --config new=config/demo.yaml --out results/grounded
 
 A config is NAME=PARAMS[+ocr]: PARAMS is a ROS 2 parameter file of the nodes (its encoder or camera_encoder,
 llm_node and grounding_node sections build the same ImageBind and LLM as the nodes), and `+ocr` adds the grounding
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--benchmark', choices=BENCHMARKS, help='benchmark to score (default with --smoke: mmbench)')
     parser.add_argument('--data', type=Path, required=True,
-                        help='MME release folder, TextVQA JSON, MMBench TSV, or a questions .jsonl for any benchmark')
+                        help='MME release folder, TextVQA JSON, MMBench TSV, or a questions .jsonl for any benchmark; '
+                             'grounded: the sample-data folder (shared/data, adds its real scenes) or "generated"')
     parser.add_argument('--config', dest='configs', type=parse_config, action='append', default=[],
                         metavar='NAME=PARAMS', help='configuration to evaluate (repeat to compare side by side): '
                         'a params YAML, optionally +ocr for OCR context, or builtin:<name>')

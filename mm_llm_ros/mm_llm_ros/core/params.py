@@ -154,6 +154,10 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
           '(grounding_node); their text is added to the prompt under the same freshness rule.'),
     Param('context.line_template', '{label}: {text}', 'How one context result becomes a prompt line; {kind} is '
           'ocr/audio_events/geometry and {label} its readable name (e.g. "Text read by the camera").'),
+    Param('context.format', 'text', 'How a perception context is shown to the model: text (its published line, '
+          'through context.line_template) or facts (one short line per fact, rendered from its JSON, each naming '
+          'what it is, for small models; context.line_template is not used). See docs/evaluation.md (grounded).',
+          ('text', 'facts')),
     Param('context.max_chars', 1000, 'Bound on the context block in the prompt (and on each received text).'),
     Param('max_age_s', 5.0, 'Default freshness: embeddings older than this are not used.'),
     Param('max_queue', 4, 'Questions waiting or running at once; more get success=false, error "busy". With '

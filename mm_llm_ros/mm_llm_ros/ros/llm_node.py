@@ -29,6 +29,7 @@ from std_msgs.msg import String
 from mm_llm_ros.core.answering import AskLimits, AskRequest, AskResult
 from mm_llm_ros.core.batch_engine import make_engine
 from mm_llm_ros.core.embedding_store import ModalityStore
+from mm_llm_ros.core.grounding.facts import prompt_text
 from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 from mm_llm_ros.core.params import LLM_PARAMS
 from mm_llm_ros.core.specs import CONTEXT_TOPIC, EMBEDDING_TOPIC, sources_of
@@ -71,7 +72,7 @@ class LLMNode(ManagedNode):
             max_queue=self.config.max_queue,
             max_question_chars=self.config.max_question_chars, default_max_age_s=self.config.max_age_s,
             default_max_new_tokens=self.config.generation.max_new_tokens,
-            max_new_tokens_cap=self.config.max_new_tokens_cap), line_template=self.config.context_line,
+            max_new_tokens_cap=self.config.max_new_tokens_cap), line_template=self.config.context_template,
             contexts=self.contexts)
         self.dropped_embeddings = 0
 
@@ -151,9 +152,11 @@ class LLMNode(ManagedNode):
     def context_callback(self, kind: str, msg: PerceptionContext) -> None:
         # Stored under the topic's kind, never the message's own `kind` field: a hostile publisher could otherwise
         # overwrite another input (an embedding with text) or grow the store with invented kinds. The text is
-        # already short and structured; bound it once more.
-        self.contexts.update(kind, msg.text[:self.config.context_max_chars], stamp_to_ns(msg.header.stamp),
-                          source_topic=msg.source_topic)
+        # already short and structured; bound it once more. With context.format facts the model gets the result's
+        # fact lines, rendered from its JSON (core/grounding/facts.py), as the grounded benchmark measures them.
+        self.contexts.update(kind, prompt_text(kind, msg.text, msg.json, self.config.context_format,
+                                               self.config.context_max_chars),
+                             stamp_to_ns(msg.header.stamp), source_topic=msg.source_topic)
 
     # ---- /ask and /ask_stream ------------------------------------------------------------------
     def ask_callback(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:

@@ -33,7 +33,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS = ('mme', 'textvqa', 'mmbench')
+BENCHMARKS = ('mme', 'textvqa', 'mmbench', 'grounded')
+# `--data generated` for the grounded benchmark: generated scenes only, no sample-data folder.
+GENERATED_ONLY = 'generated'
 
 MME_PERCEPTION = ('existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene', 'landmark',
                   'artwork', 'OCR')
@@ -100,14 +102,22 @@ def load_benchmark(benchmark: str, path: str | Path, *, circular: bool = False,
     `circular` (MMBench only) keeps or builds the circular rotations of every question; without it the rotation
     copies of a VLMEvalKit TSV are dropped (vanilla, single-pass evaluation).
     """
-    path = Path(path)
+    path: Path | None = Path(path)
     if benchmark not in BENCHMARKS:
         raise DatasetError(f"unknown benchmark '{benchmark}', expected one of {', '.join(BENCHMARKS)}")
     if circular and benchmark != 'mmbench':
         raise DatasetError('circular evaluation only applies to multiple-choice benchmarks (mmbench)')
-    if not path.exists():
+    if benchmark == 'grounded' and str(path) == GENERATED_ONLY:
+        path = None
+    elif not path.exists():
         raise DatasetError(f'{benchmark} data not found: {path}')
-    if path.suffix == '.jsonl':
+    if benchmark == 'grounded':   # generated scenes, plus the real ones of the sample-data folder `path`
+        from .grounded import load_grounded
+        if path is not None and not path.is_dir():
+            raise DatasetError(f'grounded: --data must be the sample-data folder (shared/data) or '
+                               f'{GENERATED_ONLY!r}, got {path}')
+        items = load_grounded(path)
+    elif path.suffix == '.jsonl':
         items = load_jsonl(path)
     elif benchmark == 'mme':
         items = load_mme(path)

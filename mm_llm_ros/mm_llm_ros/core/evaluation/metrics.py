@@ -73,6 +73,9 @@ def score_benchmark(benchmark: str, items: Sequence[EvalItem], predictions: Mapp
         return textvqa_score(items, predictions, protocol=vqa_protocol)
     if benchmark == 'mmbench':
         return mmbench_score(items, predictions)
+    if benchmark == 'grounded':
+        from .grounded import grounded_score   # grounded.py builds on this module's score types
+        return grounded_score(items, predictions)
     raise MetricError(f"unknown benchmark '{benchmark}'")
 
 

@@ -27,15 +27,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from mm_llm_ros.core.answering import context_block, validate_question
-from mm_llm_ros.core.embedding_store import StoredInput
+from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, context_block, validate_question
+from mm_llm_ros.core.embedding_store import ModalityStore, StoredInput
 from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor, config_from_params
+from mm_llm_ros.core.grounding.facts import prompt_text
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder
 from mm_llm_ros.core.llm.pipeline import NO_LLM_CONFIGURED, LLMAnswerer, LLMConfig, build_answerer
 from mm_llm_ros.core.params import node_params, read_params_file
 from mm_llm_ros.core.sensor_decoding import DecodedImage
 from mm_llm_ros.core.sensor_inputs import InputContext
-from mm_llm_ros.core.specs import CONTEXT_KIND_SPECS, resolve, sensor_for_replay_kind
+from mm_llm_ros.core.specs import CONTEXT_KIND_SPECS, resolve, sensor_for_replay_kind, sources_of
 
 from .datasets import EvalItem
 from .runner import PredictionError
@@ -200,6 +201,8 @@ class ModelPredictor:
         return self.config.description
 
     def predict(self, item: EvalItem) -> str:
+        if 'context' in item.metadata:
+            return self._ask_with_context(item)
         question = instruction(item)
         refused = validate_question(question, self.config.llm.max_question_chars)
         if refused is not None:
@@ -210,6 +213,34 @@ class ModelPredictor:
                                             should_stop=lambda: False, context=self._context(image))
         logger.debug('%s -> %r (%s)', item.id, generated.text, generated.stopped_reason)
         return generated.text.strip()  # as llm_node's answers
+
+    def _ask_with_context(self, item: EvalItem) -> str:
+        """A grounded-benchmark item (`metadata['context']`: the [kind, text, json] of each PerceptionContext the
+        node received) answered exactly as llm_node answers /ask: the messages go into a store as the node's
+        context callback puts them there, and `AskEngine` builds the prompt (the live context formatter, the
+        node's template) and answers with the node's answer budget. Only the kinds in `context.kinds` are used,
+        as the node subscribes to no others; no sensor embeddings are given (a scene has context only)."""
+        llm = self.config.llm
+        contexts = ModalityStore()   # llm_node's perception-context store, by kind
+        for kind, text, json_text in item.metadata['context']:
+            if kind in llm.context_kinds:
+                contexts.update(kind, prompt_text(kind, text, json_text, llm.context_format, llm.context_max_chars),
+                                stamp_ns=0)
+        engine = AskEngine(self._answerer(), ModalityStore(), AskLimits(
+            known_modalities=llm.sources + tuple(llm.context_kinds),
+            groups={m: sources_of(m) for m in llm.modalities}, max_queue=1,
+            max_question_chars=llm.max_question_chars, default_max_age_s=llm.max_age_s,
+            default_max_new_tokens=llm.generation.max_new_tokens, max_new_tokens_cap=llm.max_new_tokens_cap),
+            line_template=llm.context_template, contexts=contexts)
+        engine.start()
+        try:
+            result = engine.submit(AskRequest(item.question)).wait()
+        finally:
+            engine.stop()
+        if not result.success:
+            raise PredictionError(f'item {item.id}: {result.error}')
+        logger.debug('%s -> %r (%.2f s)', item.id, result.answer, result.latency_s)
+        return result.answer
 
     def _answerer(self) -> LLMAnswerer:
         return _answerers.get(_key(self.config.llm), lambda: build_answerer(self.config.llm))
@@ -227,5 +258,9 @@ class ModelPredictor:
         if not self.config.context:   # only the OCR of the image can be asked for (IMAGE_CONTEXT_KINDS)
             return None
         ocr = _ocr_extractors.get(_key(self.config.ocr), lambda: OcrExtractor(self.config.ocr))
-        text = ocr(image).to_text(self.config.context_text_max_chars)
-        return context_block(self.config.llm.context_line, [(IMAGE_CONTEXT_KINDS[0], text)])
+        result = ocr(image)
+        kind, llm = IMAGE_CONTEXT_KINDS[0], self.config.llm
+        # As grounding_node publishes the result (text and JSON) and llm_node's context callback stores it.
+        text = prompt_text(kind, result.to_text(self.config.context_text_max_chars), json.dumps(result.to_dict()),
+                           llm.context_format, llm.context_max_chars)
+        return context_block(llm.context_template, [(kind, text)])

@@ -13,7 +13,7 @@ from .metrics import BenchmarkScore
 
 logger = logging.getLogger(__name__)
 
-_TITLES = {'mme': 'MME', 'textvqa': 'TextVQA', 'mmbench': 'MMBench'}
+_TITLES = {'mme': 'MME', 'textvqa': 'TextVQA', 'mmbench': 'MMBench', 'grounded': 'Grounded answers'}
 # Per-category scale of the headline metric (MME subtask scores are acc + acc+ in percent).
 _Y_LIMITS = {'score': 200.0, 'accuracy': 100.0, 'circular_accuracy': 100.0}
 

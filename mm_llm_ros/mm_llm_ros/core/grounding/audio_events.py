@@ -291,6 +291,24 @@ class AudioEventsResult:
         return {'events': [asdict(event) for event in self.events], 'speech': self.speech,
                 'speech_fraction': self.speech_fraction, 'level_dbfs': self.level_dbfs, 'duration_s': self.duration_s}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AudioEventsResult:
+        """The inverse of `to_dict` (e.g. of a received PerceptionContext's JSON)."""
+        return cls([AudioEvent(str(e['label']), float(e['score'])) for e in data.get('events', ())],
+                   data.get('speech'), data.get('speech_fraction'), data.get('level_dbfs'),
+                   float(data.get('duration_s', 0.0)))
+
+    def facts(self) -> list[str]:
+        """Short prompt lines for small models: the sounds, most likely first, and whether someone speaks."""
+        if self.is_empty:
+            return ['Sound heard: no audio.']
+        labels = [event.label.lower() for event in self.events if event.label != 'Speech']
+        lines = ['Sound heard: ' + (labels[0] + (f" (also {', '.join(labels[1:])})" if labels[1:] else '')
+                                    if labels else 'no clear sound') + '.']
+        if self.speech is not None:
+            lines.append(f"Someone speaking: {'yes' if self.speech else 'no'}.")
+        return lines
+
     def to_text(self, max_chars: int = 200) -> str:
         if self.is_empty:
             return 'no audio'

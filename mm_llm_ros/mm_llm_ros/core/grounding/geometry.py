@@ -99,6 +99,29 @@ class GeometryResult:
         data['ground_plane'] = list(self.ground_plane) if self.ground_plane else None
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GeometryResult:
+        """The inverse of `to_dict` (e.g. of a received PerceptionContext's JSON)."""
+        clusters = [Cluster(tuple(c['centroid']), tuple(c['extent']), float(c['distance_m']), float(c['bearing_deg']),
+                            int(c['num_points'])) for c in data.get('clusters', ())]
+        nearest = {sector: data.get('nearest_m', {}).get(sector) for sector in SECTORS}
+        plane = data.get('ground_plane')
+        return cls(nearest, clusters, int(data.get('num_clusters', len(clusters))), tuple(plane) if plane else None,
+                   int(data.get('num_points', 0)), int(data.get('num_ground', 0)), int(data.get('num_obstacle', 0)))
+
+    def facts(self) -> list[str]:
+        """Short prompt lines for small models: one per direction, the object count, the nearest object."""
+        if self.is_empty:
+            return ['Lidar: no points.']
+        lines = [f"Nearest obstacle {_SECTOR_PHRASES[sector]}: "
+                 f"{'none' if distance is None else f'{distance:.1f} m'}."
+                 for sector, distance in self.nearest_m.items()]
+        lines.append(f'Objects around the robot: {self.num_clusters}.')
+        if self.clusters:
+            nearest = self.clusters[0]
+            lines.append(f'Nearest object: {nearest.distance_m:.1f} m away, {side_of(nearest.bearing_deg)}.')
+        return lines
+
     def to_text(self, max_chars: int = 200) -> str:
         if self.is_empty:
             return 'no points'
@@ -107,6 +130,15 @@ class GeometryResult:
         head = f'nearest {nearest}; {self.num_clusters} objects'
         return join_within([cluster.to_text() for cluster in self.clusters], max_chars,
                            prefix=head + (': ' if self.clusters else ''))
+
+
+_SECTOR_PHRASES = {'front': 'in front', 'left': 'on the left', 'right': 'on the right', 'back': 'behind'}
+
+
+def side_of(bearing_deg: float) -> str:
+    """'ahead', 'behind', 'to the left' or 'to the right', with `describe_bearing`'s bounds."""
+    words = describe_bearing(bearing_deg)
+    return words if words in ('ahead', 'behind') else f"to the {words.split()[-1]}"
 
 
 def describe_bearing(bearing_deg: float) -> str:

@@ -78,6 +78,20 @@ class OcrResult:
     def to_dict(self) -> dict[str, Any]:
         return {'items': [asdict(item) for item in self.items], 'image_size': list(self.image_size)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OcrResult:
+        """The inverse of `to_dict` (e.g. of a received PerceptionContext's JSON)."""
+        items = [TextItem(str(i['text']), float(i['confidence']), tuple(tuple(map(float, corner)) for corner in i['box']),
+                          str(i['position'])) for i in data.get('items', ())]
+        return cls(items, tuple(data.get('image_size', (0, 0))))
+
+    def facts(self) -> list[str]:
+        """Short prompt lines for small models: every string read, in single quotes as in `to_text` (with double
+        quotes SmolLM2 answered "What text can you read?" with an invented sentence), and nothing else."""
+        if self.is_empty:
+            return ['Text read by the camera: none.']
+        return ['Text read by the camera: ' + ', '.join(f"'{item.text}'" for item in self.items) + '.']
+
     def to_text(self, max_chars: int = 200) -> str:
         if self.is_empty:
             return 'no text'

@@ -62,6 +62,7 @@ class LLMConfig:
     modalities: tuple[str, ...] = tuple(MODALITIES)
     context_kinds: tuple[str, ...] = tuple(CONTEXT_KINDS)
     context_line: str = '{label}: {text}'
+    context_format: str = 'text'
     context_max_chars: int = 1000
     max_age_s: float = 5.0
     max_queue: int = 4
@@ -83,6 +84,11 @@ class LLMConfig:
     diagnostics_period_s: float = 1.0
 
     @property
+    def context_template(self) -> str:
+        """The line template AskEngine applies to each stored context: fact lines already name what they are."""
+        return '{text}' if self.context_format == 'facts' else self.context_line
+
+    @property
     def sources(self) -> tuple[str, ...]:
         """The embedding sources (sensors) of the configured modalities, subscribed on mm_llm/embedding/<source>."""
         return tuple(source for modality in self.modalities for source in sources_of(modality))
@@ -99,6 +105,7 @@ class LLMConfig:
                    decoder=p['generation.decoder'], device=p['device'], dtype=p['dtype'],
                    embedding_dim=int(p['embedding_dim']), modalities=tuple(p['modalities']),
                    context_kinds=tuple(p['context.kinds']), context_line=p['context.line_template'],
+                   context_format=p['context.format'],
                    context_max_chars=int(p['context.max_chars']),
                    max_age_s=float(p['max_age_s']), max_queue=int(p['max_queue']),
                    max_batch=int(p['generation.max_batch']),
