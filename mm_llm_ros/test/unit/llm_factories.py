@@ -216,3 +216,19 @@ def build_model(spec: TinySpec, meta_state: dict[str, torch.Tensor],
     if adapter_state is not None:
         load_adapter_state_dict(model, adapter_state)
     return model.eval()
+
+
+def merged_tiny_imagebind_llm():
+    """A merged ImageBind-LLM over a GQA backbone with open gates and trained-like adapter values, and its
+    tokenizer: the fast decoders' and the batch decoder's reference model."""
+    from mm_llm_ros.core.llm.backbones import tiny_random_backbone
+
+    backbone = tiny_random_backbone(seed=4)
+    model = ImageBindLLM(backbone.model, ImageBindLLMConfig(embed_dim=16, lora_rank=2)).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(('gate', 'lora_b.weight', '.bias')):
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+    model.merge_adapters()
+    return model, backbone.tokenizer

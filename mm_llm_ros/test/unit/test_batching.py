@@ -17,21 +17,15 @@ from mm_llm_ros.core.llm.decoding import DecoderError, StaticDecoder
 from mm_llm_ros.core.llm.generation import GenerationConfig, generate
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 
+from llm_factories import merged_tiny_imagebind_llm
+
 GREEDY = GenerationConfig(max_new_tokens=40, temperature=0.0, stop_on_eos=False, context_length=128)
 
 
 @pytest.fixture(scope='module')
 def merged():
     """A merged ImageBind-LLM over a GQA backbone with open gates and trained-like adapter values."""
-    backbone = tiny_random_backbone(seed=4)
-    model = ImageBindLLM(backbone.model, ImageBindLLMConfig(embed_dim=16, lora_rank=2)).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(('gate', 'lora_b.weight', '.bias')):
-                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
-    model.merge_adapters()
-    return model, backbone.tokenizer
+    return merged_tiny_imagebind_llm()
 
 
 def _features(seed):

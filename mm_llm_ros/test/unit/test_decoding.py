@@ -16,6 +16,8 @@ from mm_llm_ros.core.llm.decoding import DecoderError, StaticDecoder, fallback_m
 from mm_llm_ros.core.llm.generation import GenerationConfig, GenerationError, generate
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 
+from llm_factories import merged_tiny_imagebind_llm
+
 GREEDY = GenerationConfig(max_new_tokens=40, temperature=0.0, stop_on_eos=False, context_length=128)
 PROMPTS = ('Describe the scene in front of the robot.', 'Is anyone speaking?', 'x')
 
@@ -33,15 +35,7 @@ def tiny():
 @pytest.fixture(scope='module')
 def merged():
     """A merged ImageBind-LLM over a GQA backbone with open gates and trained-like adapter values."""
-    backbone = tiny_random_backbone(seed=4)
-    model = ImageBindLLM(backbone.model, ImageBindLLMConfig(embed_dim=16, lora_rank=2)).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(('gate', 'lora_b.weight', '.bias')):
-                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
-    model.merge_adapters()
-    return model, backbone.tokenizer
+    return merged_tiny_imagebind_llm()
 
 
 @pytest.mark.parametrize('num_kv_heads', [4, 2])  # multi-head and grouped-query attention

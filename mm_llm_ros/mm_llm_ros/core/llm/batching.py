@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoding import DecoderError, model_device
+from .decoding import DecoderError, model_device, rotated_qkv, run_decoder_layers
 from .generation import (GenerationConfig, GenerationError, GenerationResult, IncrementalDecoder, StopReason,
                          TokenEvent, _check_prompt, _fit_prompt, _sampling_generator, select_next_token)
 
@@ -81,8 +81,6 @@ class BatchDecoder:
         self.vocab_size: int = model.get_input_embeddings().num_embeddings
         self._base = base
         self._layers = base.layers
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-        self._rotate = apply_rotary_pos_emb
         config = model.config
         self.head_dim: int = self._layers[0].self_attn.head_dim
         self.num_kv_heads: int = config.num_key_value_heads or config.num_attention_heads
@@ -114,10 +112,9 @@ class BatchDecoder:
             bias[row] = layer.self_attn.o_proj(zero)  # the tuned bias + this query's visual vector c_l
             keys[row].zero_()  # stale slots stay masked, but must not hold NaN/Inf (0 * NaN)
             values[row].zero_()
-        rows = torch.tensor([row], device=self.device)
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
         positions = torch.arange(length, device=self.device).unsqueeze(0)
-        logits = self._forward(rows, input_ids, positions, decode=False)
+        logits = self._forward([row], input_ids, positions, span=length, decode=False)
         self.lengths[row] = length
         return logits[0]
 
@@ -127,33 +124,29 @@ class BatchDecoder:
         for row in rows:
             if self.lengths[row] >= self.capacity:
                 raise DecoderError(f'row {row}: the static cache of {self.capacity} positions is full')
-        index = torch.tensor(list(rows), device=self.device)
         input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)  # (n, 1)
         positions = torch.tensor([[self.lengths[r]] for r in rows], device=self.device)  # (n, 1)
-        logits = self._forward(index, input_ids, positions, decode=True)
+        span = max(self.lengths[r] for r in rows) + 1
+        logits = self._forward(rows, input_ids, positions, span=span, decode=True)
         for row in rows:
             self.lengths[row] += 1
         return logits
 
     # ---- the model -----------------------------------------------------------------------------------------------
-    def _forward(self, rows: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+    def _forward(self, rows: Sequence[int], input_ids: torch.Tensor, positions: torch.Tensor, span: int,
                  decode: bool) -> torch.Tensor:
-        """(n, T) ids at (n, T) positions in cache rows `rows` (n,) -> each row's last-position logits (n, vocab)."""
+        """(n, T) ids at (n, T) positions in cache rows `rows` (n of them), whose highest position is `span` - 1
+        -> each row's last-position logits (n, vocab). Row bookkeeping stays on the host: no device sync."""
         hidden = self._base.embed_tokens(input_ids)  # (n, T, C)
         rotary = self._base.rotary_emb(hidden, positions)
-        span = int(positions.max()) + 1
-        first = int(rows[0])
-        contiguous = bool((rows == torch.arange(first, first + len(rows), device=rows.device)).all())
+        first = rows[0]
+        contiguous = list(rows) == list(range(first, first + len(rows)))
+        index = torch.tensor(list(rows), device=self.device)
         mask = None
         if decode:  # (n, 1, 1, span): row i sees the slots up to its own position
             mask = (self._slots[:span].view(1, 1, 1, span) <= positions.view(-1, 1, 1, 1))
-        for index, layer in enumerate(self._layers):
-            residual = hidden
-            hidden = self._attention(layer, index, layer.input_layernorm(hidden), rotary, rows, positions, mask,
-                                     span, contiguous, first)
-            hidden = residual + hidden
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = run_decoder_layers(self._layers, hidden, lambda layer_index, layer, x: self._attention(
+            layer, layer_index, x, rotary, index, positions, mask, span, contiguous, first))
         hidden = self._base.norm(hidden[:, -1:])
         return self.model.lm_head(hidden)[:, -1]
 
@@ -162,11 +155,7 @@ class BatchDecoder:
                    contiguous: bool, first: int) -> torch.Tensor:
         attn = layer.self_attn
         batch, length, _ = x.shape
-        shape = (batch, length, -1, self.head_dim)
-        query = attn.q_proj(x).view(shape).transpose(1, 2)  # (n, nh, T, hs)
-        key = attn.k_proj(x).view(shape).transpose(1, 2)  # (n, nkv, T, hs)
-        value = attn.v_proj(x).view(shape).transpose(1, 2)
-        query, key = self._rotate(query, key, *rotary)
+        query, key, value = rotated_qkv(attn, x, self.head_dim, rotary)  # (n, nh | nkv, T, hs)
         keys, values = self._keys[index], self._values[index]
         if mask is None:  # prefill of one row: causal attention within its prompt, which starts at position 0
             keys[first, :, :length] = key[0]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -123,6 +123,28 @@ class EagerStepper:
         return output.logits[0, -1]
 
 
+def run_decoder_layers(layers: Sequence[nn.Module], hidden: torch.Tensor,
+                       attention: Callable[[int, nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """LLaMA's decoder layers over (B, T, C) `hidden`: pre-norm attention, then pre-norm MLP, each added to the
+    residual stream. `attention(index, layer, normed)` is the caller's attention over its own KV cache."""
+    for index, layer in enumerate(layers):
+        hidden = hidden + attention(index, layer, layer.input_layernorm(hidden))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden
+
+
+def rotated_qkv(attn: nn.Module, x: torch.Tensor, head_dim: int,
+                rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, C) -> query (B, nh, T, hs), key and value (B, nkv, T, hs); query and key rotated (RoPE)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    shape = (*x.shape[:2], -1, head_dim)
+    query = attn.q_proj(x).view(shape).transpose(1, 2)
+    key = attn.k_proj(x).view(shape).transpose(1, 2)
+    value = attn.v_proj(x).view(shape).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, *rotary)
+    return query, key, value
+
+
 def _unmerged_injection(model: nn.Module) -> bool:
     """Whether an ImageBind-LLM output projection still replaces its visual vector per query (not graph-safe)."""
     from mm_llm_ros.core.llm.model import GatedOutputProjection
@@ -157,8 +179,6 @@ class StaticDecoder:
         self.vocab_size: int = model.get_input_embeddings().num_embeddings
         self._layers = base.layers
         self._base = base
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-        self._rotate = apply_rotary_pos_emb
         first = self._layers[0].self_attn
         self.head_dim: int = first.head_dim
         self.num_kv_heads: int = config.num_key_value_heads or config.num_attention_heads
@@ -224,23 +244,15 @@ class StaticDecoder:
         hidden = self._base.embed_tokens(input_ids)  # (1, T, C)
         rotary = self._base.rotary_emb(hidden, positions.unsqueeze(0))
         mask = (self._slots <= positions[-1]).view(1, 1, 1, -1) if decode else None
-        for index, layer in enumerate(self._layers):
-            residual = hidden
-            hidden = self._attention(layer.self_attn, index, layer.input_layernorm(hidden), rotary, positions, mask)
-            hidden = residual + hidden
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = run_decoder_layers(self._layers, hidden, lambda index, layer, x: self._attention(
+            layer.self_attn, index, x, rotary, positions, mask))
         hidden = self._base.norm(hidden[:, -1:])
         return self.model.lm_head(hidden)[:, -1]
 
     def _attention(self, attn: nn.Module, index: int, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                    positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, _ = x.shape
-        shape = (batch, length, -1, self.head_dim)
-        query = attn.q_proj(x).view(shape).transpose(1, 2)  # (B, nh, T, hs)
-        key = attn.k_proj(x).view(shape).transpose(1, 2)  # (B, nkv, T, hs)
-        value = attn.v_proj(x).view(shape).transpose(1, 2)
-        query, key = self._rotate(query, key, *rotary)
+        query, key, value = rotated_qkv(attn, x, self.head_dim, rotary)  # (B, nh | nkv, T, hs)
         keys, values = self._keys[index], self._values[index]
         keys.index_copy_(2, positions, key)
         values.index_copy_(2, positions, value)
