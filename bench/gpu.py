@@ -20,6 +20,10 @@ What it measures, all in the same process and run:
 - **ImageBind-huge** (random weights): `bench/imagebind_gpu.py`;
 - **goals** of the GPU issue, each met or not, computed from the tables above.
 
+`--int4-kernels tinygemm,fbgemm,gemlite` adds one set of int4 rows per kernel (a freshly quantised model each; a
+kernel whose package does not import or whose probe fails gets one row saying why). `--skip-eager` leaves out the
+eager and bare-backbone reference rows (only the served model on the fast decoders: a short device call).
+
 Rows that fail (an unsupported kernel, out of memory) are reported with their error; `--budget-s` skips what is
 left once the time is spent, so a slow machine still writes a table. The Markdown is rewritten after each section.
 """
@@ -244,31 +248,55 @@ def _our_loop(model, tokenizer, decoder_mode: str, device: torch.device, repeats
     return measure
 
 
+def parse_int4_kernels(text: str) -> list[str]:
+    """'tinygemm,fbgemm' -> ['tinygemm', 'fbgemm'] (argparse type); an unknown name is an argument error."""
+    from mm_llm_ros.core.llm.quantization import INT4_KERNEL_NAMES
+
+    kernels = [name.strip() for name in text.split(',') if name.strip()]
+    unknown = [name for name in kernels if name not in INT4_KERNEL_NAMES]
+    if unknown or not kernels:
+        raise argparse.ArgumentTypeError(f"unknown int4 kernel(s) {', '.join(unknown) or '(none given)'}: "
+                                         f"choose from {', '.join(INT4_KERNEL_NAMES)}")
+    return list(dict.fromkeys(kernels))
+
+
+def _formats(modes: Sequence[str], int4_kernels: Sequence[str]) -> list[tuple[str, str]]:
+    """(mode, int4 kernel) per freshly built model: int4 once per kernel, in the order given."""
+    return [(mode, kernel) for mode in modes for kernel in (int4_kernels if mode == 'int4' else ('tinygemm',))]
+
+
 def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Sequence[str], repeats: int,
                 new_tokens: int, compile_modes: Sequence[str], budget: Budget, log: Callable[[str], None],
-                rows: list[LLMRow], int4_group: int | None = None) -> list[LLMRow]:
+                rows: list[LLMRow], int4_group: int | None = None, int4_kernels: Sequence[str] = ('tinygemm',),
+                skip_eager: bool = False, compile_min_s: float | None = None) -> list[LLMRow]:
     """Every (model, weights, decoder) row, appended to `rows` as measured (`log` is called after each); one
-    freshly built backbone per weight format (same seed, same weights)."""
+    freshly built backbone per weight format and int4 kernel (same seed, same weights)."""
     from mm_llm_ros.core.llm.quantization import check_quantization, model_dtype, quantize_linear_weights
 
-    for mode in modes:
+    compile_min_s = COMPILE_MIN_S if compile_min_s is None else compile_min_s
+    eager = () if skip_eager else ('eager',)
+    for mode, kernel in _formats(modes, int4_kernels):
         # int4 loads the model in bfloat16, as the node does with dtype auto: tinygemm's only activation dtype.
         mode_dtype = model_dtype(mode, 'auto', dtype)
         weights = WEIGHT_NAMES[mode] if dtype == torch.float16 or mode != 'none' else str(dtype).split('.')[-1]
         if mode_dtype != dtype:
             weights += ' ' + {torch.bfloat16: 'bf16'}.get(mode_dtype, str(mode_dtype).split('.')[-1])
+        if kernel != 'tinygemm':
+            weights += f' {kernel}'  # the tinygemm rows keep their old label (and the goal that reads it)
         if budget.spent:
             rows.append(LLMRow('imagebind-llm merged', weights, '-', note='skipped: time budget spent'))
             continue
-        try:
-            check_quantization(mode, device, mode_dtype)
-        except ValueError as exc:
-            rows.append(LLMRow('imagebind-llm merged', weights, '-', note=f'refused: {exc}'))
+        try:  # a kernel whose package is missing or whose probe layer fails: one row saying why, then go on
+            check_quantization(mode, device, mode_dtype, int4_kernel=kernel)
+        except Exception as exc:
+            rows.append(LLMRow('imagebind-llm merged', weights, '-',
+                               note=f'refused: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}'))
+            log(f'{weights}: {rows[-1].note}')
             continue
         _free(device)
         backbone = llama7b_shape_backbone(device, mode_dtype, **shape)
         tokenizer = backbone.tokenizer
-        if mode == 'none':  # the references: the bare backbone, eager and fast, and what a Python user picks
+        if mode == 'none' and not skip_eager:  # the references: the bare backbone, eager and fast, and HF
             plain = backbone.model
             per_token = weight_bytes_per_token(plain)
             # No compiled backbone row: the injection overhead is compared on the CUDA graph, saving a compile.
@@ -279,14 +307,24 @@ def measure_llm(device: torch.device, dtype: torch.dtype, shape: dict, modes: Se
                      device, lambda row: time_hf_generate(plain, tokenizer, device, repeats, new_tokens, row), log)
         model, _ = _injected(backbone, merge=True)  # patches the backbone in place: merged ImageBind-LLM
         served = model.backbone
-        if mode != 'none':
-            quantize_linear_weights(served, mode, int4_group_size=int4_group)
-        per_token = weight_bytes_per_token(served)
-        for name in ('eager',) + _fast_modes(device) + (('compile',) if mode in compile_modes else ()):
+        try:
+            if mode != 'none':
+                quantize_linear_weights(served, mode, int4_group_size=int4_group, int4_kernel=kernel)
+            per_token = weight_bytes_per_token(served)
+        except Exception as exc:  # e.g. a kernel that took the probe layer but not a 7B-shaped one
+            traceback.print_exc()
+            rows.append(LLMRow('imagebind-llm merged', weights, '-', note=f'failed to quantise: '
+                               f'{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ""}'))
+            log(f'{weights}: {rows[-1].note}')
+            del model, served, backbone
+            plain = None
+            _free(device)
+            continue
+        for name in eager + _fast_modes(device) + (('compile',) if mode in compile_modes else ()):
             row = LLMRow('imagebind-llm merged', weights, name, weight_bytes_per_token=per_token)
-            if name == 'compile' and 0 < budget.remaining < COMPILE_MIN_S:
+            if name == 'compile' and 0 < budget.remaining < compile_min_s:
                 rows.append(row)
-                row.note = f'skipped: less than {COMPILE_MIN_S:.0f} s of the time budget left to compile'
+                row.note = f'skipped: less than {compile_min_s:.0f} s of the time budget left to compile'
                 continue
             _run_row(rows, row, budget, device, _our_loop(served, tokenizer, name, device, repeats, new_tokens), log)
         del model, served, backbone
@@ -325,6 +363,16 @@ def row_agreement(rows: list[LLMRow]) -> list[str]:
             first = _first_difference(row.tokens, base)
             lines.append(f'- {row.model} {row.weights}: `{row.decoder}` vs `eager`: {same}/{len(base)} greedy tokens '
                          f'equal' + ('' if first is None else f', first difference at token {first}'))
+    # Quantised rows against the fp16 (or the run's float) row of the same model and decoder.
+    fp = {(r.model, r.decoder): r.tokens for r in rows if r.tokens and not r.weights.startswith(('int4', 'int8'))}
+    for row in rows:
+        base = fp.get((row.model, row.decoder))
+        if row.weights.startswith(('int4', 'int8')) and row.tokens and base:
+            same = sum(a == b for a, b in zip(row.tokens, base))
+            first = _first_difference(row.tokens, base)
+            lines.append(f'- {row.model} {row.weights}: `{row.decoder}` vs the unquantised `{row.decoder}`: '
+                         f'{same}/{len(base)} greedy tokens equal'
+                         + ('' if first is None else f', first difference at token {first}'))
     return lines
 
 
@@ -387,7 +435,9 @@ def goals(report: Report) -> list[str]:
     fast = 'compile' if _find(rows, 'imagebind-llm merged', 'fp16', 'compile') else 'cuda_graph'
     served = _find(rows, 'imagebind-llm merged', 'fp16', fast)
     hf = _find(rows, 'backbone', 'fp16', 'HF generate()')
-    int4 = _find(rows, 'imagebind-llm merged', 'int4', fast)
+    # Every measured int4 row on that decoder, one per kernel ('int4 bf16' is tinygemm, 'int4 bf16 fbgemm' ...).
+    int4_rows = [r for r in rows if r.model == 'imagebind-llm merged' and r.decoder == fast
+                 and r.weights.split()[0] == 'int4' and r.tokens_per_s == r.tokens_per_s]
     copy = report.ceilings.copy_gb_s if report.ceilings else float('nan')
     if report.device_type != 'cuda':
         return ['The goals are for an H100/H200-class GPU: a CPU run only shows that every path works.']
@@ -407,10 +457,12 @@ def goals(report: Report) -> list[str]:
             f'{served.tokens_per_s:.0f} tok/s = {100 * served.tokens_per_s / limit:.0f}% of {limit:.0f}')
         add('TTFT for a 100-token prompt <= 50 ms', served.ttft_ms.get(100), 50.0,
             f'{served.ttft_ms.get(100, float("nan")):.1f} ms', higher_is_better=False)
-    if served and int4:
-        add('int4 decode >= 1.8x fp16', int4.tokens_per_s / served.tokens_per_s, 1.8,
-            f'{int4.tokens_per_s:.0f} / {served.tokens_per_s:.0f} tok/s = {int4.tokens_per_s / served.tokens_per_s:.2f}x'
-            f' (`{int4.decoder}`)')
+    for row in int4_rows if served else []:
+        kernel = row.weights.split()[2] if len(row.weights.split()) > 2 else ''
+        add('int4 decode >= 1.8x fp16' + (f' ({kernel})' if kernel else ''),
+            row.tokens_per_s / served.tokens_per_s, 1.8,
+            f'{row.tokens_per_s:.0f} / {served.tokens_per_s:.0f} tok/s = '
+            f'{row.tokens_per_s / served.tokens_per_s:.2f}x (`{row.decoder}`)')
     # Injection overhead: served vs bare backbone on the same decoder (compile if both have it, else the graph).
     pair = next(((m, b) for d in (fast, 'cuda_graph') if (m := _find(rows, 'imagebind-llm merged', 'fp16', d))
                  and (b := _find(rows, 'backbone', 'fp16', d))), None)
@@ -476,6 +528,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                              'a minute of compiling each on a GPU)')
     parser.add_argument('--int4-group-size', type=int, default=None, choices=(32, 64, 128, 256),
                         help='int4 group size (default: 128, as the node)')
+    parser.add_argument('--int4-kernels', type=parse_int4_kernels, default=['tinygemm'],
+                        help='comma-separated int4 kernels, one set of int4 rows each: tinygemm (default), fbgemm '
+                             "(torchao's preshuffled packing on fbgemm-gpu-genai), gemlite (Triton); a kernel that "
+                             'does not import or run gets a row saying why')
+    parser.add_argument('--skip-eager', action='store_true',
+                        help='only the served model on the fast decoders: no eager, bare-backbone or HF rows')
+    parser.add_argument('--compile-min-s', type=float, default=COMPILE_MIN_S,
+                        help='do not start compiling a row with less than this much of the time budget left')
     parser.add_argument('--inductor-tuning', action='store_true',
                         help="compile with inductor's coordinate-descent tuning (gpt-fast's and torchao's setting)")
     parser.add_argument('--repeats', type=int, default=None, help='timed runs per row (default 3; smoke 1)')
@@ -517,7 +577,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         'agreement': lambda: report.agreement.extend(tiny_agreement(device)),
         'imagebind': lambda: _imagebind(report, device, args.smoke, args.imagebind_compile),
         'llm': lambda: measure_llm(device, dtype, shape, args.quantization, args.repeats, args.new_tokens,
-                                   args.compile, budget, log_and_write, report.llm, args.int4_group_size),
+                                   args.compile, budget, log_and_write, report.llm, args.int4_group_size,
+                                   args.int4_kernels, args.skip_eager, args.compile_min_s),
     }
     for name, step in steps.items():
         if name not in args.sections:

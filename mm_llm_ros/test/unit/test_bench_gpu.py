@@ -66,3 +66,57 @@ def test_goal_verdicts_compare_each_figure_with_its_target(bench):
     assert 'not met' in verdicts['int4 decode >= 1.8x fp16']  # 300/205 = 1.46
     assert '+2.4%' in verdicts['ImageBind-LLM injection overhead <= 5% per token']
     assert '5.12x' in verdicts['fast path >= 2x Hugging Face generate()']
+
+
+def test_int4_kernels_flag_parses_a_comma_list_and_refuses_unknown_names(bench):
+    assert bench.parse_int4_kernels('fbgemm, gemlite,tinygemm,fbgemm') == ['fbgemm', 'gemlite', 'tinygemm']
+    with pytest.raises(SystemExit):
+        bench.main(['--device', 'cpu', '--int4-kernels', 'tinygemm,marlin'])
+    assert bench._formats(['none', 'int4'], ['fbgemm', 'tinygemm']) == [
+        ('none', 'tinygemm'), ('int4', 'fbgemm'), ('int4', 'tinygemm')]
+
+
+def test_a_failing_int4_kernel_gets_a_row_and_the_others_are_still_measured(bench, monkeypatch):
+    from mm_llm_ros.core.llm import quantization
+
+    check, quantize = quantization.check_quantization, quantization.quantize_linear_weights
+
+    def fake_check(mode, device, dtype, int4_kernel='tinygemm'):
+        if int4_kernel == 'gemlite':  # as if its package did not import
+            raise quantization.QuantizationError('gemlite does not import')
+        if int4_kernel != 'fbgemm':
+            check(mode, device, dtype, int4_kernel=int4_kernel)
+
+    def fake_quantize(module, mode, int4_group_size=None, int4_kernel='tinygemm'):
+        if int4_kernel == 'fbgemm':  # as if the probe passed but the model's shapes failed
+            raise RuntimeError('no kernel for this shape')
+        return quantize(module, mode, int4_group_size, int4_kernel)
+
+    monkeypatch.setattr(quantization, 'check_quantization', fake_check)
+    monkeypatch.setattr(quantization, 'quantize_linear_weights', fake_quantize)
+    rows = bench.measure_llm(torch.device('cpu'), torch.float32, bench.SHAPES['smoke'], ['int4'], 1, 4, [],
+                             bench.Budget(300), lambda _: None, [], int4_kernels=['fbgemm', 'gemlite', 'tinygemm'],
+                             skip_eager=True)
+    assert [(r.weights, r.decoder) for r in rows] == [('int4 bf16 fbgemm', '-'), ('int4 bf16 gemlite', '-'),
+                                                      ('int4 bf16', 'static')]
+    assert rows[0].note == 'failed to quantise: RuntimeError: no kernel for this shape'
+    assert rows[1].note == 'refused: QuantizationError: gemlite does not import'
+    assert rows[2].note == '' and rows[2].tokens_per_s > 0
+
+
+def test_each_int4_kernel_gets_its_goal_line_against_the_same_fp16_row(bench):
+    report = bench.Report(header=[], ceilings=bench.Ceilings(copy_gb_s=4000.0, matmul_tflops=700.0), device_type='cuda')
+    per_token = 13_000_000_000
+    report.llm = [
+        bench.LLMRow('imagebind-llm merged', 'fp16', 'compile', {100: 20.0}, 200.0, per_token, tokens=[1, 2, 3]),
+        bench.LLMRow('imagebind-llm merged', 'int4 bf16 fbgemm', 'compile', {100: 30.0}, 380.0, per_token // 4,
+                     tokens=[1, 2, 4]),
+        bench.LLMRow('imagebind-llm merged', 'int4 bf16 gemlite', '-', note='refused: no gemlite'),
+        bench.LLMRow('imagebind-llm merged', 'int4 bf16', 'compile', {100: 30.0}, 320.0, per_token // 4),
+    ]
+    verdicts = {line.split(' | ')[0].strip('| '): line for line in bench.goals(report)[2:]}
+    assert '380 / 200 tok/s = 1.90x' in verdicts['int4 decode >= 1.8x fp16 (fbgemm)']
+    assert '| met' in verdicts['int4 decode >= 1.8x fp16 (fbgemm)']
+    assert 'not met' in verdicts['int4 decode >= 1.8x fp16'] and 'int4 decode >= 1.8x fp16 (gemlite)' not in verdicts
+    assert ('- imagebind-llm merged int4 bf16 fbgemm: `compile` vs the unquantised `compile`: 2/3 greedy tokens equal, '
+            'first difference at token 2') in bench.row_agreement(report.llm)

@@ -261,3 +261,35 @@ def test_build_answerer_with_int4_and_dtype_auto_runs_on_the_cpu():
 
     answerer = pipeline.build_answerer(pipeline.LLMConfig(preset='tiny', device='cpu', quantization='int4'))
     assert next(answerer.model.parameters()).dtype == torch.bfloat16
+
+
+def test_an_unknown_int4_kernel_is_refused_naming_the_choices():
+    with pytest.raises(QuantizationError, match="int4 kernel 'marlin' is unknown: choose one of tinygemm, fbgemm, "
+                                                "gemlite"):
+        quantize_linear_weights(_merged_tiny(), 'int4', int4_kernel='marlin')
+    with pytest.raises(QuantizationError, match="int4 kernel 'marlin' is unknown"):
+        check_quantization('int4', 'cpu', torch.bfloat16, int4_kernel='marlin')
+
+
+@pytest.mark.parametrize('kernel', ['fbgemm', 'gemlite'])
+def test_the_other_int4_kernels_are_cuda_only(kernel):
+    with pytest.raises(QuantizationError, match=f"'int4' with int4 kernel '{kernel}' needs a CUDA device, got cpu"):
+        check_quantization('int4', 'cpu', torch.bfloat16, int4_kernel=kernel)
+    model = _merged_tiny(dtype=torch.bfloat16)
+    with pytest.raises(QuantizationError, match=f"int4 kernel '{kernel}' needs a CUDA device"):
+        quantize_linear_weights(model, 'int4', int4_kernel=kernel)
+
+
+@pytest.mark.parametrize('kernel, module, package', [('fbgemm', 'fbgemm_gpu.experimental.gen_ai', 'fbgemm-gpu-genai'),
+                                                     ('gemlite', 'gemlite', 'gemlite')])
+def test_a_missing_int4_kernel_package_is_refused_naming_it(monkeypatch, kernel, module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, whatever is installed here
+    quantization._fbgemm_preshuffled.cache_clear()
+    load = quantization._fbgemm_preshuffled if kernel == 'fbgemm' else lambda: quantization._gemlite_config(128)
+    with pytest.raises(QuantizationError, match=f"int4 kernel '{kernel}' needs {package}, .*pip install {package}"):
+        load()
+
+
+def test_the_default_int4_kernel_is_tinygemm():
+    model = _merged_tiny(dtype=torch.bfloat16)
+    assert quantize_linear_weights(model, 'int4', int4_kernel='tinygemm') > 0

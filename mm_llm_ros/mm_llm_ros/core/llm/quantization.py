@@ -23,6 +23,13 @@ Both quantised linears are pure tensor programs (no `.item()`, no data-dependent
 can be captured into a CUDA graph. torchao's own C++/CUDA extensions (fp8/mxfp8 CUTLASS kernels) are not used by
 these paths; `import_torchao` skips loading them, so a torchao wheel built for another torch or CUDA imports
 quietly and still works.
+
+Other int4 kernels on CUDA (`int4_kernel`, for benchmarking; tinygemm stays the default): the same groupwise
+asymmetric int4 weights run through
+- `fbgemm`: torchao's `preshuffled` packing, Hopper WGMMA kernels (`bf16i4bf16_shuffled`) from `fbgemm-gpu-genai`.
+  torchao 0.18 looks for them under their new package name, `mslk`; without mslk the op and the packing function
+  are taken from fbgemm's package (`_fbgemm_preshuffled`). bfloat16 activations only;
+- `gemlite`: torchao's `UIntxWeightOnlyConfig` (prototype), gemlite's Triton GEMV/GEMM kernels.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 MODES = ('none', 'int8', 'int4')
+INT4_KERNEL_NAMES = ('tinygemm', 'fbgemm', 'gemlite')  # tinygemm: the default, and the only one on the CPU
 INT4_GROUP_SIZES = (128, 64, 32)  # preferred first; tinygemm supports 32..256
 TORCHAO_PIN = 'torchao==0.18.0'
 # aten ops behind the int4 path, per device type: (pack, matmul).
@@ -125,14 +133,71 @@ def model_dtype(mode: str, dtype_name: str, resolved: torch.dtype) -> torch.dtyp
     return resolved
 
 
-def check_quantization(mode: str, device: torch.device | str, dtype: torch.dtype) -> None:
+def _check_int4_kernel(int4_kernel: str) -> None:
+    if int4_kernel not in INT4_KERNEL_NAMES:
+        raise QuantizationError(f"int4 kernel '{int4_kernel}' is unknown: choose one of {', '.join(INT4_KERNEL_NAMES)}")
+
+
+_MSLK_OPS: list = []  # keeps the mslk alias op registered for the life of the process
+
+
+@functools.lru_cache(maxsize=None)
+def _fbgemm_preshuffled() -> None:
+    """Make torchao's `preshuffled` int4 tensor run on fbgemm-gpu-genai's kernels when mslk is not installed."""
+    try:
+        importlib.import_module('fbgemm_gpu.experimental.gen_ai')  # loads the .so: registers torch.ops.fbgemm
+        from fbgemm_gpu.experimental.gen_ai.quantize import quantize_int4_preshuffle
+        torch.ops.fbgemm.bf16i4bf16_shuffled  # noqa: B018  (an AttributeError if the .so lacks the kernel)
+    except (ImportError, OSError, RuntimeError, AttributeError) as exc:
+        raise QuantizationError(f"int4 kernel 'fbgemm' needs fbgemm-gpu-genai, which does not import or lacks "
+                                f"bf16i4bf16_shuffled ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                                'install it with: pip install fbgemm-gpu-genai') from exc
+    with _quiet_import():
+        preshuffled = importlib.import_module('torchao.quantization.quantize_.workflows.int4.int4_preshuffled_tensor')
+    if preshuffled.quantize_int4_preshuffle is not None:
+        return  # mslk is installed: torchao uses it as it is
+    preshuffled.quantize_int4_preshuffle = quantize_int4_preshuffle
+    with contextlib.suppress(AttributeError, RuntimeError):
+        torch.ops.mslk.bf16i4bf16_shuffled  # noqa: B018
+        return
+
+    # An opaque custom op (with a shape-only fake) so that torch.compile traces it without fbgemm's own fakes.
+    @torch.library.custom_op('mslk::bf16i4bf16_shuffled', mutates_args=())
+    def bf16i4bf16_shuffled(X: torch.Tensor, W: torch.Tensor, w_scale_group: torch.Tensor,
+                            w_zero_group: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.fbgemm.bf16i4bf16_shuffled(X.reshape(-1, X.shape[-1]), W, w_scale_group, w_zero_group)
+        return out.reshape(*X.shape[:-1], W.shape[0]).clone()
+
+    @bf16i4bf16_shuffled.register_fake
+    def _(X, W, w_scale_group, w_zero_group):
+        return X.new_empty((*X.shape[:-1], W.shape[0]), dtype=torch.bfloat16)
+
+    _MSLK_OPS.append(bf16i4bf16_shuffled)
+
+
+def _gemlite_config(group: int):
+    try:
+        importlib.import_module('gemlite')
+        with _quiet_import():
+            from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
+    except Exception as exc:  # gemlite imports triton and probes the GPU: any failure is "not available"
+        raise QuantizationError(f"int4 kernel 'gemlite' needs gemlite, which does not import "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                                'install it with: pip install gemlite') from exc
+    return UIntxWeightOnlyConfig(group_size=group, bit_width=4, set_inductor_config=False)
+
+
+def check_quantization(mode: str, device: torch.device | str, dtype: torch.dtype,
+                       int4_kernel: str = 'tinygemm') -> None:
     """Raise QuantizationError (one line naming the mode and the reason) unless `mode` runs on `device`/`dtype`.
 
     Checks the mode name, that torchao imports, that torch has the int4 kernels of the device (and, on CUDA,
     compute capability >= 8.0), and then quantises and runs a small probe layer on the device. Touches no model.
+    `int4_kernel` other than tinygemm: CUDA only, and its package must import.
     """
     if mode not in MODES:
         raise QuantizationError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
+    _check_int4_kernel(int4_kernel)
     if mode == 'none':
         preload_torchao()
         return
@@ -142,7 +207,16 @@ def check_quantization(mode: str, device: torch.device | str, dtype: torch.dtype
     if dtype not in _FLOAT_DTYPES:
         raise _refuse(mode, f'needs a float32, float16 or bfloat16 model, got {dtype}')
     import_torchao()
-    if mode == 'int4':
+    if mode == 'int4' and int4_kernel != 'tinygemm':
+        if device.type != 'cuda':
+            raise _refuse(mode, f"with int4 kernel '{int4_kernel}' needs a CUDA device, got {device}")
+        if int4_kernel == 'fbgemm' and dtype != torch.bfloat16:
+            raise _refuse(mode, f"with int4 kernel 'fbgemm' needs dtype bfloat16 (bf16i4bf16), got {dtype}")
+        if int4_kernel == 'fbgemm':
+            _fbgemm_preshuffled()
+        else:
+            _gemlite_config(128)
+    elif mode == 'int4':
         if device.type == 'cuda' and torch.version.hip is not None:
             raise _refuse(mode, 'is not supported on ROCm builds (the tinygemm packing differs); use int8')
         missing = [op for op in INT4_KERNELS[device.type] if not hasattr(torch.ops.aten, op)]
@@ -159,11 +233,11 @@ def check_quantization(mode: str, device: torch.device | str, dtype: torch.dtype
                 raise _refuse(mode, f'needs compute capability >= 8.0 for the tinygemm kernel, '
                                     f'{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}; '
                                     'use int8')
-    _probe(mode, str(device), dtype)
+    _probe(mode, str(device), dtype, int4_kernel)
 
 
 @functools.lru_cache(maxsize=None)
-def _probe(mode: str, device: str, dtype: torch.dtype) -> None:
+def _probe(mode: str, device: str, dtype: torch.dtype, int4_kernel: str = 'tinygemm') -> None:
     """Quantise and run a 256 -> 64 linear layer on the device; refuse if that fails or computes garbage."""
     generator = torch.Generator().manual_seed(0)
     linear = nn.Linear(256, 64, bias=True)
@@ -174,7 +248,7 @@ def _probe(mode: str, device: str, dtype: torch.dtype) -> None:
     with torch.no_grad():
         reference = linear(x).float()
         try:
-            _quantize_linear(linear, mode)
+            _quantize_linear(linear, mode, int4_kernel=int4_kernel)
             y = linear(x).float()
         except (RuntimeError, AssertionError, ValueError, NotImplementedError) as exc:
             raise _refuse(mode, f'fails on this {device} build of torch {torch.__version__}: '
@@ -191,7 +265,8 @@ def int4_group_size(in_features: int, preferred: int | None = None) -> int | Non
     return next((size for size in sizes if in_features % size == 0), None)
 
 
-def _config(mode: str, device: torch.device, in_features: int, group_size: int | None = None):
+def _config(mode: str, device: torch.device, in_features: int, group_size: int | None = None,
+            int4_kernel: str = 'tinygemm'):
     quantization = import_torchao()
     # set_inductor_config=False: torchao would otherwise flip process-wide inductor settings
     # (coordinate-descent tuning: much longer compiles) as a side effect of quantising.
@@ -200,6 +275,14 @@ def _config(mode: str, device: torch.device, in_features: int, group_size: int |
     group = int4_group_size(in_features, group_size)
     if group is None:
         return None
+    if int4_kernel != 'tinygemm' and device.type != 'cuda':
+        raise _refuse(mode, f"with int4 kernel '{int4_kernel}' needs a CUDA device, got {device}")
+    if int4_kernel == 'gemlite':
+        return _gemlite_config(group)
+    if int4_kernel == 'fbgemm':
+        _fbgemm_preshuffled()
+        return quantization.Int4WeightOnlyConfig(group_size=group, int4_packing_format='preshuffled',
+                                                 set_inductor_config=False)
     if device.type == 'cuda':
         return quantization.Int4WeightOnlyConfig(group_size=group, int4_packing_format='tile_packed_to_4d',
                                                  set_inductor_config=False)
@@ -209,13 +292,15 @@ def _config(mode: str, device: torch.device, in_features: int, group_size: int |
 
 
 @torch.no_grad()
-def _quantize_linear(linear: nn.Linear, mode: str, group_size: int | None = None) -> bool:
+def _quantize_linear(linear: nn.Linear, mode: str, group_size: int | None = None,
+                     int4_kernel: str = 'tinygemm') -> bool:
     """Replace `linear.weight` by its torchao quantised tensor; False (left as is) if the shape does not fit."""
-    config = _config(mode, linear.weight.device, linear.in_features, group_size)
+    config = _config(mode, linear.weight.device, linear.in_features, group_size, int4_kernel)
     if config is None:
         return False
     if mode == 'int4' and linear.weight.device.type == 'cuda' and linear.weight.dtype != torch.bfloat16:
-        # tinygemm on CUDA is bfloat16-only: quantise from bfloat16 (its range covers float16 and float32 weights).
+        # tinygemm and fbgemm are bfloat16-only: quantise from bfloat16 (its range covers float16 and float32
+        # weights). gemlite takes float16 too, but bfloat16 keeps the kernels' rows comparable.
         linear.weight = nn.Parameter(linear.weight.to(torch.bfloat16), requires_grad=False)
     import_torchao().quantize_(linear, config)
     return not is_plain(linear.weight)
@@ -245,7 +330,8 @@ def _holders(module: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return holders
 
 
-def quantize_linear_weights(module: nn.Module, mode: str, int4_group_size: int | None = None) -> int:
+def quantize_linear_weights(module: nn.Module, mode: str, int4_group_size: int | None = None,
+                            int4_kernel: str = 'tinygemm') -> int:
     """Quantise (weight-only, in place) every linear weight of the decoder layers; return how many.
 
     `module` is a transformers LLaMA (`LlamaForCausalLM`) or an `ImageBindLLM` whose adapters are merged. A weight
@@ -253,10 +339,12 @@ def quantize_linear_weights(module: nn.Module, mode: str, int4_group_size: int |
     Leaves lm_head, embeddings, norms, the bind network and the LoRA factors in the model dtype (module docstring).
     `int4_group_size` overrides the default of 128 (e.g. 32 for weights that were 4-bit in groups of 32 before,
     like the embedded SmolLM2's Q4_1 GGUF: the same grid comes back). Call `check_quantization` first for a clear
-    refusal; 'none' returns 0 and changes nothing.
+    refusal; 'none' returns 0 and changes nothing. `int4_kernel` picks the CUDA int4 kernel (module docstring):
+    'tinygemm' (default), 'fbgemm' or 'gemlite'; QuantizationError if unknown or its package does not import.
     """
     if mode not in MODES:
         raise QuantizationError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
+    _check_int4_kernel(int4_kernel)
     if mode == 'none':
         return 0
     if getattr(module, 'merged', True) is False:
@@ -276,7 +364,7 @@ def quantize_linear_weights(module: nn.Module, mode: str, int4_group_size: int |
         original = linear.weight
         if not is_plain(original):
             continue  # already quantised (shared with a module seen before, or a second call)
-        if not _quantize_linear(linear, mode, int4_group_size):
+        if not _quantize_linear(linear, mode, int4_group_size, int4_kernel):
             skipped.append(name)
             continue
         for holder, attribute in holders.get(id(original), []):
