@@ -23,6 +23,8 @@ class Param:
     replaced_by: str = ''   # a deprecated name: a value set under it goes to this parameter, with a warning
 
     def validate(self, value: Any) -> Any:
+        if self.replaced_by and value is None:  # a deprecated name the user did not set
+            return value
         if self.choices and value not in self.choices:
             raise ValueError(f"parameter '{self.name}' must be one of {', '.join(map(str, self.choices))}, "
                              f"got '{value}'")
@@ -33,22 +35,20 @@ def _index(params: Iterable[Param]) -> dict[str, Param]:
     return {p.name: p for p in params}
 
 
-def _deprecated(old_name: str, old_default: Any, new: Param) -> Param:
-    """The old name of a renamed parameter, still read (with its old default) so that users see a warning."""
-    return Param(old_name, old_default, f'Deprecated: use {new.name} (still read, with a warning).', new.choices,
+def _deprecated(old_name: str, new: Param) -> Param:
+    """The old name of a renamed parameter, still read so that users see a warning. It has no default (None): any
+    value a user gives it is theirs, even one equal to the old default, and it then replaces the new name's."""
+    return Param(old_name, None, f'Deprecated: use {new.name} (still read, with a warning).', new.choices,
                  replaced_by=new.name)
 
 
 def resolve_deprecated(params: Iterable[Param], values: dict[str, Any]) -> list[str]:
-    """Move values set under deprecated names to their new names (in place); returns the warnings to log.
-
-    A deprecated name counts as set when its value differs from its old default.
-    """
+    """Move values set under deprecated names to their new names (in place); returns the warnings to log."""
     warnings = []
     for param in params:
         if param.replaced_by and param.name in values:
             value = values.pop(param.name)
-            if value != param.default:
+            if value is not None:
                 values[param.replaced_by] = value
                 warnings.append(f"parameter '{param.name}' is deprecated: use '{param.replaced_by}' (its value "
                                 f'{value!r} is used for it now)')
@@ -251,9 +251,8 @@ GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
     Param('geometry.max_clusters', 10, 'Nearest object clusters reported.'),
     # Renamed: the lidar geometry is shared with the encoder; the audio-event settings carry their kind's name (the
     # encoder's audio.window_s is another window, ImageBind's 3 clips of 2 s).
-    *(_deprecated(f'geometry.{p.name.split(".")[1]}', default, p)
-      for p, default in zip(LIDAR_GEOMETRY_PARAMS, (0.0, 0.5, 60.0))),
-    *(_deprecated('audio.' + p.name.split('.', 1)[1], p.default, p) for p in AUDIO_EVENTS_PARAMS),
+    *(_deprecated(f'geometry.{p.name.split(".")[1]}', p) for p in LIDAR_GEOMETRY_PARAMS),
+    *(_deprecated('audio.' + p.name.split('.', 1)[1], p) for p in AUDIO_EVENTS_PARAMS),
 )
 
 THERMAL_PARAMS = (
@@ -357,8 +356,9 @@ def node_params(sections: Mapping[str, Mapping[str, Any]], node: str) -> dict[st
         if param is None:
             raise ParamsFileError(f"{node} has no parameter '{name}'")
         # rclpy refuses an override of another type than the declared default (also 2 for a double: write 2.0).
-        if type(value) is not type(param.default):
-            raise ParamsFileError(f"{node} parameter '{name}' must be a {type(param.default).__name__}, "
+        expected = declared[param.replaced_by].default if param.replaced_by else param.default
+        if type(value) is not type(expected):
+            raise ParamsFileError(f"{node} parameter '{name}' must be a {type(expected).__name__}, "
                                   f'got {value!r}')
         try:
             values[name] = param.validate(value)

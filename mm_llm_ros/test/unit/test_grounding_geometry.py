@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from mm_llm_ros.core.grounding import GeometryConfig, GeometryExtractor, GroundingConfigError
+from mm_llm_ros.core.errors import ConfigError
+from mm_llm_ros.core.grounding import GeometryConfig, GeometryExtractor
 from mm_llm_ros.core.grounding.geometry import SECTORS, describe_bearing, sector_of
 
 SENSOR_HEIGHT = 1.7
@@ -52,7 +53,7 @@ def test_describe_bearing(bearing, words):
                                     {'min_height_m': 2, 'max_height_m': 1}, {'cluster_eps_m': 0},
                                     {'cluster_min_points': 0}, {'max_clusters': -1}])
 def test_bad_config_is_rejected(kwargs):
-    with pytest.raises(GroundingConfigError):
+    with pytest.raises(ConfigError):
         GeometryConfig(**kwargs)
 
 

@@ -20,7 +20,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import GroundingModelError, Lazy, check_config, join_within
+from mm_llm_ros.core.errors import DependencyError
+
+from .base import Lazy, check_config, join_within
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +165,7 @@ def _import_open3d():
     try:
         import open3d
     except ImportError as error:   # also raised for a missing system library such as libusb-1.0.so.0
-        raise GroundingModelError(f'geometry needs {OPEN3D_PIN} (or open3d): {error}') from error
+        raise DependencyError(f'geometry needs {OPEN3D_PIN} (or open3d): {error}') from error
     open3d.utility.set_verbosity_level(open3d.utility.VerbosityLevel.Error)   # DBSCAN prints progress otherwise
     return open3d
 

@@ -8,7 +8,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import GroundingModelError, Lazy, check_config, join_within
+from mm_llm_ros.core.errors import DependencyError
+
+from .base import Lazy, check_config, join_within
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ class OcrExtractor:
         try:
             from rapidocr_onnxruntime import RapidOCR
         except ImportError as error:
-            raise GroundingModelError(f'OCR needs {OCR_PIN} (its models are inside the wheel): {error}') from error
+            raise DependencyError(f'OCR needs {OCR_PIN} (its models are inside the wheel): {error}') from error
         options: dict[str, Any] = {'text_score': self.config.min_confidence, 'max_side_len': self.config.max_side_px}
         if self.config.num_threads:
             options['intra_op_num_threads'] = self.config.num_threads

@@ -39,6 +39,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from mm_llm_ros.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,6 @@ _LORA_FACTORS = ('lora_a', 'lora_b')
 # What transformers' torchao integration imports with its modeling code (quantizers/quantizer_torchao.py).
 _TRANSFORMERS_IMPORTS = 'torchao.prototype.safetensors.safetensors_support'
 
-
-class QuantizationError(ValueError):
-    """A quantisation mode this build or device cannot run, or a model it cannot be applied to."""
 
 
 @contextlib.contextmanager
@@ -82,7 +80,7 @@ def _quiet_import() -> Iterator[None]:
 
 
 def import_torchao() -> ModuleType:
-    """`torchao.quantization`, imported quietly; QuantizationError if torchao is missing or broken."""
+    """`torchao.quantization`, imported quietly; ConfigError if torchao is missing or broken."""
     try:
         with _quiet_import():
             importlib.import_module('torchao')
@@ -90,7 +88,7 @@ def import_torchao() -> ModuleType:
                 importlib.import_module(_TRANSFORMERS_IMPORTS)
             return importlib.import_module('torchao.quantization')
     except ImportError as exc:
-        raise QuantizationError(f'weight-only quantisation needs torchao, which does not import ({exc}); '
+        raise ConfigError(f'weight-only quantisation needs torchao, which does not import ({exc}); '
                                 f'install it with: pip install {TORCHAO_PIN}') from exc
 
 
@@ -102,12 +100,12 @@ def preload_torchao() -> None:
     nodes' stderr. It costs nothing extra: transformers would import it a moment later anyway.
     """
     if 'torchao' not in sys.modules and importlib.util.find_spec('torchao') is not None:
-        with contextlib.suppress(QuantizationError):
+        with contextlib.suppress(ConfigError):
             import_torchao()
 
 
-def _refuse(mode: str, reason: str) -> QuantizationError:
-    return QuantizationError(f"llm.quantization '{mode}' {reason}")
+def _refuse(mode: str, reason: str) -> ConfigError:
+    return ConfigError(f"llm.quantization '{mode}' {reason}")
 
 
 def model_dtype(mode: str, dtype_name: str, resolved: torch.dtype) -> torch.dtype:
@@ -126,13 +124,13 @@ def model_dtype(mode: str, dtype_name: str, resolved: torch.dtype) -> torch.dtyp
 
 
 def check_quantization(mode: str, device: torch.device | str, dtype: torch.dtype) -> None:
-    """Raise QuantizationError (one line naming the mode and the reason) unless `mode` runs on `device`/`dtype`.
+    """Raise ConfigError (one line naming the mode and the reason) unless `mode` runs on `device`/`dtype`.
 
     Checks the mode name, that torchao imports, that torch has the int4 kernels of the device (and, on CUDA,
     compute capability >= 8.0), and then quantises and runs a small probe layer on the device. Touches no model.
     """
     if mode not in MODES:
-        raise QuantizationError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
+        raise ConfigError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
     if mode == 'none':
         preload_torchao()
         return
@@ -230,7 +228,7 @@ def _decoder_layers(module: nn.Module) -> nn.ModuleList:
     backbone = getattr(module, 'backbone', module)  # ImageBindLLM or a bare LlamaForCausalLM
     layers = getattr(getattr(backbone, 'model', None), 'layers', None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise QuantizationError(f'cannot quantise {type(module).__name__}: not a LLaMA-style causal LM '
+        raise ConfigError(f'cannot quantise {type(module).__name__}: not a LLaMA-style causal LM '
                                 '(no model.layers)')
     return layers
 
@@ -256,11 +254,11 @@ def quantize_linear_weights(module: nn.Module, mode: str, int4_group_size: int |
     refusal; 'none' returns 0 and changes nothing.
     """
     if mode not in MODES:
-        raise QuantizationError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
+        raise ConfigError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
     if mode == 'none':
         return 0
     if getattr(module, 'merged', True) is False:
-        raise QuantizationError(f"llm.quantization '{mode}': merge the adapters first (merge_adapters writes "
+        raise ConfigError(f"llm.quantization '{mode}': merge the adapters first (merge_adapters writes "
                                 'W + B A into the base weights, which a quantised weight cannot take)')
     layers = _decoder_layers(module)
     holders = _holders(module)
