@@ -15,9 +15,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.audio_buffer import AudioRingBuffer, AudioSnapshot
 from mm_llm_ros.core.encoding_pipeline import InputRejected
+from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.imagebind.imu import ImuBuffer, ImuWindowConfig, ImuWindowError, preprocess_imu
 from mm_llm_ros.core.imagebind.lidar_projection import PinholeCamera, lidar_to_depth_input
 from mm_llm_ros.core.imagebind.preprocess import preprocess_audio, preprocess_depth, preprocess_vision

@@ -253,7 +253,8 @@ def test_an_old_name_set_to_its_old_default_still_replaces_the_new_default():
     assert NODE_PARAMS['grounding_node']['lidar.max_range_m'].default != 60.0
     values = node_params({'grounding_node': {'geometry.max_range_m': 60.0}}, 'grounding_node')
     assert values['lidar.max_range_m'] == 60.0
-    assert node_params({}, 'grounding_node')['lidar.max_range_m'] == NODE_PARAMS['grounding_node']['lidar.max_range_m'].default
+    default = NODE_PARAMS['grounding_node']['lidar.max_range_m'].default
+    assert node_params({}, 'grounding_node')['lidar.max_range_m'] == default
     with pytest.raises(ValueError, match="'geometry.max_range_m' must be a float"):
         node_params({'grounding_node': {'geometry.max_range_m': 'far'}}, 'grounding_node')
 

@@ -228,4 +228,5 @@ def test_a_decoder_the_device_cannot_run_is_refused_before_loading():
     from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 
     with pytest.raises(ConfigError, match="'cuda_graph' needs a CUDA device"):
-        build_answerer(LLMConfig.from_params({'llm.preset': 'tiny', 'device': 'cpu', 'generation.decoder': 'cuda_graph'}))
+        build_answerer(LLMConfig.from_params({'llm.preset': 'tiny', 'device': 'cpu',
+                                              'generation.decoder': 'cuda_graph'}))

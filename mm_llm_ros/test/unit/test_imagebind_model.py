@@ -18,7 +18,8 @@ import torch
 
 from mm_llm_ros.core.errors import CheckpointError, ConfigError, DeviceError
 from mm_llm_ros.core.imagebind import official
-from mm_llm_ros.core.imagebind.model import (HUGE_KWARGS, EncodeError, ImageBindConfig, ImageBindEncoder, get_shared_encoder, parse_overrides, release_shared_encoders)
+from mm_llm_ros.core.imagebind.model import (HUGE_KWARGS, EncodeError, ImageBindConfig, ImageBindEncoder,
+                                             get_shared_encoder, parse_overrides, release_shared_encoders)
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ImageBindConfig(preset='tiny', allow_random_weights=True, device='cpu')

@@ -29,6 +29,7 @@ import numpy as np
 
 from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, context_block, validate_question
 from mm_llm_ros.core.embedding_store import ModalityStore, StoredInput
+from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor, config_from_params
 from mm_llm_ros.core.grounding.facts import prompt_text
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder
@@ -41,7 +42,6 @@ from mm_llm_ros.core.specs import CONTEXT_KIND_SPECS, resolve, sensor_for_replay
 
 from .datasets import EvalItem
 from .runner import PredictionError
-from mm_llm_ros.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ IMAGE_CONTEXT_KINDS = tuple(k.name for k in CONTEXT_KIND_SPECS if k.sensor == IM
 ENCODER_NODES = ('encoder', f'{IMAGE_SENSOR.launch_switch}_encoder')
 
 T = TypeVar('T')
-
 
 
 def instruction(item: EvalItem) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from mm_llm_ros.core.errors import DependencyError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ MODEL_MODULE = 'imagebind.models.imagebind_model'
 INSTALL_HINT = 'pip install --no-deps imagebind-unofficial==0.1.1'
 
 _import_lock = threading.Lock()
-
 
 
 # --- timm stand-in ---------------------------------------------------------------------------------------------

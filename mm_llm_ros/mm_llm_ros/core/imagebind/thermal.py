@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mm_llm_ros.core.imagebind.preprocess import PreprocessError, _resize_and_crop
 from mm_llm_ros.core.errors import ConfigError
+from mm_llm_ros.core.imagebind.preprocess import PreprocessError, _resize_and_crop
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ THERMAL_UNITS = ('kelvin', 'counts')
 PLAUSIBLE_KELVIN = (150.0, 1000.0)  # a median outside this is almost certainly not kelvin
 THERMAL_WINDOWS = ('percentile', 'fixed')
 DEFAULT_MIN_SPAN_K = 5.0  # a uniform scene is shown with at least this much temperature contrast
-
 
 
 @dataclasses.dataclass(frozen=True)

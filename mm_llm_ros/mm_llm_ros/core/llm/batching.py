@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_llm_ros.core.errors import ConfigError
+
 from .decoding import model_device, rotated_qkv, run_decoder_layers
 from .generation import (GenerationConfig, GenerationError, GenerationResult, IncrementalDecoder, StopReason,
                          TokenEvent, _check_prompt, _fit_prompt, _sampling_generator, select_next_token)

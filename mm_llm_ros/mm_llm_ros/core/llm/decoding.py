@@ -40,13 +40,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from mm_llm_ros.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 DecoderMode = Literal['eager', 'static', 'cuda_graph', 'compile']
 DECODER_MODES: tuple[str, ...] = ('auto', 'eager', 'static', 'cuda_graph', 'compile')
-
 
 
 def resolve_decoder_mode(name: str, device: torch.device) -> DecoderMode:

@@ -39,6 +39,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
 from mm_llm_ros.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ _SKIP_EXTENSIONS_ENV = 'TORCHAO_FORCE_SKIP_LOADING_SO_FILES'
 _LORA_FACTORS = ('lora_a', 'lora_b')
 # What transformers' torchao integration imports with its modeling code (quantizers/quantizer_torchao.py).
 _TRANSFORMERS_IMPORTS = 'torchao.prototype.safetensors.safetensors_support'
-
 
 
 @contextlib.contextmanager
