@@ -89,6 +89,15 @@ def test_obstacles_per_sector_and_clusters(extractor):
     assert json.loads(json.dumps(result.to_dict()))['nearest_m']['right'] is None
 
 
+@pytest.mark.parametrize('height', [1e38, -1e38, 1e6])
+def test_returns_far_above_or_below_are_dropped_not_a_crash(extractor, height):
+    """A point 2 m away horizontally but 1e38 m up (a hostile or corrupt cloud) once overflowed open3d's voxel grid."""
+    scene = np.concatenate([ground(), box((5.0, 0.0))])
+    result = extractor(np.concatenate([scene, [[2.0, 0.0, height]]]))
+    assert result.num_points == extractor(scene).num_points
+    assert result.nearest_m['front'] == pytest.approx(4.5, abs=0.06)
+
+
 def test_height_band_ignores_overhangs_and_low_bumps(extractor):
     overhead = box((3.0, 0.0), size=(1.0, 1.0, 0.2)) + [0, 0, 3.0]    # e.g. a sign 3 m above the ground
     kerb = box((0.0, -2.0), size=(1.0, 1.0, 0.1))                    # lower than min_height_m

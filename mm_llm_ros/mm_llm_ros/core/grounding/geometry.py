@@ -230,7 +230,10 @@ class GeometryExtractor:
         xyz = points[:, :3].astype(np.float64)
         xyz = xyz[np.all(np.isfinite(xyz), axis=1)]
         horizontal = np.hypot(xyz[:, 0], xyz[:, 1])
-        return xyz[(horizontal >= self.config.min_range_m) & (horizontal <= self.config.max_range_m)]
+        # A return beyond the range vertically is as bogus as one beyond it horizontally, and one at 1e38 m would
+        # make open3d's voxel grid overflow ("voxel_size is too small").
+        return xyz[(horizontal >= self.config.min_range_m) & (horizontal <= self.config.max_range_m)
+                   & (np.abs(xyz[:, 2]) <= self.config.max_range_m)]
 
     def _ground_plane(self, cloud) -> tuple[np.ndarray, bool]:
         """([a, b, c, d], found) of the ground plane ax+by+cz+d=0, with (a, b, c) the unit normal pointing up.
