@@ -139,11 +139,10 @@ def llm_ttft(preset: str) -> TtftFn:
     """TTFT through llm_node's pipeline (`core/llm/pipeline.py`) with the given preset, greedy, chat template."""
     import math
 
-    from mm_llm_ros.core.llm.generation import GenerationConfig
     from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
-    answerer = build_answerer(LLMConfig(preset=preset, device='cpu', dtype='float32',
-                                        prompt_template='chat' if preset == 'embedded' else 'alpaca',
-                                        generation=GenerationConfig(temperature=0.0, max_new_tokens=1)))
+    answerer = build_answerer(LLMConfig.from_params({
+        'llm.preset': preset, 'device': 'cpu', 'dtype': 'float32', 'generation.temperature': 0.0,
+        'generation.max_new_tokens': 1, 'prompt.template': 'chat' if preset == 'embedded' else 'alpaca'}))
 
     def ttft(question: str, context: 'str | None') -> float:
         answer = answerer.answer(question, [], 1, lambda _: None, lambda: False, context=context)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mm_llm_ros.core.errors import ConfigError, StartupError
 from mm_llm_ros.core.evaluation import (BENCHMARKS, BUILTIN_PREDICTORS, VQA_PROTOCOLS, DatasetError, MetricError,
                                         PredictionCache, PredictionError, Predictor, ReportError, SelectionError,
                                         load_benchmark, markdown_table, plot_categories, run_configs,
@@ -37,10 +38,6 @@ BUILTIN_PREFIX = 'builtin:'
 CONTEXT_SEPARATOR = '+'
 SMOKE_LIMIT = 4
 _CONFIG_NAME = re.compile(r'[A-Za-z0-9_.-]+')
-
-
-class ConfigError(ValueError):
-    """A --config that cannot be turned into a predictor."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +90,7 @@ def make_predictor(name: str, params_file: Path, context: Sequence[str] = ()) ->
 
     try:
         return ModelPredictor(ModelPredictorConfig.from_params_file(params_file, context))
-    except ValueError as exc:  # ParamsFileError, ModelConfigError, ImageBindConfigError, GroundingConfigError
+    except (ValueError, StartupError) as exc:  # ParamsFileError, or any StartupError (a missing package too)
         raise ConfigError(f'config {name!r} ({params_file}): {exc}') from exc
 
 

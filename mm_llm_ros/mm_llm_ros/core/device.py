@@ -6,15 +6,13 @@ import re
 
 import torch
 
+from mm_llm_ros.core.errors import DeviceError
+
 logger = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ('auto', 'cpu', 'cuda', 'cuda:N')
 DTYPE_CHOICES = ('auto', 'float32', 'float16', 'bfloat16')
 _DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
-
-
-class DeviceError(ValueError):
-    """A device or dtype setting that cannot be honoured on this machine."""
 
 
 def resolve_device(name: str) -> torch.device:

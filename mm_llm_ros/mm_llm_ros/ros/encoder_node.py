@@ -17,13 +17,11 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from sensor_msgs.msg import CameraInfo, CompressedImage, PointCloud2
 
-from mm_llm_ros.core.device import DeviceError, describe
+from mm_llm_ros.core.device import describe
 from mm_llm_ros.core.encoding_pipeline import EncoderWorker, InputRejected, Prepared, Stream
 from mm_llm_ros.core.imagebind.lidar_projection import (T_OPTICAL_FROM_LIDAR, PinholeCamera, virtual_camera,
                                                         yaw_to_forward)
-from mm_llm_ros.core.imagebind.model import (CheckpointError, ImageBindConfig, ImageBindConfigError,
-                                             get_shared_encoder, release_shared_encoders)
-from mm_llm_ros.core.imagebind.official import ImageBindUnavailableError
+from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder, release_shared_encoders
 from mm_llm_ros.core.params import NODE_PARAMS
 from mm_llm_ros.core.sensor_decoding import DecodeError, DecodeLimits
 from mm_llm_ros.core.sensor_inputs import InputContext
@@ -99,11 +97,7 @@ class EncoderNode(ManagedNode):
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _load_model(self, p):
-        try:
-            encoder = get_shared_encoder(ImageBindConfig.from_params(p))
-        except (ImageBindConfigError, CheckpointError, DeviceError, ImageBindUnavailableError) as exc:
-            raise StartupError(str(exc)) from exc
-        return encoder
+        return get_shared_encoder(ImageBindConfig.from_params(p))  # its StartupErrors stop the configure
 
     def _add_sensor(self, spec: SensorSpec, p, group) -> None:
         """Subscribe to the sensor's topic; its messages are decoded and preprocessed on the worker thread."""

@@ -24,7 +24,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2
 
 from mm_llm_ros.core.audio_buffer import AudioBufferError, AudioRingBuffer
-from mm_llm_ros.core.grounding import (AudioEventsResult, GeometryResult, GroundingError, GroundingResult, OcrResult,
+from mm_llm_ros.core.grounding import (AudioEventsResult, GeometryResult, GroundingResult, OcrResult,
                                        config_from_params)
 from mm_llm_ros.core.imagebind.lidar_projection import yaw_to_forward
 from mm_llm_ros.core.latest_worker import LatestWorker
@@ -204,7 +204,7 @@ def _config(cls, params: dict[str, Any], prefix: str):
     """The extractor config `cls` from the `<prefix>.<field>` parameters (fields without one keep their default)."""
     try:
         return config_from_params(cls, params, prefix)
-    except GroundingError as exc:
+    except StartupError as exc:
         raise StartupError(f'invalid {prefix}.* parameter: {exc}') from exc
 
 
@@ -212,7 +212,7 @@ def _loaded(name: str, extractor):
     """Load the extractor's models now, so that a missing package or model file stops start-up."""
     try:
         extractor.load()
-    except GroundingError as exc:
+    except StartupError as exc:
         raise StartupError(f'{name}: {exc}') from exc
     return extractor
 

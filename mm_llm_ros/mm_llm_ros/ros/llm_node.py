@@ -36,7 +36,7 @@ from mm_llm_ros.core.specs import CONTEXT_TOPIC, EMBEDDING_TOPIC, sources_of
 from mm_llm_ros.ros.conversions import ns_to_stamp, stamp_to_ns
 from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.lifecycle import INACTIVE, ManagedNode, autostarted, inactive_note
-from mm_llm_ros.ros.node_main import StartupError, exit_now, run_node
+from mm_llm_ros.ros.node_main import exit_now, run_node
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, FEEDBACK_QOS, LATCHED_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import Embedding, PerceptionContext, SceneDescription
@@ -56,10 +56,7 @@ class LLMNode(ManagedNode):
     def configure(self, params) -> None:
         self.config = LLMConfig.from_params(params)
         _no_progress_bars()
-        try:
-            self.answerer = build_answerer(self.config)
-        except ValueError as exc:  # missing/corrupt/mismatched checkpoints, no LLM configured
-            raise StartupError(str(exc)) from exc
+        self.answerer = build_answerer(self.config)  # its StartupErrors (checkpoint, config, device) refuse configure
         self.get_logger().info(f'LLM ready: {self.answerer.description}')
         if not self.answerer.sensors_inform_answers:
             self.get_logger().warning('bind network untrained/zero-gated: sensor embeddings do not inform answers')

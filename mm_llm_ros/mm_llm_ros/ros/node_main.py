@@ -30,6 +30,8 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.subscription import Subscription
 from rclpy.timer import Timer
 
+from mm_llm_ros.core.errors import StartupError
+
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long a stopping node lets its executor deliver the replies that finish_requests produced; the whole exit must
@@ -39,10 +41,6 @@ JOIN_EXECUTOR_S = 0.5
 POLL_S = 0.005
 PROFILE_VARIABLES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
 LARGE_DATA_PROFILE = 'fastdds_large_data.xml'
-
-
-class StartupError(RuntimeError):
-    """Raised by a node constructor for configuration problems the user must fix."""
 
 
 def default_fastdds_profile(environ=os.environ) -> Optional[str]:

@@ -18,7 +18,9 @@ def declare_parameters(node: Node, params: Iterable[Param]) -> dict[str, Any]:
     values = {}
     params = list(params)
     for param in params:
-        descriptor = ParameterDescriptor(description=param.description, read_only=True)
+        # A deprecated name has no default, so that any value a user gives it counts (see core.params._deprecated).
+        descriptor = ParameterDescriptor(description=param.description, read_only=True,
+                                         dynamic_typing=param.default is None)
         if param.choices:
             descriptor.additional_constraints = 'one of: ' + ', '.join(repr(c) for c in param.choices)
         value = node.declare_parameter(param.name, param.default, descriptor).value
@@ -29,5 +31,9 @@ def declare_parameters(node: Node, params: Iterable[Param]) -> dict[str, Any]:
 
 
 def read_parameters(node: Node, params: Iterable[Param]) -> dict[str, Any]:
-    """The current value of every declared parameter, validated (a lifecycle node reads them when it configures)."""
-    return {param.name: param.validate(node.get_parameter(param.name).value) for param in params}
+    """The current value of every declared parameter, validated (a lifecycle node reads them when it configures),
+    values under deprecated names moved to their new names as when they were declared."""
+    params = list(params)
+    values = {param.name: param.validate(node.get_parameter(param.name).value) for param in params}
+    resolve_deprecated(params, values)  # warned about once, when declared
+    return values

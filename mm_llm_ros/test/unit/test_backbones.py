@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
+from mm_llm_ros.core.errors import CheckpointError
 from mm_llm_ros.core.llm import backbones
 from mm_llm_ros.core.llm.backbones import (
-    BackboneError,
     byte_tokenizer,
     convert_gguf,
     converted_dir,
@@ -101,10 +101,10 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
 
     def fail(_path, directory):
         (directory / 'config.json').write_text('partial')
-        raise BackboneError('cannot load')
+        raise CheckpointError('cannot load')
 
     monkeypatch.setattr(backbones, '_write_converted', fail)
-    with pytest.raises(BackboneError, match='cannot load'):
+    with pytest.raises(CheckpointError, match='cannot load'):
         convert_gguf(gguf, tmp_path / 'cache')
     assert list((tmp_path / 'cache' / 'backbones').iterdir()) == []
 
@@ -123,7 +123,7 @@ def test_cache_key_follows_size_mtime_and_content(tmp_path):
 
 
 def test_missing_gguf_is_named(tmp_path):
-    with pytest.raises(BackboneError, match=r'missing\.gguf: GGUF file not found'):
+    with pytest.raises(CheckpointError, match=r'missing\.gguf: GGUF file not found'):
         convert_gguf(tmp_path / 'missing.gguf', tmp_path)
 
 

@@ -171,8 +171,8 @@ def test_make_engine_picks_the_batched_worker_only_for_batches():
 
 @pytest.fixture(scope='module')
 def tiny_answerers():
-    base = LLMConfig(preset='tiny', decoder='static', max_queue=8,
-                     generation=replace(LLMConfig().generation, temperature=0.0, max_new_tokens=24))
+    base = LLMConfig.from_params({'llm.preset': 'tiny', 'generation.decoder': 'static', 'max_queue': 8,
+                                  'generation.temperature': 0.0, 'generation.max_new_tokens': 24})
     return build_answerer(base), build_answerer(replace(base, max_batch=4))
 
 
@@ -215,9 +215,9 @@ def test_close_ends_decoding_and_queued_questions_with_the_reason(scripted):
 
 def test_build_answerer_refuses_a_batch_larger_than_the_queue():
     with pytest.raises(ValueError, match='max_batch'):
-        build_answerer(LLMConfig(preset='tiny', max_queue=4, max_batch=8))
+        build_answerer(LLMConfig.from_params({'llm.preset': 'tiny', 'max_queue': 4, 'generation.max_batch': 8}))
     with pytest.raises(ValueError, match='max_batch'):
-        build_answerer(LLMConfig(preset='tiny', max_batch=0))
+        build_answerer(LLMConfig.from_params({'llm.preset': 'tiny', 'generation.max_batch': 0}))
 
 
 def test_stop_then_start_serves_again_as_a_lifecycle_reactivation_does(scripted):

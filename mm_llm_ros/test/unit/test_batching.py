@@ -11,9 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.llm.backbones import tiny_random_backbone
 from mm_llm_ros.core.llm.batching import BatchDecoder, BatchRequest, BatchScheduler
-from mm_llm_ros.core.llm.decoding import DecoderError, StaticDecoder
+from mm_llm_ros.core.llm.decoding import StaticDecoder
 from mm_llm_ros.core.llm.generation import GenerationConfig, generate
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 
@@ -197,10 +198,10 @@ class _WithEos:
 def test_an_unmerged_model_and_a_full_batch_are_refused(merged):
     model, tokenizer = merged
     unmerged = ImageBindLLM(tiny_random_backbone(seed=6).model, ImageBindLLMConfig(embed_dim=16, lora_rank=2))
-    with pytest.raises(DecoderError, match='merge_adapters'):
+    with pytest.raises(ConfigError, match='merge_adapters'):
         BatchDecoder(unmerged.backbone, 2, 64)
     scheduler = BatchScheduler(BatchDecoder(model.backbone, 1, 64), tokenizer)
     request = BatchRequest(tokenizer.encode('hi', bos=True), GREEDY, on_done=lambda _r: None)
     scheduler.join(request)
-    with pytest.raises(DecoderError, match='busy'):
+    with pytest.raises(ConfigError, match='busy'):
         scheduler.join(request)

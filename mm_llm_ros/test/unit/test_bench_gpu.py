@@ -5,6 +5,8 @@ import pytest
 import torch
 from bench_modules import bench_module
 
+from mm_llm_ros.core.errors import DependencyError
+
 
 @pytest.fixture(scope='module')
 def bench():
@@ -83,7 +85,7 @@ def test_a_failing_int4_kernel_gets_a_row_and_the_others_are_still_measured(benc
 
     def fake_check(mode, device, dtype, int4_kernel='tinygemm'):
         if int4_kernel == 'gemlite':  # as if its package did not import
-            raise quantization.QuantizationError('gemlite does not import')
+            raise DependencyError('gemlite does not import')
         if int4_kernel != 'fbgemm':
             check(mode, device, dtype, int4_kernel=int4_kernel)
 
@@ -100,7 +102,7 @@ def test_a_failing_int4_kernel_gets_a_row_and_the_others_are_still_measured(benc
     assert [(r.weights, r.decoder) for r in rows] == [('int4 bf16 fbgemm', '-'), ('int4 bf16 gemlite', '-'),
                                                       ('int4 bf16', 'static')]
     assert rows[0].note == 'failed to quantise: RuntimeError: no kernel for this shape'
-    assert rows[1].note == 'refused: QuantizationError: gemlite does not import'
+    assert rows[1].note == 'refused: DependencyError: gemlite does not import'
     assert rows[2].note == '' and rows[2].tokens_per_s > 0
 
 

@@ -244,7 +244,19 @@ def test_a_renamed_parameter_still_works_under_its_old_name_with_a_warning(caplo
     assert values['lidar.min_range_m'] == 2.5  # the shared section
     assert 'geometry.max_range_m' not in values and 'audio.window_s' not in values
     assert "'geometry.max_range_m' is deprecated: use 'lidar.max_range_m'" in caplog.text
-    assert 'audio.top_k' not in caplog.text  # set to its default: nothing to move
+    assert values['audio_events.top_k'] == 3 and "'audio.top_k' is deprecated" in caplog.text
+
+
+def test_an_old_name_set_to_its_old_default_still_replaces_the_new_default():
+    """geometry.max_range_m defaulted to 60 m, lidar.max_range_m defaults to 80 m: a user's 60 must stay 60."""
+    from mm_llm_ros.core.params import NODE_PARAMS, node_params
+    assert NODE_PARAMS['grounding_node']['lidar.max_range_m'].default != 60.0
+    values = node_params({'grounding_node': {'geometry.max_range_m': 60.0}}, 'grounding_node')
+    assert values['lidar.max_range_m'] == 60.0
+    default = NODE_PARAMS['grounding_node']['lidar.max_range_m'].default
+    assert node_params({}, 'grounding_node')['lidar.max_range_m'] == default
+    with pytest.raises(ValueError, match="'geometry.max_range_m' must be a float"):
+        node_params({'grounding_node': {'geometry.max_range_m': 'far'}}, 'grounding_node')
 
 
 def test_a_failing_node_makes_the_launch_raise_when_launch_is_available():

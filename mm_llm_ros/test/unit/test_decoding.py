@@ -11,8 +11,9 @@ import logging
 import pytest
 import torch
 
+from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.llm.backbones import tiny_random_backbone
-from mm_llm_ros.core.llm.decoding import DecoderError, StaticDecoder, fallback_mode, resolve_decoder_mode
+from mm_llm_ros.core.llm.decoding import StaticDecoder, fallback_mode, resolve_decoder_mode
 from mm_llm_ros.core.llm.generation import GenerationConfig, GenerationError, generate
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 
@@ -165,7 +166,7 @@ def test_a_decoder_that_cannot_warm_up_falls_back_or_is_refused_with_the_reason(
     monkeypatch.setattr(decoding.torch, 'compile', broken_compile)
     model = ImageBindLLM(tiny_random_backbone(seed=7).model, ImageBindLLMConfig(embed_dim=16, lora_rank=2)).eval()
     model.merge_adapters()
-    with pytest.raises(DecoderError, match="'compile' cannot start: RuntimeError: inductor: no C compiler found$"):
+    with pytest.raises(ConfigError, match="'compile' cannot start: RuntimeError: inductor: no C compiler found$"):
         _static_decoder(model, 'compile', 64)
     with caplog.at_level(logging.WARNING):
         decoder = _static_decoder(model, 'compile', 64, fallback='static')
@@ -174,16 +175,16 @@ def test_a_decoder_that_cannot_warm_up_falls_back_or_is_refused_with_the_reason(
 
 
 def test_unusable_decoder_settings_are_refused_with_the_reason(tiny):
-    with pytest.raises(DecoderError, match="'cuda_graph' needs a CUDA device"):
+    with pytest.raises(ConfigError, match="'cuda_graph' needs a CUDA device"):
         resolve_decoder_mode('cuda_graph', torch.device('cpu'))
-    with pytest.raises(DecoderError, match='must be one of'):
+    with pytest.raises(ConfigError, match='must be one of'):
         resolve_decoder_mode('fast', torch.device('cpu'))
-    with pytest.raises(DecoderError, match='needs the model on a CUDA device'):
+    with pytest.raises(ConfigError, match='needs the model on a CUDA device'):
         StaticDecoder(tiny.model, capacity=32, mode='cuda_graph')
     unmerged = ImageBindLLM(tiny_random_backbone(seed=6).model, ImageBindLLMConfig(embed_dim=16, lora_rank=2))
-    with pytest.raises(DecoderError, match='merge_adapters'):
+    with pytest.raises(ConfigError, match='merge_adapters'):
         StaticDecoder(unmerged.backbone, capacity=32, mode='compile')
-    with pytest.raises(DecoderError, match='not a LLaMA-style'):
+    with pytest.raises(ConfigError, match='not a LLaMA-style'):
         StaticDecoder(torch.nn.Linear(2, 2), capacity=32)
 
 
@@ -200,9 +201,10 @@ def test_build_answerer_serves_through_the_configured_decoder():
     from mm_llm_ros.core.embedding_store import StoredInput
     from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 
-    generation = GenerationConfig(max_new_tokens=24, temperature=0.0, context_length=256)
-    assert build_answerer(LLMConfig(preset='tiny', decoder='eager', generation=generation)).decoder is None
-    answerer = build_answerer(LLMConfig(preset='tiny', decoder='static', generation=generation))
+    params = {'llm.preset': 'tiny', 'generation.max_new_tokens': 24, 'generation.temperature': 0.0,
+              'generation.context_length': 256}
+    assert build_answerer(LLMConfig.from_params({**params, 'generation.decoder': 'eager'})).decoder is None
+    answerer = build_answerer(LLMConfig.from_params({**params, 'generation.decoder': 'static'}))
     decoder = answerer.decoder
     assert (decoder.mode, decoder.capacity) == ('static', 256)
     assert 'static decoder' in answerer.description
@@ -225,5 +227,6 @@ def test_the_compiled_decoder_gives_the_eager_greedy_tokens(tiny):
 def test_a_decoder_the_device_cannot_run_is_refused_before_loading():
     from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 
-    with pytest.raises(DecoderError, match="'cuda_graph' needs a CUDA device"):
-        build_answerer(LLMConfig(preset='tiny', device='cpu', decoder='cuda_graph'))
+    with pytest.raises(ConfigError, match="'cuda_graph' needs a CUDA device"):
+        build_answerer(LLMConfig.from_params({'llm.preset': 'tiny', 'device': 'cpu',
+                                              'generation.decoder': 'cuda_graph'}))

@@ -8,7 +8,7 @@ import yaml
 from mm_llm_ros.core.evaluation import EvalItem, load_benchmark
 from mm_llm_ros.core.evaluation import model_predictor
 from mm_llm_ros.core.evaluation.model_predictor import (MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX,
-                                                        ModelConfigError, ModelPredictor, ModelPredictorConfig,
+                                                        ConfigError, ModelPredictor, ModelPredictorConfig,
                                                         instruction, release_shared_models)
 from mm_llm_ros.core.grounding import OcrExtractor
 from mm_llm_ros.core.imagebind.model import release_shared_encoders
@@ -41,7 +41,7 @@ def test_instruction_lists_options_after_hint_and_question():
 def test_demo_config_reads_the_nodes_sections():
     config = ModelPredictorConfig.from_params_file(CONFIG / 'demo.yaml', context=['ocr'])
     assert (config.imagebind.preset, config.imagebind.allow_random_weights) == ('tiny', True)
-    assert (config.llm.preset, config.llm.prompt_template, config.llm.generation.context_length) == (
+    assert (config.llm.model.preset, config.llm.prompt_template, config.llm.generation.context_length) == (
         'embedded', 'chat', 1024)
     assert config.llm.generation.temperature == 0.0  # always greedy, whatever the node samples with
     assert config.context == ('ocr',) and config.ocr.num_threads == 2 and config.context_text_max_chars == 200
@@ -72,14 +72,14 @@ TINY_LLM = {'llm.preset': 'tiny', 'device': 'cpu'}
     ({'encoder': TINY_ENCODER, 'llm_node': {'llm.preset': ''}}, (), 'no LLM configured'),
 ])
 def test_unusable_configurations_fail_before_loading_anything(tmp_path, sections, context, message):
-    with pytest.raises(ModelConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         ModelPredictorConfig.from_params_file(_params_file(tmp_path, **sections), context)
 
 
 def test_the_gpu_settings_reach_evaluate_from_the_params_file(tmp_path):
     llm = {**TINY_LLM, 'llm.quantization': 'int8', 'generation.decoder': 'static'}
     config = ModelPredictorConfig.from_params_file(_params_file(tmp_path, encoder=TINY_ENCODER, llm_node=llm))
-    assert (config.llm.quantization, config.llm.decoder) == ('int8', 'static')
+    assert (config.llm.model.quantization, config.llm.decoder) == ('int8', 'static')
     with pytest.raises(ParamsFileError, match="'generation.decoder' must be one of auto, eager"):
         ModelPredictorConfig.from_params_file(_params_file(
             tmp_path, encoder=TINY_ENCODER, llm_node={**TINY_LLM, 'generation.decoder': 'fast'}))

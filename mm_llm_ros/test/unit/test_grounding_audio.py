@@ -5,8 +5,8 @@ import wave
 import numpy as np
 import pytest
 
-from mm_llm_ros.core.grounding import (AudioEventConfig, AudioEventExtractor, GroundingConfigError,
-                                       GroundingModelError)
+from mm_llm_ros.core.errors import CheckpointError, ConfigError
+from mm_llm_ros.core.grounding import AudioEventConfig, AudioEventExtractor
 from mm_llm_ros.core.grounding.audio_events import (PATCH_FRAMES, SAMPLE_RATE, log_mel_patches, log_mel_spectrogram,
                                                     mel_weights, read_wav, resample, sigmoid)
 
@@ -83,7 +83,7 @@ def test_read_wav_mixes_to_mono_float(tmp_path):
 @pytest.mark.parametrize('kwargs', [{'window_s': 0}, {'top_k': 0}, {'min_score': 2}, {'vad_threshold': 1},
                                     {'min_speech_s': -1}, {'num_threads': -2}])
 def test_bad_config_is_rejected(kwargs):
-    with pytest.raises(GroundingConfigError):
+    with pytest.raises(ConfigError):
         AudioEventConfig(**kwargs)
 
 
@@ -156,7 +156,7 @@ def test_missing_or_broken_model_files_fail_clearly_at_load(tmp_path, field, con
     if content is not None:
         path.write_bytes(content)
     extractor = AudioEventExtractor(AudioEventConfig(**{field: str(path)}))
-    with pytest.raises(GroundingModelError, match=str(path)):
+    with pytest.raises(CheckpointError, match=str(path)):
         extractor.load()
 
 

@@ -12,7 +12,8 @@ from mm_llm_ros.core.answering import AskEngine, AskLimits, context_block, conte
 from mm_llm_ros.core.embedding_store import ModalityStore
 from mm_llm_ros.core.grounding import AudioEvent, AudioEventsResult, Cluster, GeometryResult, OcrResult, TextItem
 from mm_llm_ros.core.llm.prompt import bound_context
-from mm_llm_ros.core.grounding.base import GroundingModelError, Lazy, join_within, package_file, truncate
+from mm_llm_ros.core.errors import CheckpointError, DependencyError
+from mm_llm_ros.core.grounding.base import Lazy, join_within, package_file, truncate
 
 BOX = ((10.0, 10.0), (50.0, 10.0), (50.0, 30.0), (10.0, 30.0))
 
@@ -158,7 +159,7 @@ def test_lazy_builds_once_across_threads():
 
 
 def test_package_file_names_the_missing_requirement():
-    with pytest.raises(GroundingModelError, match='pip install no-such-wheel==1.0'):
+    with pytest.raises(DependencyError, match='pip install no-such-wheel==1.0'):
         package_file('no_such_package_for_grounding', 'data/model.onnx', 'no-such-wheel==1.0')
-    with pytest.raises(GroundingModelError, match='missing from the installed'):
+    with pytest.raises(CheckpointError, match='missing from the installed'):
         package_file('json', 'data/model.onnx', 'stdlib')

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from mm_llm_ros.core.grounding import GeometryConfig, GeometryExtractor, GroundingConfigError
+from mm_llm_ros.core.errors import ConfigError
+from mm_llm_ros.core.grounding import GeometryConfig, GeometryExtractor
 from mm_llm_ros.core.grounding.geometry import SECTORS, describe_bearing, sector_of
 
 SENSOR_HEIGHT = 1.7
@@ -52,7 +53,7 @@ def test_describe_bearing(bearing, words):
                                     {'min_height_m': 2, 'max_height_m': 1}, {'cluster_eps_m': 0},
                                     {'cluster_min_points': 0}, {'max_clusters': -1}])
 def test_bad_config_is_rejected(kwargs):
-    with pytest.raises(GroundingConfigError):
+    with pytest.raises(ConfigError):
         GeometryConfig(**kwargs)
 
 
@@ -86,6 +87,15 @@ def test_obstacles_per_sector_and_clusters(extractor):
     text = result.to_text(300)
     assert text.startswith('nearest front 4.5 m, left 2.5 m, right -, back 7.5 m; 3 objects: 3.0 m 90° left')
     assert json.loads(json.dumps(result.to_dict()))['nearest_m']['right'] is None
+
+
+@pytest.mark.parametrize('height', [1e38, -1e38, 1e6])
+def test_returns_far_above_or_below_are_dropped_not_a_crash(extractor, height):
+    """A point 2 m away horizontally but 1e38 m up (a hostile or corrupt cloud) once overflowed open3d's voxel grid."""
+    scene = np.concatenate([ground(), box((5.0, 0.0))])
+    result = extractor(np.concatenate([scene, [[2.0, 0.0, height]]]))
+    assert result.num_points == extractor(scene).num_points
+    assert result.nearest_m['front'] == pytest.approx(4.5, abs=0.06)
 
 
 def test_height_band_ignores_overhangs_and_low_bumps(extractor):

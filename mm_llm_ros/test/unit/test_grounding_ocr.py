@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from mm_llm_ros.core.grounding import GroundingConfigError, OcrConfig, OcrExtractor, TextItem
+from mm_llm_ros.core.errors import ConfigError
+from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor, TextItem
 from mm_llm_ros.core.grounding.ocr import grid_position, reading_order
 
 NUSCENES_FRONT = 'images/nuscenes/n015-2018-07-24-11-22-45+0800__CAM_FRONT__1532402927612460.jpg'
@@ -34,7 +35,7 @@ def test_reading_order_is_lines_top_down_then_left_to_right():
 @pytest.mark.parametrize('kwargs', [{'min_confidence': 1.5}, {'min_chars': 0}, {'max_items': 0},
                                     {'max_side_px': 10}, {'num_threads': -1}])
 def test_bad_config_is_rejected(kwargs):
-    with pytest.raises(GroundingConfigError):
+    with pytest.raises(ConfigError):
         OcrConfig(**kwargs)
 
 

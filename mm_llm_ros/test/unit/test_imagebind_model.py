@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from mm_llm_ros.core.device import DeviceError
+from mm_llm_ros.core.errors import CheckpointError, ConfigError, DeviceError
 from mm_llm_ros.core.imagebind import official
-from mm_llm_ros.core.imagebind.model import (HUGE_KWARGS, CheckpointError, EncodeError, ImageBindConfig,
-                                             ImageBindConfigError, ImageBindEncoder, get_shared_encoder,
-                                             parse_overrides, release_shared_encoders)
+from mm_llm_ros.core.imagebind.model import (HUGE_KWARGS, EncodeError, ImageBindConfig, ImageBindEncoder,
+                                             get_shared_encoder, parse_overrides, release_shared_encoders)
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ImageBindConfig(preset='tiny', allow_random_weights=True, device='cpu')
@@ -108,7 +107,7 @@ def test_missing_official_code_is_explained(monkeypatch):
     monkeypatch.delitem(sys.modules, official.MODEL_MODULE, raising=False)
     monkeypatch.delitem(sys.modules, official.OFFICIAL_PACKAGE, raising=False)
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None)
-    with pytest.raises(official.ImageBindUnavailableError, match='pip install --no-deps imagebind-unofficial'):
+    with pytest.raises(official.DependencyError, match='pip install --no-deps imagebind-unofficial'):
         official.load_model_module()
 
 
@@ -152,15 +151,15 @@ def test_parse_overrides_accepts_model_kwargs():
     ('{"kernel_size": [2, 14]}', "'kernel_size' must be a list of 3 integers"),
 ])
 def test_parse_overrides_rejects_bad_input_clearly(text, message):
-    with pytest.raises(ImageBindConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_overrides(text)
 
 
 def test_config_rejects_unknown_preset_and_unbuildable_overrides():
-    with pytest.raises(ImageBindConfigError, match="preset must be one of huge, tiny, got 'giant'"):
+    with pytest.raises(ConfigError, match="preset must be one of huge, tiny, got 'giant'"):
         ImageBindConfig(preset='giant')
     config = ImageBindConfig(preset='tiny', overrides={'vision_num_heads': 5}, allow_random_weights=True)
-    with pytest.raises(ImageBindConfigError, match='cannot build ImageBindModel'):
+    with pytest.raises(ConfigError, match='cannot build ImageBindModel'):
         ImageBindEncoder(config)
 
 

@@ -18,14 +18,11 @@ from llm_factories import (
     write_hf_llama,
     write_meta_llama,
 )
-from mm_llm_ros.core.llm.checkpoints import (
-    CheckpointError,
-    find_meta_llama,
-    load_adapter_checkpoint,
-    load_imagebind_llm,
-    load_meta_llama,
-    load_torch_file,
-)
+from mm_llm_ros.core.errors import CheckpointError
+from mm_llm_ros.core.llm.assembly import ModelConfig, build_imagebind_llm
+from mm_llm_ros.core.llm.checkpoints import find_meta_llama, load_adapter_checkpoint, load_meta_llama
+from mm_llm_ros.core.params import defaults
+from mm_llm_ros.core.weights import load_weights
 from mm_llm_ros.core.llm.model import ImageBindLLM
 from mm_llm_ros.core.llm.tokenizer import HFTokenizer, SentencePieceTokenizer, TextTokenizer, TokenizerError
 
@@ -64,15 +61,23 @@ def _logits(model: ImageBindLLM) -> torch.Tensor:
         return model(input_ids=torch.tensor([TOKENS])).logits[0]
 
 
-def _loaded_logits(llama, adapter, **kwargs) -> torch.Tensor:
-    model, _ = load_imagebind_llm(llama, adapter, config=SPEC.adapter_config(), **kwargs)
+def load_imagebind_llm(llama, adapter, dtype: str = 'float32'):
+    """The files assembled as llm_node assembles them, adapters left unmerged (what was loaded, as loaded)."""
+    params = {**defaults('llm_node'), 'llm.backbone_path': str(llama), 'llm.adapter_checkpoint': str(adapter or ''),
+              'device': 'cpu', 'dtype': dtype, 'embedding_dim': SPEC.embed_dim}
+    assembled = build_imagebind_llm(ModelConfig.from_params(params), SPEC.adapter_config(), merge=False)
+    return assembled.model, assembled.tokenizer
+
+
+def _loaded_logits(llama, adapter) -> torch.Tensor:
+    model, _ = load_imagebind_llm(llama, adapter)
     model.set_visual_features(_feature())
     return _logits(model)
 
 
 def test_official_meta_layout_and_adapter_file_load_to_the_directly_assembled_model(files, direct_logits):
     llama, adapter = files
-    model, tokenizer = load_imagebind_llm(llama, adapter, config=SPEC.adapter_config())
+    model, tokenizer = load_imagebind_llm(llama, adapter)
     assert not model.training
     model.set_visual_features(_feature())
     assert torch.equal(_logits(model), direct_logits)
@@ -102,7 +107,7 @@ def test_hugging_face_directory_round_trip(tmp_path, files, direct_logits):
     backbone, _ = load_meta_llama(llama)
     hf_dir = write_hf_llama(tmp_path / 'hf', backbone, llama / 'tokenizer.model')
     assert (hf_dir / 'model.safetensors').is_file()
-    model, tokenizer = load_imagebind_llm(hf_dir, adapter, config=SPEC.adapter_config())
+    model, tokenizer = load_imagebind_llm(hf_dir, adapter)
     model.set_visual_features(_feature())
     assert torch.equal(_logits(model), direct_logits)
     assert isinstance(tokenizer, HFTokenizer)
@@ -111,7 +116,7 @@ def test_hugging_face_directory_round_trip(tmp_path, files, direct_logits):
 
 
 def test_weights_load_in_the_requested_dtype(files, direct_logits):
-    model, _ = load_imagebind_llm(*files, config=SPEC.adapter_config(), dtype=torch.bfloat16)
+    model, _ = load_imagebind_llm(*files, dtype='bfloat16')
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     model.set_visual_features(_feature())
     torch.testing.assert_close(_logits(model).float(), direct_logits, atol=0.15, rtol=0.05)
@@ -125,7 +130,7 @@ def test_bare_adapter_state_dict_is_accepted(tmp_path, states, files, direct_log
 
 def test_without_adapter_the_model_is_the_plain_backbone(files):
     llama, _ = files
-    model, _ = load_imagebind_llm(llama, None, config=SPEC.adapter_config())
+    model, _ = load_imagebind_llm(llama, None)
     backbone, _ = load_meta_llama(llama)
     model.set_visual_features(_feature())
     with torch.no_grad():
@@ -174,7 +179,7 @@ def test_corrupt_files_raise_checkpoint_error_naming_the_file(tmp_path, content)
     path = tmp_path / 'broken.pth'
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match='not a readable PyTorch checkpoint') as err:
-        load_torch_file(path)
+        load_weights(path)
     assert str(path) in str(err.value)
 
 
@@ -183,7 +188,7 @@ def test_truncated_checkpoint_raises_checkpoint_error(tmp_path, files):
     path = tmp_path / 'consolidated.00.pth'
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match='not a readable PyTorch checkpoint'):
-        load_torch_file(path)
+        load_weights(path)
 
 
 class _RunsCode:
@@ -199,7 +204,7 @@ def test_code_carrying_pickle_is_refused_without_running_it(tmp_path, states):
     path = tmp_path / 'evil.pth'
     torch.save({'model': {**states[1], 'payload': _RunsCode(marker)}}, path)
     with pytest.raises(CheckpointError, match='refused to load'):
-        load_torch_file(path)
+        load_weights(path)
     assert not marker.exists()
 
 

@@ -214,6 +214,6 @@ def test_merged_model_refuses_adapter_loading_and_saving():
 def test_build_answerer_merges_the_adapters():
     from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 
-    answerer = build_answerer(LLMConfig(preset='tiny', device='cpu', dtype='float32'))
+    answerer = build_answerer(LLMConfig.from_params({'llm.preset': 'tiny', 'device': 'cpu', 'dtype': 'float32'}))
     assert answerer.model.merged
     assert answerer.sensors_inform_answers  # the tiny preset's gates are open: the visual path is still live

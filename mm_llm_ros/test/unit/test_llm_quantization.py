@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mm_llm_ros.core.errors import ConfigError, DependencyError
 from mm_llm_ros.core.llm import quantization
 from mm_llm_ros.core.llm.backbones import tiny_random_backbone
 from mm_llm_ros.core.llm.model import ImageBindLLM
-from mm_llm_ros.core.llm.quantization import (
-    QuantizationError, check_quantization, is_plain, parameter_bytes, quantize_linear_weights)
+from mm_llm_ros.core.llm.quantization import check_quantization, is_plain, parameter_bytes, quantize_linear_weights
 
 PROMPT = torch.tensor([[256, *b'Is the door ahead open?']])
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
@@ -60,9 +60,9 @@ def _greedy(model, count: int) -> list[int]:
 
 
 def test_an_unknown_mode_is_refused_with_the_choices():
-    with pytest.raises(QuantizationError, match="llm.quantization 'int3' is unknown: choose one of none, int8, int4"):
+    with pytest.raises(ConfigError, match="llm.quantization 'int3' is unknown: choose one of none, int8, int4"):
         check_quantization('int3', 'cpu', torch.float32)
-    with pytest.raises(QuantizationError, match="'fp8' is unknown"):
+    with pytest.raises(ConfigError, match="'fp8' is unknown"):
         quantize_linear_weights(_merged_tiny(), 'fp8')
 
 
@@ -76,7 +76,7 @@ def test_none_changes_nothing():
 
 def test_int4_without_the_kernels_is_refused_naming_them(monkeypatch):
     monkeypatch.setitem(quantization.INT4_KERNELS, 'cpu', ('_no_such_pack_op', '_no_such_mm_op'))
-    with pytest.raises(QuantizationError, match=r"'int4' needs the cpu int4 kernels, which this torch .* lacks "
+    with pytest.raises(ConfigError, match=r"'int4' needs the cpu int4 kernels, which this torch .* lacks "
                                                 r"\(_no_such_pack_op, _no_such_mm_op\); use int8"):
         check_quantization('int4', 'cpu', torch.bfloat16)
 
@@ -87,32 +87,33 @@ def test_build_answerer_refuses_int4_without_kernels_before_loading(monkeypatch)
     monkeypatch.setitem(quantization.INT4_KERNELS, 'cpu', ('_no_such_pack_op', '_weight_int4pack_mm_for_cpu'))
     monkeypatch.setattr('mm_llm_ros.core.llm.backbones.tiny_random_backbone',
                         lambda **_: pytest.fail('the backbone was loaded before the refusal'))
-    with pytest.raises(QuantizationError, match="'int4' needs the cpu int4 kernels"):
-        pipeline.build_answerer(pipeline.LLMConfig(preset='tiny', device='cpu', dtype='bfloat16', quantization='int4'))
+    with pytest.raises(ConfigError, match="'int4' needs the cpu int4 kernels"):
+        pipeline.build_answerer(pipeline.LLMConfig.from_params(
+            {'llm.preset': 'tiny', 'device': 'cpu', 'dtype': 'bfloat16', 'llm.quantization': 'int4'}))
 
 
 def test_a_missing_torchao_is_refused_with_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, 'torchao', None)  # import torchao now raises ImportError
-    with pytest.raises(QuantizationError, match=r'needs torchao.*pip install torchao==\d'):
+    with pytest.raises(DependencyError, match=r'needs torchao.*pip install torchao==\d'):
         check_quantization('int8', 'cpu', torch.float32)
 
 
 def test_int4_on_the_cpu_needs_bfloat16():
-    with pytest.raises(QuantizationError, match="'int4' on the CPU needs dtype bfloat16, got float32: .*use int8"):
+    with pytest.raises(ConfigError, match="'int4' on the CPU needs dtype bfloat16, got float32: .*use int8"):
         check_quantization('int4', 'cpu', torch.float32)
     check_quantization('int4', 'cpu', torch.bfloat16)
 
 
 def test_other_devices_and_dtypes_are_refused():
-    with pytest.raises(QuantizationError, match="'int8' needs a CPU or CUDA device, got mps"):
+    with pytest.raises(ConfigError, match="'int8' needs a CPU or CUDA device, got mps"):
         check_quantization('int8', 'mps', torch.float16)
-    with pytest.raises(QuantizationError, match="'int4' needs a float32, float16 or bfloat16 model"):
+    with pytest.raises(ConfigError, match="'int4' needs a float32, float16 or bfloat16 model"):
         check_quantization('int4', 'cpu', torch.float64)
 
 
 def test_an_unmerged_model_is_refused():
     model = ImageBindLLM(tiny_random_backbone().model)
-    with pytest.raises(QuantizationError, match='merge the adapters first'):
+    with pytest.raises(ConfigError, match='merge the adapters first'):
         quantize_linear_weights(model, 'int8')
 
 
@@ -201,11 +202,10 @@ def test_a_tied_lm_head_stays_tied_and_unquantised():
 
 
 def test_build_answerer_serves_int8():
-    from mm_llm_ros.core.llm.generation import GenerationConfig
     from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 
-    generation = GenerationConfig(max_new_tokens=12, temperature=0.0)
-    answerer = build_answerer(LLMConfig(preset='tiny', quantization='int8', generation=generation))
+    answerer = build_answerer(LLMConfig.from_params({'llm.preset': 'tiny', 'llm.quantization': 'int8',
+                                                     'generation.max_new_tokens': 12, 'generation.temperature': 0.0}))
     assert type(answerer.model.layers[0].self_attn.v_proj.base.weight).__name__ == 'Int8Tensor'
     pieces: list[str] = []
     generated = answerer.answer('What is ahead?', [], 12, pieces.append, lambda: False)
@@ -259,24 +259,25 @@ def test_int4_with_dtype_auto_loads_the_model_in_bfloat16(caplog):
 def test_build_answerer_with_int4_and_dtype_auto_runs_on_the_cpu():
     from mm_llm_ros.core.llm import pipeline
 
-    answerer = pipeline.build_answerer(pipeline.LLMConfig(preset='tiny', device='cpu', quantization='int4'))
+    answerer = pipeline.build_answerer(pipeline.LLMConfig.from_params(
+        {'llm.preset': 'tiny', 'device': 'cpu', 'llm.quantization': 'int4'}))
     assert next(answerer.model.parameters()).dtype == torch.bfloat16
 
 
 def test_an_unknown_int4_kernel_is_refused_naming_the_choices():
-    with pytest.raises(QuantizationError, match="int4 kernel 'marlin' is unknown: choose one of tinygemm, fbgemm, "
+    with pytest.raises(ConfigError, match="int4 kernel 'marlin' is unknown: choose one of tinygemm, fbgemm, "
                                                 "gemlite"):
         quantize_linear_weights(_merged_tiny(), 'int4', int4_kernel='marlin')
-    with pytest.raises(QuantizationError, match="int4 kernel 'marlin' is unknown"):
+    with pytest.raises(ConfigError, match="int4 kernel 'marlin' is unknown"):
         check_quantization('int4', 'cpu', torch.bfloat16, int4_kernel='marlin')
 
 
 @pytest.mark.parametrize('kernel', ['fbgemm', 'gemlite'])
 def test_the_other_int4_kernels_are_cuda_only(kernel):
-    with pytest.raises(QuantizationError, match=f"'int4' with int4 kernel '{kernel}' needs a CUDA device, got cpu"):
+    with pytest.raises(ConfigError, match=f"'int4' with int4 kernel '{kernel}' needs a CUDA device, got cpu"):
         check_quantization('int4', 'cpu', torch.bfloat16, int4_kernel=kernel)
     model = _merged_tiny(dtype=torch.bfloat16)
-    with pytest.raises(QuantizationError, match=f"int4 kernel '{kernel}' needs a CUDA device"):
+    with pytest.raises(ConfigError, match=f"int4 kernel '{kernel}' needs a CUDA device"):
         quantize_linear_weights(model, 'int4', int4_kernel=kernel)
 
 
@@ -286,7 +287,7 @@ def test_a_missing_int4_kernel_package_is_refused_naming_it(monkeypatch, kernel,
     monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, whatever is installed here
     quantization._fbgemm_preshuffled.cache_clear()
     load = quantization._fbgemm_preshuffled if kernel == 'fbgemm' else lambda: quantization._gemlite_config(128)
-    with pytest.raises(QuantizationError, match=f"int4 kernel '{kernel}' needs {package}, .*pip install {package}"):
+    with pytest.raises(DependencyError, match=f"int4 kernel '{kernel}' needs {package}, .*pip install {package}"):
         load()
 
 

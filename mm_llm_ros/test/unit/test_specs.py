@@ -39,7 +39,7 @@ def test_a_source_weighs_what_its_modality_weighs_unless_given_its_own():
     weights = source_weights(params)
     assert weights['depth_camera'] == 0.5 and weights['lidar'] == 2.0 and weights['camera'] == 1.0
     assert LLMConfig.from_params(params).fusion_weights == weights
-    assert LLMConfig().sources == tuple(s for m in specs.MODALITIES for s in specs.sources_of(m))
+    assert LLMConfig.from_params().sources == tuple(s for m in specs.MODALITIES for s in specs.sources_of(m))
 
 
 class Recorder:

@@ -7,10 +7,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, ImageBindEncoder
 from mm_llm_ros.core.imagebind.preprocess import PreprocessError
-from mm_llm_ros.core.imagebind.thermal import (ThermalConfigError, ThermalPreprocessConfig, preprocess_thermal,
-                                               thermal_to_intensity)
+from mm_llm_ros.core.imagebind.thermal import ThermalPreprocessConfig, preprocess_thermal, thermal_to_intensity
 from mm_llm_ros.core.replay.synthetic import (THERMAL_ENGINE_BOX, THERMAL_HEIGHT, THERMAL_PERSON_BOX,
                                               THERMAL_WIDTH, thermal_image)
 from mm_llm_ros.core.sensor_decoding import (DecodeError, DecodeLimits, DecodeReason, decode_thermal_image,
@@ -224,7 +224,7 @@ def test_bad_arrays_are_refused(values, message):
     ({'std': 0.0}, 'std a positive number'),
 ])
 def test_config_is_validated(kwargs, message):
-    with pytest.raises(ThermalConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         ThermalPreprocessConfig(**kwargs)
 
 
@@ -235,7 +235,7 @@ def test_config_from_parameter_like_values():
     assert config.effective_min_span == 0.0 and ThermalPreprocessConfig().effective_min_span == 5.0
     fixed = ThermalPreprocessConfig.from_mapping({'window': 'fixed', 'fixed_range': [253.15, 323.15]})
     assert fixed.fixed_range == (253.15, 323.15)
-    with pytest.raises(ThermalConfigError, match='unknown thermal setting.*gain'):
+    with pytest.raises(ConfigError, match='unknown thermal setting.*gain'):
         ThermalPreprocessConfig.from_mapping({'gain': 2})
 
 

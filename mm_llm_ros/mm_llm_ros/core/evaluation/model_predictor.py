@@ -29,10 +29,12 @@ import numpy as np
 
 from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, context_block, validate_question
 from mm_llm_ros.core.embedding_store import ModalityStore, StoredInput
+from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor, config_from_params
 from mm_llm_ros.core.grounding.facts import prompt_text
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder
-from mm_llm_ros.core.llm.pipeline import NO_LLM_CONFIGURED, LLMAnswerer, LLMConfig, build_answerer
+from mm_llm_ros.core.llm.assembly import NO_LLM_CONFIGURED, ModelConfig
+from mm_llm_ros.core.llm.pipeline import LLMAnswerer, LLMConfig, build_answerer
 from mm_llm_ros.core.params import node_params, read_params_file
 from mm_llm_ros.core.sensor_decoding import DecodedImage
 from mm_llm_ros.core.sensor_inputs import InputContext
@@ -56,10 +58,6 @@ IMAGE_CONTEXT_KINDS = tuple(k.name for k in CONTEXT_KIND_SPECS if k.sensor == IM
 ENCODER_NODES = ('encoder', f'{IMAGE_SENSOR.launch_switch}_encoder')
 
 T = TypeVar('T')
-
-
-class ModelConfigError(ValueError):
-    """A parameter file that does not describe a runnable model stack."""
 
 
 def instruction(item: EvalItem) -> str:
@@ -98,39 +96,39 @@ class ModelPredictorConfig:
     def __post_init__(self) -> None:
         unsupported = [kind for kind in self.context if kind not in IMAGE_CONTEXT_KINDS]
         if unsupported:
-            raise ModelConfigError(f"context {', '.join(unsupported)} cannot be computed from benchmark images; "
+            raise ConfigError(f"context {', '.join(unsupported)} cannot be computed from benchmark images; "
                                    f"supported: {', '.join(IMAGE_CONTEXT_KINDS)}")
         ignored = [kind for kind in self.context if kind not in self.llm.context_kinds]
         if ignored:
-            raise ModelConfigError(f"llm_node context.kinds lack {', '.join(ignored)}: the node would not use "
+            raise ConfigError(f"llm_node context.kinds lack {', '.join(ignored)}: the node would not use "
                                    'that context')
         if IMAGE_SENSOR.modality not in self.llm.modalities:
-            raise ModelConfigError(f"llm_node modalities lack '{IMAGE_SENSOR.modality}': the model would never see "
+            raise ConfigError(f"llm_node modalities lack '{IMAGE_SENSOR.modality}': the model would never see "
                                    'the images')
         out_dim = self.imagebind.model_kwargs()['out_embed_dim']
         if out_dim != self.llm.embedding_dim:
-            raise ModelConfigError(f'ImageBind embeds into {out_dim} dimensions but llm_node embedding_dim is '
+            raise ConfigError(f'ImageBind embeds into {out_dim} dimensions but llm_node embedding_dim is '
                                    f'{self.llm.embedding_dim}')
         if min(self.max_new_tokens, self.max_new_tokens_multiple_choice) < 1:
-            raise ModelConfigError('answer budgets (max_new_tokens) must be at least 1 token')
+            raise ConfigError('answer budgets (max_new_tokens) must be at least 1 token')
 
     @classmethod
     def from_params_file(cls, path: str | Path, context: Sequence[str] = ()) -> ModelPredictorConfig:
         """Read the `encoder` (or `camera_encoder`), `llm_node` and `grounding_node` sections, as the nodes would.
 
-        Raises `ModelConfigError` (or `core.params.ParamsFileError`) when the file cannot give a runnable stack;
+        Raises `ConfigError` (or `core.params.ParamsFileError`) when the file cannot give a runnable stack;
         missing weight files are reported here rather than after the first configuration has run.
         """
         sections = read_params_file(path)
         encoder_node = next((node for node in ENCODER_NODES if node in sections), None)
         if encoder_node is None:
-            raise ModelConfigError(f'{path} has no {" or ".join(ENCODER_NODES)} section (the ImageBind settings)')
+            raise ConfigError(f'{path} has no {" or ".join(ENCODER_NODES)} section (the ImageBind settings)')
         if 'llm_node' not in sections:
-            raise ModelConfigError(f'{path} has no llm_node section (the LLM settings)')
+            raise ConfigError(f'{path} has no llm_node section (the LLM settings)')
         imagebind = ImageBindConfig.from_params(node_params(sections, encoder_node))
         llm = LLMConfig.from_params(node_params(sections, 'llm_node'))
         grounding = node_params(sections, 'grounding_node')
-        _check_weights(imagebind, llm)
+        _check_weights(imagebind, llm.model)
         ocr = config_from_params(OcrConfig, grounding, IMAGE_CONTEXT_KINDS[0])
         return cls(imagebind=imagebind, llm=replace(llm, generation=replace(llm.generation, temperature=0.0)),
                    context=tuple(context), ocr=ocr, context_text_max_chars=grounding['text_max_chars'])
@@ -139,22 +137,22 @@ class ModelPredictorConfig:
     def description(self) -> str:
         """One line for reports: which weights, which LLM, which context."""
         weights = self.imagebind.checkpoint or 'random weights'
-        llm = self.llm.preset or self.llm.backbone_path
-        adapter = self.llm.adapter_checkpoint or 'no adapter checkpoint'
+        llm = self.llm.model.preset or self.llm.model.backbone_path
+        adapter = self.llm.model.adapter_checkpoint or 'no adapter checkpoint'
         context = ', '.join(self.context) or 'none'
         return f'imagebind {self.imagebind.preset} ({weights}) + llm {llm} ({adapter}), context: {context}'
 
 
-def _check_weights(imagebind: ImageBindConfig, llm: LLMConfig) -> None:
+def _check_weights(imagebind: ImageBindConfig, llm: ModelConfig) -> None:
     if not imagebind.checkpoint and not imagebind.allow_random_weights:
-        raise ModelConfigError('no ImageBind checkpoint: set model.checkpoint (imagebind_huge.pth) or '
+        raise ConfigError('no ImageBind checkpoint: set model.checkpoint (imagebind_huge.pth) or '
                                'model.allow_random_weights')
     if not llm.preset and not llm.backbone_path:
-        raise ModelConfigError(NO_LLM_CONFIGURED)
+        raise ConfigError(NO_LLM_CONFIGURED)
     for what, value in (('model.checkpoint', imagebind.checkpoint), ('llm.backbone_path', llm.backbone_path),
                         ('llm.adapter_checkpoint', llm.adapter_checkpoint)):
         if value and not Path(value).expanduser().exists():
-            raise ModelConfigError(f'{what} not found: {value}')
+            raise ConfigError(f'{what} not found: {value}')
 
 
 class _SharedModels:

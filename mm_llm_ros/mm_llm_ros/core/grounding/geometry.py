@@ -20,7 +20,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import GroundingModelError, Lazy, check_config, join_within
+from mm_llm_ros.core.errors import DependencyError
+
+from .base import Lazy, check_config, join_within, setting
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +36,20 @@ _RANSAC_N = 3
 class GeometryConfig:
     """Settings of `GeometryExtractor` (lengths in metres)."""
 
-    min_range_m: float = 0.5          # closer returns are usually the robot itself
-    max_range_m: float = 60.0
-    voxel_size_m: float = 0.1         # downsampling for RANSAC and DBSCAN; 0 disables
-    ground_distance_m: float = 0.2    # RANSAC inlier distance to the ground plane
+    # The range limits are the lidar's, shared with the encoder: parameters lidar.min_range_m / lidar.max_range_m.
+    min_range_m: float = setting(0.5, 'Lidar returns closer than this (metres; usually the robot itself) are '
+                                 'ignored.')
+    max_range_m: float = setting(80.0, 'Lidar returns farther than this (metres) are ignored.')
+    voxel_size_m: float = setting(0.1, 'Voxel size of the downsampling before ground fitting and clustering '
+                                  '(0 disables it).')
+    ground_distance_m: float = setting(0.2, 'Points this close to the RANSAC ground plane are ground.')
     ground_iterations: int = 200
     max_ground_tilt_deg: float = 20.0  # steeper planes are walls or ramps, not the ground
-    min_height_m: float = 0.2         # obstacle height band above the ground plane
-    max_height_m: float = 2.5
-    cluster_eps_m: float = 0.5        # DBSCAN neighbourhood radius
-    cluster_min_points: int = 10      # DBSCAN core-point neighbours (in downsampled points)
-    max_clusters: int = 10            # nearest clusters reported
+    min_height_m: float = setting(0.2, 'Obstacles are points at least this high above the ground...')
+    max_height_m: float = setting(2.5, '...and at most this high (higher overhangs are ignored).')
+    cluster_eps_m: float = setting(0.5, 'Neighbourhood radius of the DBSCAN object clustering.')
+    cluster_min_points: int = setting(10, 'Neighbours a DBSCAN core point needs (downsampled points).')
+    max_clusters: int = setting(10, 'Nearest object clusters reported.')
     seed: int = 0                     # open3d's RANSAC seed, for repeatable planes
 
     def __post_init__(self):
@@ -163,7 +168,7 @@ def _import_open3d():
     try:
         import open3d
     except ImportError as error:   # also raised for a missing system library such as libusb-1.0.so.0
-        raise GroundingModelError(f'geometry needs {OPEN3D_PIN} (or open3d): {error}') from error
+        raise DependencyError(f'geometry needs {OPEN3D_PIN} (or open3d): {error}') from error
     open3d.utility.set_verbosity_level(open3d.utility.VerbosityLevel.Error)   # DBSCAN prints progress otherwise
     return open3d
 
@@ -225,7 +230,10 @@ class GeometryExtractor:
         xyz = points[:, :3].astype(np.float64)
         xyz = xyz[np.all(np.isfinite(xyz), axis=1)]
         horizontal = np.hypot(xyz[:, 0], xyz[:, 1])
-        return xyz[(horizontal >= self.config.min_range_m) & (horizontal <= self.config.max_range_m)]
+        # A return beyond the range vertically is as bogus as one beyond it horizontally, and one at 1e38 m would
+        # make open3d's voxel grid overflow ("voxel_size is too small").
+        return xyz[(horizontal >= self.config.min_range_m) & (horizontal <= self.config.max_range_m)
+                   & (np.abs(xyz[:, 2]) <= self.config.max_range_m)]
 
     def _ground_plane(self, cloud) -> tuple[np.ndarray, bool]:
         """([a, b, c, d], found) of the ground plane ax+by+cz+d=0, with (a, b, c) the unit normal pointing up.

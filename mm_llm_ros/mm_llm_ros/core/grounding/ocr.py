@@ -8,7 +8,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import GroundingModelError, Lazy, check_config, join_within
+from mm_llm_ros.core.errors import DependencyError
+
+from .base import Lazy, check_config, join_within, setting
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +24,12 @@ _MIN_SIDE_PX = 8  # smaller frames cannot hold readable text; the detector also 
 class OcrConfig:
     """Settings of `OcrExtractor`."""
 
-    min_confidence: float = 0.6   # recogniser score below which a line is dropped
-    min_chars: int = 2            # single glyphs are mostly texture read as text
-    max_items: int = 8            # the most confident lines are kept, then shown in reading order
-    max_side_px: int = 2000       # larger frames are shrunk before detection (RapidOCR max_side_len)
-    num_threads: int = 0          # onnxruntime intra-op threads; 0 keeps its default (all cores)
+    min_confidence: float = setting(0.6, 'Text lines with a lower recogniser score are left out.')
+    min_chars: int = setting(2, 'Shorter text lines are left out (single glyphs are mostly texture).')
+    max_items: int = setting(8, 'Most confident text lines reported per frame (then shown in reading order).')
+    max_side_px: int = setting(2000, 'Frames with a longer side are shrunk to it before text detection '
+                               '(RapidOCR max_side_len).')
+    num_threads: int = setting(2, 'onnxruntime threads of the OCR models (0: as many as cores).')
 
     def __post_init__(self):
         check_config(0.0 <= self.min_confidence <= 1.0, f'min_confidence must be in [0, 1], got {self.min_confidence}')
@@ -140,7 +143,7 @@ class OcrExtractor:
         try:
             from rapidocr_onnxruntime import RapidOCR
         except ImportError as error:
-            raise GroundingModelError(f'OCR needs {OCR_PIN} (its models are inside the wheel): {error}') from error
+            raise DependencyError(f'OCR needs {OCR_PIN} (its models are inside the wheel): {error}') from error
         options: dict[str, Any] = {'text_score': self.config.min_confidence, 'max_side_len': self.config.max_side_px}
         if self.config.num_threads:
             options['intra_op_num_threads'] = self.config.num_threads

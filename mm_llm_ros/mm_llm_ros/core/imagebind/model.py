@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import pickle
 import threading
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,8 +21,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mm_llm_ros.core.device import describe, resolve_device, resolve_dtype
+from mm_llm_ros.core.errors import CheckpointError, ConfigError
 from mm_llm_ros.core.imagebind import official
 from mm_llm_ros.core.imagebind.inference import GraphedForward, prepare_for_inference
+from mm_llm_ros.core.weights import listing, load_weights, tensor_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -51,24 +51,8 @@ PRESETS: dict[str, dict[str, Any]] = {'huge': HUGE_KWARGS, 'tiny': TINY_KWARGS}
 _PREVIEW = 5  # keys listed in an error message before "and N more"
 
 
-class ImageBindConfigError(ValueError):
-    """An invalid preset or architecture override."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, unsafe or does not fit the configured architecture."""
-
-
 class EncodeError(ValueError):
     """A batch that the encoder cannot take (unknown modality, wrong shape or dtype, non-finite values)."""
-
-
-def _preview(items: list[str]) -> str:
-    shown = ', '.join(items[:_PREVIEW])
-    return shown if len(items) <= _PREVIEW else f'{shown} and {len(items) - _PREVIEW} more'
-
-
-# --- configuration -----------------------------------------------------------------------------------------------
 
 
 def _coerce_override(name: str, value: Any, default: Any) -> Any:
@@ -86,7 +70,7 @@ def _coerce_override(name: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
         expected = 'an integer'
     if not ok:
-        raise ImageBindConfigError(f"ImageBind override '{name}' must be {expected}, got {value!r}")
+        raise ConfigError(f"ImageBind override '{name}' must be {expected}, got {value!r}")
     return value
 
 
@@ -97,7 +81,7 @@ def validate_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     defaults = official.model_defaults()
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise ImageBindConfigError(
+        raise ConfigError(
             f'unknown ImageBind override(s): {", ".join(unknown)}; valid keys: {", ".join(sorted(defaults))}')
     return {name: _coerce_override(name, value, defaults[name]) for name, value in overrides.items()}
 
@@ -109,9 +93,9 @@ def parse_overrides(text: str) -> dict[str, Any]:
     try:
         overrides = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ImageBindConfigError(f'ImageBind overrides are not valid JSON ({exc}): {text!r}') from exc
+        raise ConfigError(f'ImageBind overrides are not valid JSON ({exc}): {text!r}') from exc
     if not isinstance(overrides, dict):
-        raise ImageBindConfigError(f'ImageBind overrides must be a JSON object, got {type(overrides).__name__}')
+        raise ConfigError(f'ImageBind overrides must be a JSON object, got {type(overrides).__name__}')
     return validate_overrides(overrides)
 
 
@@ -137,7 +121,7 @@ class ImageBindConfig:
 
     def __post_init__(self):
         if self.preset not in PRESETS:
-            raise ImageBindConfigError(f"ImageBind preset must be one of {', '.join(PRESETS)}, got '{self.preset}'")
+            raise ConfigError(f"ImageBind preset must be one of {', '.join(PRESETS)}, got '{self.preset}'")
         object.__setattr__(self, 'overrides', validate_overrides(self.overrides))
 
     @classmethod
@@ -167,42 +151,11 @@ class ImageBindConfig:
 # --- checkpoints ---------------------------------------------------------------------------------------------------
 
 
-def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
-    """The specific line of torch's weights-only refusal (e.g. 'unsupported GLOBAL posix.system'), minus boilerplate."""
-    boilerplate = ('Weights only load failed', 'Please file an issue', 'Check the documentation')
-    lines = [p.strip() for p in str(exc).split('\n\n') if p.strip() and not p.strip().startswith(boilerplate)]
-    return lines[0] if lines else str(exc).splitlines()[0]
-
-
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict without executing code: `.safetensors`, or a `torch.save` file via `weights_only=True`.
-
-    Zip-format files (every `torch.save` since 1.6, incl. the official imagebind_huge.pth) are memory-mapped, so
-    loading the 4.5 GiB checkpoint never holds a second copy of the weights in RAM.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"ImageBind checkpoint '{path}' does not exist")
-    try:
-        if path.suffix == '.safetensors':
-            from safetensors.torch import load_file
-            state = load_file(path, device='cpu')
-        else:
-            state = torch.load(path, map_location='cpu', mmap=zipfile.is_zipfile(path), weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refused to load ImageBind checkpoint '{path}' for safety: the weights-only unpickler rejected it "
-            f'({_unpickler_reason(exc)}). It is either not a PyTorch checkpoint or it would run code when '
-            'loaded; use a plain state_dict saved with torch.save or safetensors') from exc
-    except Exception as exc:  # noqa: BLE001 - torch/safetensors report corrupt files as RuntimeError, EOFError...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"cannot read ImageBind checkpoint '{path}' (corrupt or truncated?): {reason}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        found = f'keys {_preview(sorted(map(str, state)))}' if isinstance(state, Mapping) else type(state).__name__
-        raise CheckpointError(
-            f"ImageBind checkpoint '{path}' is not a plain state_dict of tensors (found {found}); the official "
-            "format maps names like 'modality_preprocessors.vision.cls_token' to tensors")
-    return dict(state)
+    """The ImageBind checkpoint at `path` as a plain state_dict, read without running code (see core/weights.py)."""
+    return tensor_state_dict(load_weights(path, 'ImageBind checkpoint'), path, 'ImageBind checkpoint',
+                             "the official format maps names like 'modality_preprocessors.vision.cls_token' to "
+                             'tensors')
 
 
 def _check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path: str, arch: str) -> None:
@@ -212,7 +165,7 @@ def _check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path:
     unexpected = sorted(state.keys() - expected.keys())
     mismatched = [f'{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}'
                   for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k].shape]
-    problems = [f'{len(keys)} {what}: {_preview(keys)}' for what, keys in (
+    problems = [f'{len(keys)} {what}: {listing(keys, limit=_PREVIEW)}' for what, keys in (
         ('missing keys', missing), ('unexpected keys', unexpected),
         ('shape mismatches (checkpoint != model)', mismatched)) if keys]
     if problems:
@@ -243,7 +196,7 @@ def _build_model(config: ImageBindConfig, random_init: bool) -> nn.Module:
             with contextlib.nullcontext() if random_init else _NoRandomFill():
                 model = official.model_class()(**config.model_kwargs())
         except (AssertionError, ValueError, RuntimeError, TypeError) as exc:
-            raise ImageBindConfigError(f"cannot build ImageBindModel from preset '{config.preset}' with overrides "
+            raise ConfigError(f"cannot build ImageBindModel from preset '{config.preset}' with overrides "
                                        f'{dict(config.overrides)}: {exc or type(exc).__name__}') from exc
     return model.eval().requires_grad_(False)
 

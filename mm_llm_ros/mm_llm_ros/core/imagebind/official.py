@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm_llm_ros.core.errors import DependencyError
+
 logger = logging.getLogger(__name__)
 
 OFFICIAL_PACKAGE = 'imagebind'
@@ -34,10 +36,6 @@ MODEL_MODULE = 'imagebind.models.imagebind_model'
 INSTALL_HINT = 'pip install --no-deps imagebind-unofficial==0.1.1'
 
 _import_lock = threading.Lock()
-
-
-class ImageBindUnavailableError(ImportError):
-    """The official ImageBind model code is not installed or cannot be imported."""
 
 
 # --- timm stand-in ---------------------------------------------------------------------------------------------
@@ -116,7 +114,7 @@ def _register_bare_package() -> None:
         return
     spec = importlib.util.find_spec(OFFICIAL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ImageBindUnavailableError(
+        raise DependencyError(
             f"the ImageBind model code is not installed (no '{OFFICIAL_PACKAGE}' package); run: {INSTALL_HINT}")
     # module_from_spec sets __path__/__spec__ but does not run __init__.py: that is the point.
     sys.modules[OFFICIAL_PACKAGE] = importlib.util.module_from_spec(spec)
@@ -133,7 +131,7 @@ def load_model_module() -> types.ModuleType:
             with stand_in:
                 module = importlib.import_module(MODEL_MODULE)
         except ImportError as exc:
-            raise ImageBindUnavailableError(
+            raise DependencyError(
                 f'cannot import {MODEL_MODULE} ({exc}); install the model code with: {INSTALL_HINT}') from exc
         logger.debug('imported %s from %s', MODEL_MODULE, module.__file__)
         return module

@@ -133,37 +133,32 @@ def _normalize_crops(crops: np.ndarray) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class AudioPreprocessConfig:
-    """Official ``load_and_transform_audio_data`` defaults."""
+    """Official ``load_and_transform_audio_data`` defaults; the filterbank (16 kHz, 128 mel bins) is Kaldi's."""
 
-    sample_rate: int = 16000
-    num_mel_bins: int = 128
+    fbank: FbankConfig = FbankConfig()
     target_length: int = 204
     clip_duration_s: float = 2.0
     clips_per_video: int = 3
     mean: float = -4.268
     std: float = 9.138
 
-    @property
-    def fbank(self) -> FbankConfig:
-        return FbankConfig(sample_rate=self.sample_rate, num_mel_bins=self.num_mel_bins)
-
 
 def audio_clip_spans(num_samples: int,
                      config: AudioPreprocessConfig = AudioPreprocessConfig()) -> list[tuple[int, int]]:
-    """[start, end) sample ranges of the clips the official loader cuts from a `config.sample_rate` waveform.
+    """[start, end) sample ranges of the clips the official loader cuts from a `config.fbank.sample_rate` waveform.
 
     pytorchvideo's ``ConstantClipsPerVideoSampler`` spaces the starts by ``(duration - clip) / clips``, so the
     last clip ends one step before the end (for 5 s: 0-2, 1-3, 2-4 s). A waveform shorter than one clip yields
     ``clips_per_video`` copies of the whole waveform. Exact fractions reproduce its sample boundaries.
     """
     clip = Fraction(config.clip_duration_s)
-    duration = num_samples / config.sample_rate  # a float, as the official code passes it
+    duration = num_samples / config.fbank.sample_rate  # a float, as the official code passes it
     step = Fraction(max(duration - clip, 0)) / config.clips_per_video
     spans = []
     for index in range(config.clips_per_video):
         start = step * index
-        end = min(int((start + clip) * config.sample_rate), num_samples)
-        spans.append((int(start * config.sample_rate), end))
+        end = min(int((start + clip) * config.fbank.sample_rate), num_samples)
+        spans.append((int(start * config.fbank.sample_rate), end))
     return spans
 
 
@@ -195,19 +190,19 @@ def preprocess_audio(waveform: np.ndarray, sample_rate: int,
 
     Args:
         waveform: (channels, samples) or (samples,) float samples in [-1, 1].
-        sample_rate: its rate in Hz; any positive integer rate is resampled to `config.sample_rate`.
+        sample_rate: its rate in Hz; any positive integer rate is resampled to `config.fbank.sample_rate`.
 
     Raises:
         PreprocessError: bad shape/dtype/values, or shorter than one 25 ms fbank window after resampling.
     """
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise PreprocessError(f'sample_rate must be a positive integer in Hz, got {sample_rate!r}')
-    audio = resample(_check_waveform(waveform), int(sample_rate), config.sample_rate)
+    audio = resample(_check_waveform(waveform), int(sample_rate), config.fbank.sample_rate)
     fbank_config = config.fbank
     num_samples = audio.shape[-1]
     if fbank_config.num_frames(num_samples) == 0:
         raise PreprocessError(
-            f'audio is too short: {num_samples} samples at {config.sample_rate} Hz, the fbank needs at least '
+            f'audio is too short: {num_samples} samples at {config.fbank.sample_rate} Hz, the fbank needs at least '
             f'{fbank_config.window_size} ({fbank_config.frame_length_ms:g} ms)')
 
     clips = []

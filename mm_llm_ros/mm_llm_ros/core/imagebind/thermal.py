@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.imagebind.preprocess import PreprocessError, _resize_and_crop
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,6 @@ THERMAL_UNITS = ('kelvin', 'counts')
 PLAUSIBLE_KELVIN = (150.0, 1000.0)  # a median outside this is almost certainly not kelvin
 THERMAL_WINDOWS = ('percentile', 'fixed')
 DEFAULT_MIN_SPAN_K = 5.0  # a uniform scene is shown with at least this much temperature contrast
-
-
-class ThermalConfigError(ValueError):
-    """Invalid thermal preprocessing settings."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,26 +80,26 @@ class ThermalPreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.units not in THERMAL_UNITS:
-            raise ThermalConfigError(f"thermal units must be one of {', '.join(THERMAL_UNITS)}, got {self.units!r}")
+            raise ConfigError(f"thermal units must be one of {', '.join(THERMAL_UNITS)}, got {self.units!r}")
         if self.window not in THERMAL_WINDOWS:
-            raise ThermalConfigError(
+            raise ConfigError(
                 f"thermal window must be one of {', '.join(THERMAL_WINDOWS)}, got {self.window!r}")
         if not (_is_number(self.kelvin_per_count) and self.kelvin_per_count > 0):
-            raise ThermalConfigError(f'kelvin_per_count must be a positive number, got {self.kelvin_per_count!r}')
+            raise ConfigError(f'kelvin_per_count must be a positive number, got {self.kelvin_per_count!r}')
         low, high = _pair(self.percentiles, 'percentiles')
         if not 0 <= low < high <= 100:
-            raise ThermalConfigError(f'percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles!r}')
+            raise ConfigError(f'percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles!r}')
         if self.fixed_range is not None:
             low, high = _pair(self.fixed_range, 'fixed_range')
             if not low < high:
-                raise ThermalConfigError(f'fixed_range must be (low, high) with low < high, got {self.fixed_range!r}')
+                raise ConfigError(f'fixed_range must be (low, high) with low < high, got {self.fixed_range!r}')
         elif self.window == 'fixed':
-            raise ThermalConfigError('thermal window "fixed" needs fixed_range (low, high) in the pixel units, '
+            raise ConfigError('thermal window "fixed" needs fixed_range (low, high) in the pixel units, '
                                      'e.g. (253.15, 323.15) kelvin for -20..50 degC')
         if self.min_span is not None and not (_is_number(self.min_span) and self.min_span >= 0):
-            raise ThermalConfigError(f'min_span must be a number >= 0, got {self.min_span!r}')
+            raise ConfigError(f'min_span must be a number >= 0, got {self.min_span!r}')
         if not (_is_number(self.mean) and _is_number(self.std) and self.std > 0):
-            raise ThermalConfigError(f'mean must be a number and std a positive number, got {self.mean!r}, '
+            raise ConfigError(f'mean must be a number and std a positive number, got {self.mean!r}, '
                                      f'{self.std!r}')
         object.__setattr__(self, 'percentiles', tuple(float(v) for v in self.percentiles))
         if self.fixed_range is not None:
@@ -117,7 +114,7 @@ class ThermalPreprocessConfig:
         """
         unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
         if unknown:
-            raise ThermalConfigError(f"unknown thermal setting(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown thermal setting(s): {', '.join(unknown)}")
         values = dict(values)
         if 'fixed_range' in values and not len(values['fixed_range'] or ()):
             values['fixed_range'] = None
@@ -144,9 +141,9 @@ def _pair(value: object, name: str) -> tuple[float, float]:
     try:
         low, high = value
     except (TypeError, ValueError):
-        raise ThermalConfigError(f'{name} must be a (low, high) pair, got {value!r}') from None
+        raise ConfigError(f'{name} must be a (low, high) pair, got {value!r}') from None
     if not (_is_number(low) and _is_number(high)):
-        raise ThermalConfigError(f'{name} must be two finite numbers, got {value!r}')
+        raise ConfigError(f'{name} must be two finite numbers, got {value!r}')
     return float(low), float(high)
 
 

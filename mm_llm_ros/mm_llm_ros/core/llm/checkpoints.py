@@ -10,8 +10,8 @@ Formats:
 - **Hugging Face LLaMA** directory (`config.json` with model_type llama, safetensors preferred) + its tokenizer.
 - **ImageBind-LLM adapter** (`7B.pth` = `{'model': state_dict}`, official key names; a 'config' entry is ignored).
 
-Every file is read with `torch.load(weights_only=True)` (memory-mapped when it is a zip checkpoint) or safetensors,
-so a pickle that carries code is refused. Problems raise `CheckpointError` naming the file and the keys or shapes.
+Every file is read by `core/weights.py` (`torch.load(weights_only=True)`, memory-mapped, or safetensors), so a
+pickle that carries code is refused. Problems raise `CheckpointError` naming the file and the keys or shapes.
 """
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ import logging
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
+
+from mm_llm_ros.core.errors import CheckpointError
+from mm_llm_ros.core.weights import listing, load_weights, tensor_state_dict
 
 from .model import ImageBindLLM, ImageBindLLMConfig
 from .tokenizer import HFTokenizer, SentencePieceTokenizer, TextTokenizer, TokenizerError
@@ -62,41 +64,6 @@ _META_SHARD_DIM = {
     'attention.wq': 0, 'attention.wk': 0, 'attention.wv': 0, 'feed_forward.w1': 0, 'feed_forward.w3': 0,
     'output': 0, 'attention.wo': 1, 'feed_forward.w2': 1, 'tok_embeddings': 1,
 }
-_MAX_LISTED = 8
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or directory that is missing, unreadable, unsafe, or does not fit the model."""
-
-
-def _listing(items: list[str], sep: str = ', ') -> str:
-    shown = sep.join(items[:_MAX_LISTED])
-    return shown + (f' ... ({len(items)} in all)' if len(items) > _MAX_LISTED else '')
-
-
-def load_torch_file(path: PathLike) -> Any:
-    """`torch.load` on CPU with weights_only=True (and mmap for zip checkpoints), with clear errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'{path}: checkpoint file not found')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        message = str(exc)
-        unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', message)
-        if unsafe:
-            raise CheckpointError(f'{path}: refused to load, the pickle references {unsafe.group(1)}; only plain '
-                                  'tensors and containers are accepted (weights_only)') from exc
-        # weights_only failures bury the reason after this marker; other errors lead with it.
-        detail = message.split('WeightsUnpickler error:')[-1].strip().split('\n')[0]
-        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint '
-                              f'({type(exc).__name__}: {detail[:200] or "empty or truncated file"})') from exc
-
-
-def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f'{path}: expected a state dict of tensors, got {type(obj).__name__}')
-    return dict(obj)
 
 
 def _dtype_kwarg() -> str:
@@ -231,7 +198,7 @@ def merge_meta_shards(shards: list[dict[str, torch.Tensor]], files: tuple[Path, 
     for shard, file in zip(shards[1:], files[1:], strict=True):
         if set(shard) != keys:
             raise CheckpointError(f'{file}: its keys differ from {files[0]} '
-                                  f'({_listing(sorted(keys.symmetric_difference(shard)))})')
+                                  f'({listing(sorted(keys.symmetric_difference(shard)))})')
     merged = {}
     for key in shards[0]:
         dim = _META_SHARD_DIM.get(_meta_module(key))
@@ -257,7 +224,7 @@ def meta_to_hf_state_dict(state: dict[str, torch.Tensor], params: MetaLlamaParam
     missing = sorted(set(names) - set(state))
     if unexpected or missing:
         raise CheckpointError(f'{source}: does not match params.json ({params.n_layers} layers); '
-                              f'missing {_listing(missing) or "none"}; unexpected {_listing(unexpected) or "none"}')
+                              f'missing {listing(missing) or "none"}; unexpected {listing(unexpected) or "none"}')
     converted = {}
     for meta, hf in names.items():
         tensor = state[meta]
@@ -277,7 +244,7 @@ def _check_shapes(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sou
            for k, v in state.items() if tuple(expected[k].shape) != tuple(v.shape)]
     if bad:
         raise CheckpointError(f'{source}: {len(bad)} tensor(s) have the wrong shape for this model: '
-                              f'{_listing(bad, sep="; ")}')
+                              f'{listing(bad, sep="; ")}')
 
 
 def load_meta_llama(path: PathLike, model_size: str | None = None, *,
@@ -292,7 +259,7 @@ def load_meta_llama(path: PathLike, model_size: str | None = None, *,
         tokenizer = SentencePieceTokenizer(files.tokenizer)
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from exc
-    shards = [_tensor_dict(load_torch_file(file), file) for file in files.shards]
+    shards = [tensor_state_dict(load_weights(file, 'LLaMA shard'), file, 'LLaMA shard') for file in files.shards]
     source = files.shards[0] if len(files.shards) == 1 else files.checkpoint_dir
     state = meta_to_hf_state_dict(merge_meta_shards(shards, files.shards), params, source)
     if state['model.embed_tokens.weight'].shape[0] != tokenizer.vocab_size:
@@ -308,7 +275,7 @@ def load_meta_llama(path: PathLike, model_size: str | None = None, *,
     model.model.rotary_emb = LlamaRotaryEmbedding(config=config)  # its buffers are not in the checkpoint
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
-        raise CheckpointError(f'{source}: tensors left unset after loading: {_listing(leftover)}')
+        raise CheckpointError(f'{source}: tensors left unset after loading: {listing(leftover)}')
     logger.info('loaded Meta LLaMA %s: %d layers, width %d, %d shard(s)', files.checkpoint_dir, params.n_layers,
                 params.dim, len(files.shards))
     return model.eval(), tokenizer
@@ -342,7 +309,7 @@ def load_hf_llama(path: PathLike, *, dtype: torch.dtype = torch.float32) -> tupl
     problems = {kind: [str(k) for k in keys] for kind, keys in problems.items() if keys}
     if problems:
         raise CheckpointError(f'{root}: weights do not match its config: '
-                              + '; '.join(f'{kind} {_listing(keys)}' for kind, keys in problems.items()))
+                              + '; '.join(f'{kind} {listing(keys)}' for kind, keys in problems.items()))
     try:
         tokenizer = HFTokenizer.from_pretrained(root)
     except TokenizerError as exc:
@@ -415,7 +382,7 @@ def load_adapter_state_dict(model: ImageBindLLM, state: Mapping[str, torch.Tenso
         hint = ' (a legacy LayerNorm-bridge checkpoint, not supported)' if legacy else ''
         raise CheckpointError(f'{source}: not an ImageBind-LLM adapter for this backbone{hint} '
                               f'({len(model.layers)} layers, {model.config.bind_blocks} bind blocks); '
-                              f'missing {_listing(missing) or "none"}; unexpected {_listing(unexpected) or "none"}')
+                              f'missing {listing(missing) or "none"}; unexpected {listing(unexpected) or "none"}')
     renamed = {name: state[key] for key, (name, _) in mapping.items()}
     _check_shapes(model, renamed, source, names={name: key for key, (name, _) in mapping.items()})
     parameters = dict(model.named_parameters())
@@ -431,10 +398,10 @@ def load_adapter_state_dict(model: ImageBindLLM, state: Mapping[str, torch.Tenso
 def load_adapter_checkpoint(model: ImageBindLLM, path: PathLike) -> None:
     """Load the official adapter file (`{'model': state_dict}` or a bare state dict) into `model`."""
     path = Path(path)
-    obj = load_torch_file(path)
+    obj = load_weights(path, 'ImageBind-LLM adapter')
     if isinstance(obj, Mapping) and 'model' in obj:
         obj = obj['model']  # a 'config' entry next to it is informational only
-    load_adapter_state_dict(model, _tensor_dict(obj, path), path)
+    load_adapter_state_dict(model, tensor_state_dict(obj, path, 'ImageBind-LLM adapter'), path)
 
 
 def load_imagebind_llm(llama_path: PathLike, adapter_path: PathLike | None, *,

@@ -41,14 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm_llm_ros.core.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 DecoderMode = Literal['eager', 'static', 'cuda_graph', 'compile']
 DECODER_MODES: tuple[str, ...] = ('auto', 'eager', 'static', 'cuda_graph', 'compile')
-
-
-class DecoderError(ValueError):
-    """A decoder mode that this model or device cannot run."""
 
 
 def resolve_decoder_mode(name: str, device: torch.device) -> DecoderMode:
@@ -61,11 +59,11 @@ def resolve_decoder_mode(name: str, device: torch.device) -> DecoderMode:
     """
     name = (name or 'auto').strip().lower()
     if name not in DECODER_MODES:
-        raise DecoderError(f"generation.decoder must be one of {', '.join(DECODER_MODES)}, got '{name}'")
+        raise ConfigError(f"generation.decoder must be one of {', '.join(DECODER_MODES)}, got '{name}'")
     if name == 'auto':
         return 'compile' if device.type == 'cuda' else 'static'
     if name == 'cuda_graph' and device.type != 'cuda':
-        raise DecoderError(f"generation.decoder 'cuda_graph' needs a CUDA device, the model is on '{device}' "
+        raise ConfigError(f"generation.decoder 'cuda_graph' needs a CUDA device, the model is on '{device}' "
                            "(use 'static' or 'eager' on the CPU)")
     return name  # type: ignore[return-value]
 
@@ -162,15 +160,15 @@ class StaticDecoder:
 
     def __init__(self, model: nn.Module, capacity: int, mode: DecoderMode = 'static') -> None:
         if mode not in ('static', 'cuda_graph', 'compile'):
-            raise DecoderError(f"StaticDecoder runs 'static', 'cuda_graph' or 'compile', not '{mode}'")
+            raise ConfigError(f"StaticDecoder runs 'static', 'cuda_graph' or 'compile', not '{mode}'")
         base = getattr(model, 'model', None)
         if not isinstance(getattr(base, 'layers', None), nn.ModuleList) or not hasattr(model, 'lm_head'):
-            raise DecoderError(f'{type(model).__name__} is not a LLaMA-style causal LM (model.layers, lm_head)')
+            raise ConfigError(f'{type(model).__name__} is not a LLaMA-style causal LM (model.layers, lm_head)')
         self.device = model_device(model)
         if mode == 'cuda_graph' and self.device.type != 'cuda':
-            raise DecoderError(f"decoder 'cuda_graph' needs the model on a CUDA device, it is on '{self.device}'")
+            raise ConfigError(f"decoder 'cuda_graph' needs the model on a CUDA device, it is on '{self.device}'")
         if mode != 'static' and _unmerged_injection(model):
-            raise DecoderError(f"decoder '{mode}' needs a merged ImageBind-LLM (call merge_adapters() first): "
+            raise ConfigError(f"decoder '{mode}' needs a merged ImageBind-LLM (call merge_adapters() first): "
                                'the unmerged model replaces its visual vectors per query, which a graph cannot see')
         self.model = model
         self.mode = mode
@@ -208,7 +206,7 @@ class StaticDecoder:
         """Start a sequence with `prompt_ids` (1 <= len <= capacity); returns the logits after its last token."""
         length = len(prompt_ids)
         if not 0 < length <= self.capacity:
-            raise DecoderError(f'prompt of {length} tokens does not fit the static cache of {self.capacity}')
+            raise ConfigError(f'prompt of {length} tokens does not fit the static cache of {self.capacity}')
         if max(prompt_ids) >= self.vocab_size:
             raise IndexError(f'token id {max(prompt_ids)} >= vocabulary size {self.vocab_size}')
         for cache in self._keys + self._values:  # stale slots stay masked, but must not hold NaN/Inf (0 * NaN)
@@ -223,7 +221,7 @@ class StaticDecoder:
     def step(self, token: int) -> torch.Tensor:
         """Feed the next token (at position = tokens so far); returns the logits after it."""
         if self._length >= self.capacity:
-            raise DecoderError(f'the static cache of {self.capacity} positions is full')
+            raise ConfigError(f'the static cache of {self.capacity} positions is full')
         self._token.fill_(token)
         self._position.fill_(self._length)
         self._length += 1

