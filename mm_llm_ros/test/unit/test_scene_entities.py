@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mm_llm_ros.core import specs
+from mm_llm_ros.core.grounding import entities as entities_module
 from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, Generated
 from mm_llm_ros.core.embedding_store import ModalityStore
 from mm_llm_ros.core.grounding import AudioEvent, AudioEventsResult, Cluster, GeometryResult, OcrResult, TextItem
@@ -73,17 +74,35 @@ def test_sound_events_become_sounds_with_the_speech_verdict():
     assert entities('audio_events', json.dumps(no_vad.to_dict())) == ()
 
 
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Each test sees the first warning of every kind (they are throttled per kind)."""
+    monkeypatch.setattr(entities_module, '_warned_at', {})
+    monkeypatch.setattr(entities_module, '_suppressed', {})
+
+
 @pytest.mark.parametrize('json_text', [
-    '', 'not json', '[]', '42', '{"clusters": [{"centroid": [1, 2]}]}',
+    'not json', '[]', '42', '{"clusters": [{"centroid": [1, 2]}]}',
     '{"clusters": [{"centroid": [NaN, 0, 0], "extent": [1, 1, 1], "distance_m": 1, "bearing_deg": 0, '
     '"num_points": 3}]}',
     '{"clusters": [{"centroid": [1, 0, 0], "extent": [-1, 1, 1], "distance_m": 1, "bearing_deg": 0, '
     '"num_points": 3}]}',
     '{"clusters": "many"}', '{"clusters": [null]}', '[' * 100_000,
 ])
-def test_malformed_context_json_gives_no_entities_and_no_exception(json_text, caplog):
+def test_malformed_context_json_gives_no_entities_and_no_exception(json_text, caplog, fresh_warnings):
     assert entities('geometry', json_text) == ()
-    assert 'no entities from geometry context' in caplog.text
+    assert 'no entities from geometry context on /points' in caplog.text
+
+
+def test_warnings_are_throttled_per_kind_and_a_context_without_json_is_no_fault(caplog, fresh_warnings):
+    assert entities('geometry', '') == entities('ocr', '  ') == () and caplog.text == ''
+    for _ in range(50):
+        assert entities('geometry', 'not json') == ()
+    assert entities('ocr', 'not json') == ()
+    assert caplog.text.count('no entities from geometry') == 1 and caplog.text.count('no entities from ocr') == 1
+    entities_module._warned_at['geometry'] -= entities_module.WARNING_INTERVAL_S
+    entities('geometry', '[]')
+    assert '(49 more since the last warning)' in caplog.text
 
 
 def test_oversized_json_and_unknown_kinds_give_nothing_and_entity_counts_are_bounded():

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1                 # the `schema` key of the JSON mirror; bumped on incompatible changes
 MAX_CONTEXT_JSON_CHARS = 262_144   # a context's JSON longer than this gives no entities (grounding's are ~2 KB)
 MAX_ENTITIES_PER_CONTEXT = 64      # grounding reports at most max_clusters/max_items/top_k (10, 8, 3 by default)
+WARNING_INTERVAL_S = 10.0         # unusable context JSON is reported at most this often per kind
 _NS_PER_S = 1_000_000_000
 
 Vec3 = tuple[float, float, float]
@@ -188,15 +191,15 @@ def context_entities(kind: str, json_text: str, frame_id: str, stamp_ns: int,
                      source_topic: str) -> tuple[Entity, ...]:
     """The entities in one received context (its kind's `ContextKindSpec.entities` builder on its JSON).
 
-    A kind without a builder gives none; JSON that is too long, malformed or holds non-finite or misshapen values
-    gives none and a warning (never an exception: the context's text is still used).
+    A kind without a builder, or a context without JSON (a text-only publisher), gives none; JSON that is too
+    long, malformed or holds non-finite or misshapen values gives none and a warning, at most one per kind every
+    `WARNING_INTERVAL_S` (never an exception: the context's text is still used).
     """
     spec = CONTEXT_KINDS.get(kind)
-    if spec is None or not spec.entities:
+    if spec is None or not spec.entities or not json_text.strip():
         return ()
     if len(json_text) > MAX_CONTEXT_JSON_CHARS:
-        logger.warning('no entities from %s context on %s: JSON of %d characters (limit %d)', kind,
-                       source_topic or '?', len(json_text), MAX_CONTEXT_JSON_CHARS)
+        _warn(kind, source_topic, f'JSON of {len(json_text)} characters (limit {MAX_CONTEXT_JSON_CHARS})')
         return ()
     source = EntitySource(kind, frame_id, int(stamp_ns), source_topic)
     try:
@@ -205,9 +208,27 @@ def context_entities(kind: str, json_text: str, frame_id: str, stamp_ns: int,
             raise EntityError(f'expected a JSON object, got {type(data).__name__}')
         entities = resolve(spec.entities)(data, source)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
-        logger.warning('no entities from %s context on %s: %s', kind, source_topic or '?', exc)
+        _warn(kind, source_topic, f'{type(exc).__name__}: {exc}'[:200])
         return ()
     return tuple(entities[:MAX_ENTITIES_PER_CONTEXT])
+
+
+_warned_at: dict[str, float] = {}
+_suppressed: dict[str, int] = {}
+_warn_lock = threading.Lock()
+
+
+def _warn(kind: str, source_topic: str, reason: str) -> None:
+    """Log why a context gave no entities, throttled per kind (a hostile publisher must not flood the log)."""
+    now = time.monotonic()
+    with _warn_lock:
+        if now - _warned_at.get(kind, -math.inf) < WARNING_INTERVAL_S:
+            _suppressed[kind] = _suppressed.get(kind, 0) + 1
+            return
+        _warned_at[kind] = now
+        suppressed = _suppressed.pop(kind, 0)
+    more = f' ({suppressed} more since the last warning)' if suppressed else ''
+    logger.warning('no entities from %s context on %s: %s%s', kind, source_topic or '?', reason, more)
 
 
 def objects_from_geometry(data: Mapping[str, Any], source: EntitySource) -> list[SceneObject]:
