@@ -226,15 +226,27 @@ class LLMNode(ManagedNode):
         result = self._describe() if self.active else None
         if result is not None:
             # Entities and markers come from the store entries the answer used, not from the store now.
-            entities = SceneEntities.from_inputs(result.inputs)
-            description = (result.answer, self.get_clock().now().nanoseconds, result.modalities_used,
-                           result.source_stamps_ns, result.latency_s, entities)
-            self.description_pub.publish(description_msg(*description))
-            self.description_text_pub.publish(String(data=result.answer))
-            self.description_json_pub.publish(String(data=json.dumps(scene_json(*description), ensure_ascii=False)))
-            markers += self.markers.update(stored_entities(result.inputs))
+            stamp_ns = self.get_clock().now().nanoseconds
+            try:
+                messages = self._description_messages(result, stamp_ns, SceneEntities.from_inputs(result.inputs))
+                markers += self.markers.update(stored_entities(result.inputs))
+            except Exception as exc:  # the core validates entities; should one slip through, keep describing
+                self.get_logger().error(f'scene entities left out: {type(exc).__name__}: {exc}',
+                                        throttle_duration_sec=10.0)
+                messages = self._description_messages(result, stamp_ns, SceneEntities())
+            for publisher, msg in zip((self.description_pub, self.description_text_pub, self.description_json_pub),
+                                      messages):
+                publisher.publish(msg)
         if markers:
             self.markers_pub.publish(marker_array(markers))
+
+    @staticmethod
+    def _description_messages(result: AskResult, stamp_ns: int, entities: SceneEntities) -> tuple:
+        """SceneDescription, its text and its JSON mirror for one description."""
+        description = (result.answer, stamp_ns, result.modalities_used, result.source_stamps_ns, result.latency_s,
+                       entities)
+        return (description_msg(*description), String(data=result.answer),
+                String(data=json.dumps(scene_json(*description), ensure_ascii=False)))
 
     def _describe(self) -> AskResult | None:
         """A new scene description (a background job on the engine), or None when nothing is new or it is busy."""

@@ -88,6 +88,14 @@ def fresh_warnings(monkeypatch):
     '{"clusters": [{"centroid": [1, 0, 0], "extent": [-1, 1, 1], "distance_m": 1, "bearing_deg": 0, '
     '"num_points": 3}]}',
     '{"clusters": "many"}', '{"clusters": [null]}', '[' * 100_000,
+    '{"clusters": [{"centroid": [1e300, 0, 0], "extent": [1, 1, 1], "distance_m": 1, "bearing_deg": 0, '
+    '"num_points": 3}]}',   # would overflow float32 fields of the message
+    '{"clusters": [{"centroid": ["1", 0, 0], "extent": [1, 1, 1], "distance_m": 1, "bearing_deg": 0, '
+    '"num_points": 3}]}',
+    '{"clusters": [{"centroid": [1, 0, 0], "extent": [1, 1, 1], "distance_m": 1, "bearing_deg": 0, '
+    '"num_points": Infinity}]}',
+    '{"clusters": [{"centroid": [1, 0, 0], "extent": [1, 1, 1], "distance_m": 1, "bearing_deg": 0, '
+    '"num_points": -4}]}',
 ])
 def test_malformed_context_json_gives_no_entities_and_no_exception(json_text, caplog, fresh_warnings):
     assert entities('geometry', json_text) == ()
@@ -103,6 +111,16 @@ def test_warnings_are_throttled_per_kind_and_a_context_without_json_is_no_fault(
     entities_module._warned_at['geometry'] -= entities_module.WARNING_INTERVAL_S
     entities('geometry', '[]')
     assert '(49 more since the last warning)' in caplog.text
+
+
+def test_texts_that_no_ros_string_can_carry_are_repaired_and_bounded():
+    data = {'items': [{'text': 'POK\ud800KA' + 'x' * 2000, 'confidence': 0.9, 'box': [list(c) for c in BOX],
+                       'position': 'left'}], 'image_size': [64, 48]}
+    (text,) = entities('ocr', json.dumps(data))
+    assert text.text.startswith('POK?KA') and len(text.text) == entities_module.MAX_LABEL_CHARS
+    text.text.encode('utf-8')
+    bad_size = dict(data, image_size=[64])
+    assert entities('ocr', json.dumps(bad_size)) == ()
 
 
 def test_oversized_json_and_unknown_kinds_give_nothing_and_entity_counts_are_bounded():
@@ -248,3 +266,38 @@ def test_no_positive_max_age_places_nothing():
     (car,) = entities('geometry', geometry_json(CAR))
     for max_age in (0.0, -1.0, float('nan')):
         assert SceneMarkers(max_age, Clock()).update([(car, 1000.0)]) == []
+
+
+# ---- ROS messages ----------------------------------------------------------------------------------------------
+def test_entities_and_markers_become_ros_messages_field_for_field():
+    pytest.importorskip('visualization_msgs.msg')
+    pytest.importorskip('mm_llm_ros_interfaces.msg')
+    from visualization_msgs.msg import Marker
+    from mm_llm_ros.ros.scene_messages import description_msg, marker_array
+    from mm_llm_ros_interfaces.msg import SceneSound as SceneSoundMsg
+    ocr = OcrResult([TextItem('POKKA', 0.98, BOX, 'left')], (1600, 900))
+    audio = AudioEventsResult([AudioEvent('Dog', 0.3)], speech=None, duration_s=4.0)
+    scene = SceneEntities.gather([*entities('geometry', geometry_json(CAR), frame='velodyne'),
+                                  *entities('ocr', json.dumps(ocr.to_dict()), 'cam', STAMP + 1, '/camera/image_raw'),
+                                  *entities('audio_events', json.dumps(audio.to_dict()), 'mic', STAMP + 2, '/audio')])
+    msg = description_msg('A car.', STAMP + 9, ['geometry'], [STAMP], 0.5, scene)
+    assert (msg.description, msg.header.stamp.nanosec, msg.source_stamps[0].sec) == ('A car.', 612460009, 1532402927)
+    (car,) = msg.objects
+    assert (car.header.frame_id, car.header.stamp.sec, car.header.stamp.nanosec, car.source_topic) == \
+        ('velodyne', 1532402927, 612460000, '/points')
+    assert (car.box_center.x, car.size.z, car.num_points) == (6.0, 1.5, 300)
+    assert list(msg.texts[0].box) == [10.0, 10.0, 50.0, 10.0, 50.0, 30.0, 10.0, 30.0]
+    assert (msg.texts[0].image_width, msg.texts[0].header.frame_id) == (1600, 'cam')
+    assert msg.sounds[0].speech == SceneSoundMsg.SPEECH_UNKNOWN and msg.sounds[0].label == 'Dog'
+
+    clock = Clock()
+    markers = SceneMarkers(5.0, clock)
+    markers.update([(scene.objects[0], 999.5)])
+    clock.now = 1010.0
+    array = marker_array(markers.update([(entities('geometry', geometry_json(POST))[0], 1008.0)]) +
+                         [s for s in markers.expire()])
+    by_key = {(m.ns, m.id, m.action): m for m in array.markers}
+    box = by_key['objects', 0, Marker.ADD]
+    assert (box.type, box.header.frame_id, box.pose.orientation.w) == (Marker.CUBE, 'lidar', 1.0)
+    assert (box.lifetime.sec, box.lifetime.nanosec) == (3, 0) and box.color.a > 0
+    assert by_key['objects/labels', 0, Marker.ADD].type == Marker.TEXT_VIEW_FACING

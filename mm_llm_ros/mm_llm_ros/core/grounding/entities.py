@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1                 # the `schema` key of the JSON mirror; bumped on incompatible changes
 MAX_CONTEXT_JSON_CHARS = 262_144   # a context's JSON longer than this gives no entities (grounding's are ~2 KB)
 MAX_ENTITIES_PER_CONTEXT = 64      # grounding reports at most max_clusters/max_items/top_k (10, 8, 3 by default)
+MAX_ABS_VALUE = 1e9                # larger numbers are no position, size or score (and overflow float32 fields)
+MAX_LABEL_CHARS = 500              # an entity's text or label
 WARNING_INTERVAL_S = 10.0         # unusable context JSON is reported at most this often per kind
 _NS_PER_S = 1_000_000_000
 
@@ -207,7 +209,7 @@ def context_entities(kind: str, json_text: str, frame_id: str, stamp_ns: int,
         if not isinstance(data, dict):
             raise EntityError(f'expected a JSON object, got {type(data).__name__}')
         entities = resolve(spec.entities)(data, source)
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ArithmeticError, RecursionError) as exc:
         _warn(kind, source_topic, f'{type(exc).__name__}: {exc}'[:200])
         return ()
     return tuple(entities[:MAX_ENTITIES_PER_CONTEXT])
@@ -235,27 +237,29 @@ def objects_from_geometry(data: Mapping[str, Any], source: EntitySource) -> list
     result = GeometryResult.from_dict(data)
     return [SceneObject(source, _vec3(c.centroid, 'centroid'), _vec3(c.box_center or c.centroid, 'box_center'),
                         _vec3(c.extent, 'extent', non_negative=True), _finite(c.distance_m, 'distance_m'),
-                        _finite(c.bearing_deg, 'bearing_deg'), int(c.num_points))
+                        _finite(c.bearing_deg, 'bearing_deg'), _count(c.num_points, 'num_points'))
             for c in result.clusters[:MAX_ENTITIES_PER_CONTEXT]]
 
 
 def texts_from_ocr(data: Mapping[str, Any], source: EntitySource) -> list[SceneText]:
     result = OcrResult.from_dict(data)
-    width, height = (int(v) for v in result.image_size)
+    if len(result.image_size) != 2:
+        raise EntityError(f'image_size needs (width, height), got {result.image_size!r}')
+    width, height = (_count(v, 'image_size') for v in result.image_size)
     texts = []
     for item in result.items[:MAX_ENTITIES_PER_CONTEXT]:
         if len(item.box) != 4 or any(len(corner) != 2 for corner in item.box):
             raise EntityError(f'a text box needs 4 (x, y) corners, got {item.box!r}')
         box = tuple((_finite(x, 'box'), _finite(y, 'box')) for x, y in item.box)
-        texts.append(SceneText(source, item.text, _finite(item.confidence, 'confidence'), box, (width, height),
-                               item.position))
+        texts.append(SceneText(source, _text(item.text), _finite(item.confidence, 'confidence'), box,
+                               (width, height), _text(item.position)))
     return texts
 
 
 def sounds_from_audio_events(data: Mapping[str, Any], source: EntitySource) -> list[SceneSound]:
     result = AudioEventsResult.from_dict(data)
     speech = None if result.speech is None else bool(result.speech)
-    sounds = [SceneSound(source, event.label, _finite(event.score, 'score'), speech)
+    sounds = [SceneSound(source, _text(event.label), _finite(event.score, 'score'), speech)
               for event in result.events[:MAX_ENTITIES_PER_CONTEXT]]
     if not sounds and speech is not None:
         sounds.append(SceneSound(source, '', 0.0, speech))
@@ -263,10 +267,24 @@ def sounds_from_audio_events(data: Mapping[str, Any], source: EntitySource) -> l
 
 
 def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EntityError(f'{what} must be a number, got {value!r}'[:200])
     number = float(value)
-    if not math.isfinite(number):
-        raise EntityError(f'{what} is not finite: {value!r}')
+    if not math.isfinite(number) or abs(number) > MAX_ABS_VALUE:
+        raise EntityError(f'{what} is not finite or out of range: {value!r}')
     return number
+
+
+def _count(value: Any, what: str) -> int:
+    number = _finite(value, what)
+    if number < 0 or number != int(number):
+        raise EntityError(f'{what} must be a whole number >= 0, got {value!r}')
+    return int(number)
+
+
+def _text(value: Any) -> str:
+    """A string that encodes as UTF-8 (JSON may hold lone surrogates, which no ROS string can carry), bounded."""
+    return str(value).encode('utf-8', 'replace').decode('utf-8')[:MAX_LABEL_CHARS]
 
 
 def _vec3(values: Sequence[Any], what: str, non_negative: bool = False) -> Vec3:
