@@ -146,10 +146,18 @@ class DemoClient:
         got = threading.Event()
         latest: list[str] = []
         subscription = self.node.create_subscription(
-            SceneDescription, 'scene_description', lambda m: (latest.append(m.description), got.set()), LATCHED_QOS)
+            SceneDescription, 'scene_description', lambda m: (latest.append(_describe_scene(m)), got.set()),
+            LATCHED_QOS)
         got.wait(timeout_s)
         self.node.destroy_subscription(subscription)
         return latest[-1] if latest else None
+
+
+def _describe_scene(msg) -> str:
+    """The description and the entities it carries (scene_description/json and /markers hold them too)."""
+    objects = ', '.join(f'{o.distance_m:.1f} m' for o in msg.objects[:3]) + (', ...' if len(msg.objects) > 3 else '')
+    return (f'{msg.description}\n  entities: {len(msg.objects)} objects' + (f' ({objects})' if objects else '') +
+            f", texts {[t.text for t in msg.texts]}, sounds {[s.label for s in msg.sounds if s.label]}")
 
 
 def _wait_future(future, deadline: float):

@@ -65,6 +65,9 @@ class AskResult:
     time_to_first_token_s: float = float('nan')
     tokens_per_s: float = float('nan')
     cancelled: bool = False
+    # The store entries the answer was based on (embeddings and contexts, as selected for it): a scene
+    # description's entities and markers are built from exactly these.
+    inputs: list[StoredInput] = field(default_factory=list)
 
 
 @dataclass
@@ -363,7 +366,7 @@ class AskEngine:
             note=self._note(request, fresh, missing),
             modalities_used=[e.modality for e in fresh], source_stamps_ns=[e.stamp_ns for e in fresh],
             n_tokens=generated.n_tokens, time_to_first_token_s=generated.time_to_first_token_s,
-            tokens_per_s=generated.tokens_per_s, cancelled=cancelled)
+            tokens_per_s=generated.tokens_per_s, cancelled=cancelled, inputs=list(fresh))
 
     @property
     def generation(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 
@@ -17,6 +17,9 @@ class StoredInput:
     received_monotonic: float   # local arrival time; freshness is judged on this clock
     model: str
     source_topic: str
+    # What else the input's message carried, read once on arrival: for a perception context, its scene entities
+    # (`core/grounding/entities.py`), so a description's entities come from exactly the contexts it used.
+    payload: Any = None
 
 
 class ModalityStore:
@@ -30,10 +33,10 @@ class ModalityStore:
         self._generation = 0  # bumps on every update: "new data since last description?"
 
     def update(self, modality: str, value: Union[np.ndarray, str], stamp_ns: int, model: str = '',
-               source_topic: str = '') -> None:
+               source_topic: str = '', payload: Any = None) -> None:
         if not isinstance(value, str):
             value = np.asarray(value, dtype=np.float32)
-        entry = StoredInput(modality, value, int(stamp_ns), self._clock(), model, source_topic)
+        entry = StoredInput(modality, value, int(stamp_ns), self._clock(), model, source_topic, payload)
         with self._lock:
             self._latest[modality] = entry
             self._generation += 1
@@ -47,6 +50,10 @@ class ModalityStore:
         with self._lock:
             entry = self._latest.get(modality)
         return None if entry is None else self._clock() - entry.received_monotonic
+
+    def now(self) -> float:
+        """The store's clock (arrival times and ages are measured on it)."""
+        return self._clock()
 
     def ages(self) -> dict[str, float]:
         now = self._clock()

@@ -169,7 +169,8 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
           'what it is, for small models; context.line_template is not used). See docs/evaluation.md (grounded).',
           ('text', 'facts')),
     Param('context.max_chars', 1000, 'Bound on the context block in the prompt (and on each received text).'),
-    Param('max_age_s', 5.0, 'Default freshness: embeddings older than this are not used.'),
+    Param('max_age_s', 5.0, 'Default freshness: embeddings older than this are not used (nor perception context, '
+          'whose scene-description markers expire after it).'),
     Param('max_queue', 4, 'Questions waiting or running at once; more get success=false, error "busy". With '
           'generation.max_batch > 1 it counts users\' questions waiting + decoding (scene descriptions never count) '
           'and must be >= generation.max_batch.'),
@@ -200,7 +201,8 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
     Param('cache.size', 10, 'Visual cache: neighbours retrieved (top-k).'),
     Param('cache.temperature', 20.0, 'Visual cache: softmax temperature over cosine similarities.'),
     Param('cache.weight', 0.5, 'Visual cache: weight of the retrieved feature in the final feature.'),
-    Param('description.rate_hz', 0.2, 'Scene descriptions per second on /scene_description (0 disables).'),
+    Param('description.rate_hz', 0.2, 'Scene descriptions per second on /scene_description, with their entities, '
+          'the JSON mirror (scene_description/json) and markers (scene_description/markers); 0 disables all.'),
     Param('description.prompt', 'Describe what the robot currently perceives in one or two sentences.',
           'Instruction used for periodic scene descriptions.'),
     Param('description.max_new_tokens', 64, 'Length bound of a scene description in tokens.'),

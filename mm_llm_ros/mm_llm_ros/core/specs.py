@@ -89,6 +89,9 @@ class ContextKindSpec(_Switchable):
     description: str
     # Config fields taken from parameters shared with other nodes instead of `<name>.<field>`.
     shared_params: tuple[tuple[str, str], ...] = ()
+    # 'module:function(data, source) -> entities': the scene entities (objects, texts, sounds) in one published
+    # result's JSON, for structured scene descriptions and markers ('' = none); see core/grounding/entities.py.
+    entities: str = ''
 
     @property
     def topic(self) -> str:
@@ -102,6 +105,7 @@ class ContextKindSpec(_Switchable):
 # ---- the tables ---------------------------------------------------------------------------------------------
 _INPUTS = 'mm_llm_ros.core.sensor_inputs'
 _GROUNDING = 'mm_llm_ros.core.grounding'
+_ENTITIES = f'{_GROUNDING}.entities'
 
 MODALITY_SPECS = (
     ModalitySpec('vision', 'camera images (3x224x224, official transforms)'),
@@ -141,16 +145,19 @@ SENSOR_SPECS = (
 CONTEXT_KIND_SPECS = (
     ContextKindSpec('ocr', 'Text read by the camera', 'camera', f'{_GROUNDING}.ocr:OcrExtractor',
                     f'{_GROUNDING}.ocr:OcrConfig',
-                    'Read scene text in camera images (RapidOCR) and publish it on mm_llm/context/ocr.'),
+                    'Read scene text in camera images (RapidOCR) and publish it on mm_llm/context/ocr.',
+                    entities=f'{_ENTITIES}:texts_from_ocr'),
     ContextKindSpec('audio_events', 'Sounds heard', 'audio', f'{_GROUNDING}.audio_events:AudioEventExtractor',
                     f'{_GROUNDING}.audio_events:AudioEventConfig',
                     'Name the sounds in microphone audio and tell whether someone speaks (YAMNet + Silero VAD); '
-                    'published on mm_llm/context/audio_events.'),
+                    'published on mm_llm/context/audio_events.',
+                    entities=f'{_ENTITIES}:sounds_from_audio_events'),
     ContextKindSpec('geometry', 'Lidar obstacles', 'lidar', f'{_GROUNDING}.geometry:GeometryExtractor',
                     f'{_GROUNDING}.geometry:GeometryConfig',
                     'Find the ground, the nearest obstacle per sector and object clusters in lidar scans (open3d); '
                     'published on mm_llm/context/geometry.',
-                    shared_params=(('min_range_m', 'lidar.min_range_m'), ('max_range_m', 'lidar.max_range_m'))),
+                    shared_params=(('min_range_m', 'lidar.min_range_m'), ('max_range_m', 'lidar.max_range_m')),
+                    entities=f'{_ENTITIES}:objects_from_geometry'),
 )
 
 MODALITIES: dict[str, ModalitySpec] = {m.name: m for m in MODALITY_SPECS}

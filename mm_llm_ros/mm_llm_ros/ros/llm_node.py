@@ -1,5 +1,6 @@
 """llm_node: the ImageBind-LLM node. Fuses the latest embeddings, answers /ask and /ask_stream, and publishes
-scene descriptions.
+scene descriptions: the text, the entities it is based on (objects, texts, sounds from the perception context it
+used), their JSON mirror and markers of the objects (core/grounding/entities.py, markers.py).
 
 Threads: embedding subscriptions and timers run on their own callback groups; /ask and /ask_stream callbacks run on
 a reentrant group and only wait for their own job, which the single generation worker in `AskEngine` serves in
@@ -13,6 +14,7 @@ description is generated; cleanup releases the model.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 
@@ -29,7 +31,10 @@ from std_msgs.msg import String
 from mm_llm_ros.core.answering import AskLimits, AskRequest, AskResult
 from mm_llm_ros.core.batch_engine import make_engine
 from mm_llm_ros.core.embedding_store import ModalityStore
+from mm_llm_ros.core.grounding.entities import (SceneEntities, context_entities, scene_json,
+                                                  stored_entities)
 from mm_llm_ros.core.grounding.facts import prompt_text
+from mm_llm_ros.core.grounding.markers import SceneMarkers
 from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 from mm_llm_ros.core.params import LLM_PARAMS
 from mm_llm_ros.core.specs import CONTEXT_TOPIC, EMBEDDING_TOPIC, sources_of
@@ -38,10 +43,12 @@ from mm_llm_ros.ros.diagnostics import make_array, make_status
 from mm_llm_ros.ros.lifecycle import INACTIVE, ManagedNode, autostarted, inactive_note
 from mm_llm_ros.ros.node_main import exit_now, run_node
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, FEEDBACK_QOS, LATCHED_QOS, SERVICE_QOS
+from mm_llm_ros.ros.scene_messages import description_msg, marker_array
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import Embedding, PerceptionContext, SceneDescription
 from mm_llm_ros_interfaces.srv import Ask
 from diagnostic_msgs.msg import DiagnosticArray
+from visualization_msgs.msg import MarkerArray
 
 
 class LLMNode(ManagedNode):
@@ -92,6 +99,10 @@ class LLMNode(ManagedNode):
 
         self.description_pub = self.create_publisher(SceneDescription, 'scene_description', LATCHED_QOS)
         self.description_text_pub = self.create_publisher(String, 'scene_description/text', LATCHED_QOS)
+        self.description_json_pub = self.create_publisher(String, 'scene_description/json', LATCHED_QOS)
+        self.markers_pub = self.create_publisher(MarkerArray, 'scene_description/markers', LATCHED_QOS)
+        # Markers live as long as their data is fresh for answers (max_age_s on the context store's clock).
+        self.markers = SceneMarkers(self.config.max_age_s, clock=self.contexts.now)
         self._described_generation = 0
         if self.config.description_rate_hz > 0:
             self.create_timer(1.0 / self.config.description_rate_hz, self.describe_callback,
@@ -151,9 +162,13 @@ class LLMNode(ManagedNode):
         # overwrite another input (an embedding with text) or grow the store with invented kinds. The text is
         # already short and structured; bound it once more. With context.format facts the model gets the result's
         # fact lines, rendered from its JSON (core/grounding/facts.py), as the grounded benchmark measures them.
+        # Its scene entities are read once, here, and kept with the text: a description carries those of exactly
+        # the contexts it used.
+        stamp_ns = stamp_to_ns(msg.header.stamp)
         self.contexts.update(kind, prompt_text(kind, msg.text, msg.json, self.config.context_format,
                                                self.config.context_max_chars),
-                             stamp_to_ns(msg.header.stamp), source_topic=msg.source_topic)
+                             stamp_ns, source_topic=msg.source_topic,
+                             payload=context_entities(kind, msg.json, msg.header.frame_id, stamp_ns, msg.source_topic))
 
     # ---- /ask and /ask_stream ------------------------------------------------------------------
     def ask_callback(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
@@ -202,22 +217,45 @@ class LLMNode(ManagedNode):
 
     # ---- scene descriptions -------------------------------------------------------------------
     def describe_callback(self) -> None:
-        if not self.active:
-            return  # inactive: no model work
+        # Markers whose data went stale are deleted on every tick (no model work, also while inactive); with a new
+        # description, in the same MarkerArray as its markers.
+        markers = self.markers.expire()
+        result = self._describe() if self.active else None
+        if result is not None:
+            # Entities and markers come from the store entries the answer used, not from the store now.
+            stamp_ns = self.get_clock().now().nanoseconds
+            try:
+                messages = self._description_messages(result, stamp_ns, SceneEntities.from_inputs(result.inputs))
+                markers += self.markers.update(stored_entities(result.inputs))
+            except Exception as exc:  # the core validates entities; should one slip through, keep describing
+                self.get_logger().error(f'scene entities left out: {type(exc).__name__}: {exc}',
+                                        throttle_duration_sec=10.0)
+                messages = self._description_messages(result, stamp_ns, SceneEntities())
+            for publisher, msg in zip((self.description_pub, self.description_text_pub, self.description_json_pub),
+                                      messages):
+                publisher.publish(msg)
+        if markers:
+            self.markers_pub.publish(marker_array(markers))
+
+    @staticmethod
+    def _description_messages(result: AskResult, stamp_ns: int, entities: SceneEntities) -> tuple:
+        """SceneDescription, its text and its JSON mirror for one description."""
+        description = (result.answer, stamp_ns, result.modalities_used, result.source_stamps_ns, result.latency_s,
+                       entities)
+        return (description_msg(*description), String(data=result.answer),
+                String(data=json.dumps(scene_json(*description), ensure_ascii=False)))
+
+    def _describe(self) -> AskResult | None:
+        """A new scene description (a background job on the engine), or None when nothing is new or it is busy."""
         generation = self.engine.generation
         if generation == self._described_generation:
-            return  # nothing new since the last description
+            return None  # nothing new since the last description
         request = AskRequest(self.config.description_prompt, max_new_tokens=self.config.description_max_new_tokens)
         result = self.engine.submit(request, background=True).wait()
         if not result.success:
-            return  # busy with users' questions: try again on the next tick
+            return None  # busy with users' questions: try again on the next tick
         self._described_generation = generation
-        msg = SceneDescription(description=result.answer, modalities=result.modalities_used,
-                               source_stamps=[ns_to_stamp(ns) for ns in result.source_stamps_ns],
-                               latency_s=float(result.latency_s))
-        msg.header.stamp = self.get_clock().now().to_msg()
-        self.description_pub.publish(msg)
-        self.description_text_pub.publish(String(data=result.answer))
+        return result
 
     def diagnostics_callback(self) -> None:
         ages = self.store.ages() | self.contexts.ages()

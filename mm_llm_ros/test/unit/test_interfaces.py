@@ -35,7 +35,21 @@ def test_scene_description_message():
     assert fields(msgs.SceneDescription) == {'header': 'std_msgs/Header', 'description': 'string',
                                              'modalities': 'sequence<string>',
                                              'source_stamps': 'sequence<builtin_interfaces/Time>',
-                                             'latency_s': 'float'}
+                                             'latency_s': 'float',
+                                             'objects': 'sequence<mm_llm_ros_interfaces/SceneObject>',
+                                             'texts': 'sequence<mm_llm_ros_interfaces/SceneText>',
+                                             'sounds': 'sequence<mm_llm_ros_interfaces/SceneSound>'}
+
+
+def test_scene_entity_messages_carry_source_frame_stamp_and_placement():
+    source = {'header': 'std_msgs/Header', 'source_topic': 'string'}
+    assert fields(msgs.SceneObject) == {**source, 'position': 'geometry_msgs/Point',
+                                        'box_center': 'geometry_msgs/Point', 'size': 'geometry_msgs/Vector3',
+                                        'distance_m': 'float', 'bearing_deg': 'float', 'num_points': 'uint32'}
+    assert fields(msgs.SceneText) == {**source, 'text': 'string', 'confidence': 'float', 'box': 'float[8]',
+                                      'image_width': 'uint32', 'image_height': 'uint32', 'position': 'string'}
+    assert fields(msgs.SceneSound) == {**source, 'label': 'string', 'score': 'float', 'speech': 'uint8'}
+    assert (msgs.SceneSound.SPEECH_UNKNOWN, msgs.SceneSound.SPEECH_NO, msgs.SceneSound.SPEECH_YES) == (0, 1, 2)
 
 
 def test_audio_chunk_message():

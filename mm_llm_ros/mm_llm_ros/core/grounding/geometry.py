@@ -76,6 +76,9 @@ class Cluster:
     distance_m: float                    # horizontal range of the centroid
     bearing_deg: float                   # of the centroid, positive to the left
     num_points: int                      # downsampled points
+    # Centre of the axis-aligned box of size `extent` (the centroid is where the points are dense, e.g. the side
+    # of a car the lidar sees); None in results published before it was added.
+    box_center: tuple[float, float, float] | None = None
 
     def to_text(self) -> str:
         size = 'x'.join(f'{value:.1f}' for value in self.extent)
@@ -108,7 +111,8 @@ class GeometryResult:
     def from_dict(cls, data: dict[str, Any]) -> GeometryResult:
         """The inverse of `to_dict` (e.g. of a received PerceptionContext's JSON)."""
         clusters = [Cluster(tuple(c['centroid']), tuple(c['extent']), float(c['distance_m']), float(c['bearing_deg']),
-                            int(c['num_points'])) for c in data.get('clusters', ())]
+                            int(c['num_points']), tuple(c['box_center']) if c.get('box_center') else None)
+                    for c in data.get('clusters', ())]
         nearest = {sector: data.get('nearest_m', {}).get(sector) for sector in SECTORS}
         plane = data.get('ground_plane')
         return cls(nearest, clusters, int(data.get('num_clusters', len(clusters))), tuple(plane) if plane else None,
@@ -280,10 +284,12 @@ class GeometryExtractor:
         for label in range(int(labels.max(initial=-1)) + 1):   # -1 is DBSCAN noise
             members = xyz[labels == label]
             centroid = members.mean(axis=0)
+            low, high = members.min(axis=0), members.max(axis=0)
             clusters.append(Cluster(
                 centroid=tuple(round(float(v), 2) for v in centroid),
-                extent=tuple(round(float(v), 2) for v in members.max(axis=0) - members.min(axis=0)),
+                extent=tuple(round(float(v), 2) for v in high - low),
                 distance_m=round(float(np.hypot(centroid[0], centroid[1])), 2),
                 bearing_deg=round(math.degrees(math.atan2(centroid[1], centroid[0])), 1),
-                num_points=len(members)))
+                num_points=len(members),
+                box_center=tuple(round(float(v), 2) for v in (low + high) / 2)))
         return sorted(clusters, key=lambda cluster: cluster.distance_m)
