@@ -6,6 +6,10 @@ a reentrant group and only wait for their own job, which the single generation w
 order (or, with generation.max_batch > 1, decodes together with others: `batch_engine.BatchedAskEngine`). The
 executor has max_queue + 4 threads, so waiting callbacks can never starve subscriptions or timers.
 
+Fleet mode (`robots: [robot1, robot2]`, core/fleet.py): the one model and engine serve every listed robot, each with
+its own inputs and endpoints under its namespace (`RobotEndpoints`); an empty list is one robot, the node's own
+namespace, with the same code.
+
 A lifecycle node (ros/lifecycle.py): configure loads the LLM and creates the topics, /ask and /ask_stream; activate
 starts the generation worker; while inactive, /ask and /ask_stream answer success=false, error "inactive" and no
 description is generated; cleanup releases the model.
@@ -28,7 +32,7 @@ from std_msgs.msg import String
 
 from mm_llm_ros.core.answering import AskLimits, AskRequest, AskResult
 from mm_llm_ros.core.batch_engine import make_engine
-from mm_llm_ros.core.embedding_store import ModalityStore
+from mm_llm_ros.core.fleet import Robot, robot_namespaces
 from mm_llm_ros.core.grounding.facts import prompt_text
 from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
 from mm_llm_ros.core.params import LLM_PARAMS
@@ -48,13 +52,17 @@ class LLMNode(ManagedNode):
 
     def __init__(self):
         super().__init__('llm_node', LLM_PARAMS)
-        # The executor is built before configure runs: sized from the (read-only) declared queue bound.
-        self.executor_threads = self.get_parameter('max_queue').value + 4
-        self.engine = self._action_server = None
+        # The executor is built before configure runs: sized from the (read-only) declared queue bound, plus one
+        # thread per robot for its description timer, which waits for its description.
+        robots = len(self.get_parameter_or('robots').value or ()) or 1
+        self.executor_threads = self.get_parameter('max_queue').value + 3 + robots
+        self.engine = None
+        self.robots: list[RobotEndpoints] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def configure(self, params) -> None:
         self.config = LLMConfig.from_params(params)
+        namespaces = robot_namespaces(self.config.robots)  # refused before the model loads
         _no_progress_bars()
         try:
             self.answerer = build_answerer(self.config)
@@ -64,50 +72,33 @@ class LLMNode(ManagedNode):
         if not self.answerer.sensors_inform_answers:
             self.get_logger().warning('bind network untrained/zero-gated: sensor embeddings do not inform answers')
 
-        self.store = ModalityStore()      # embeddings, by source
-        self.contexts = ModalityStore()   # perception context, by kind
-        self.engine = make_engine(self.answerer, self.store, AskLimits(
+        # One engine (one model copy, one queue and batch) for every robot; each robot's jobs carry its stores.
+        robots = [Robot(namespace) for namespace in namespaces]
+        self.engine = make_engine(self.answerer, robots[0].store, AskLimits(
             known_modalities=self.config.sources + tuple(self.config.context_kinds),
             groups={m: sources_of(m) for m in self.config.modalities},
             max_queue=self.config.max_queue,
             max_question_chars=self.config.max_question_chars, default_max_age_s=self.config.max_age_s,
             default_max_new_tokens=self.config.generation.max_new_tokens,
             max_new_tokens_cap=self.config.max_new_tokens_cap), line_template=self.config.context_template,
-            contexts=self.contexts)
-        self.dropped_embeddings = 0
-
-        sensors = MutuallyExclusiveCallbackGroup()
+            contexts=robots[0].contexts)
         requests = ReentrantCallbackGroup()
-        for source in self.config.sources:
-            self.create_subscription(Embedding, EMBEDDING_TOPIC.format(source=source),
-                                     lambda msg, s=source: self.embedding_callback(s, msg), EMBEDDING_QOS,
-                                     callback_group=sensors)
-        for kind in self.config.context_kinds:
-            self.create_subscription(PerceptionContext, CONTEXT_TOPIC.format(kind=kind),
-                                     lambda msg, k=kind: self.context_callback(k, msg), LATCHED_QOS,
-                                     callback_group=sensors)
-        self.create_service(Ask, 'ask', self.ask_callback, qos_profile=SERVICE_QOS, callback_group=requests)
-        self._action_server = ActionServer(
-            self, AskStream, 'ask_stream', execute_callback=self.ask_stream_execute,
-            goal_callback=lambda _goal: GoalResponse.ACCEPT, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
-            goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
-            cancel_service_qos_profile=SERVICE_QOS, feedback_pub_qos_profile=FEEDBACK_QOS, callback_group=requests)
-
-        self.description_pub = self.create_publisher(SceneDescription, 'scene_description', LATCHED_QOS)
-        self.description_text_pub = self.create_publisher(String, 'scene_description/text', LATCHED_QOS)
-        self._described_generation = 0
-        if self.config.description_rate_hz > 0:
-            self.create_timer(1.0 / self.config.description_rate_hz, self.describe_callback,
-                              callback_group=MutuallyExclusiveCallbackGroup())
+        self.robots = [RobotEndpoints(self, robot, requests) for robot in robots]
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         if self.config.diagnostics_period_s > 0:
             self.create_timer(self.config.diagnostics_period_s, self.diagnostics_callback,
                               callback_group=MutuallyExclusiveCallbackGroup())
 
+    @property
+    def fleet(self) -> bool:
+        """Serving robots listed in `robots` (rather than the node's own namespace)."""
+        return bool(self.config.robots)
+
     def activate(self) -> None:
         self.engine.start()
-        self.get_logger().info(f"serving {self.resolve_service_name('ask')} and "
-                               f"{self.resolve_service_name('ask_stream')}")
+        self.get_logger().info('serving ' + ', '.join(
+            f"{self.resolve_service_name(r.robot.topic('ask'))} and "
+            f"{self.resolve_service_name(r.robot.topic('ask_stream'))}" for r in self.robots))
 
     def finish_requests(self, reason: str) -> None:
         """Called by run_node on the first SIGINT/SIGTERM: every in-flight and queued /ask call and /ask_stream goal
@@ -125,14 +116,84 @@ class LLMNode(ManagedNode):
     def cleanup(self) -> None:
         if self.engine is not None:
             self.engine.stop(reason=INACTIVE)
-        # Entities are destroyed by the base.
-        self.engine = self.answerer = self.store = self.contexts = self._action_server = None
+        # Entities (every robot's too) are destroyed by the base.
+        self.engine = self.answerer = None
+        self.robots = []
 
     def close(self) -> None:
         if self.engine is not None:
             self.engine.stop()
-        if self._action_server is not None:
-            self._action_server.destroy()
+        for endpoints in self.robots:
+            endpoints.action_server.destroy()
+
+    def inactive_result(self) -> AskResult:
+        return AskResult(False, error=INACTIVE, note=inactive_note(self))
+
+    @contextlib.contextmanager
+    def unless_shutting_down(self):
+        """Publishing fails once Ctrl-C has invalidated the context, before close() ends the engine and wakes the
+        waiting goals; that is no error then (a goal's new state is still set, only not announced)."""
+        try:
+            yield
+        except Exception:
+            if self.context.ok():
+                raise
+
+    # ---- diagnostics --------------------------------------------------------------------------
+    def diagnostics_callback(self) -> None:
+        values = {'queue_length': self.engine.queue_length,
+                  'time_to_first_token_p50_s': self.engine.time_to_first_token.percentile(50),
+                  'tokens_per_s_p50': self.engine.tokens_per_s.percentile(50),
+                  'dropped_embeddings': sum(r.robot.dropped_embeddings for r in self.robots),
+                  'device': self.answerer.device_description,
+                  'active': self.active,
+                  **{f'{k}_requests': v for k, v in self.engine.counts.items()}}
+        if self.fleet:
+            values['robots'] = ' '.join(r.robot.label for r in self.robots)
+        else:
+            values |= self.robots[0].input_ages()
+        level = 'warn' if self.engine.queue_length >= self.config.max_queue else 'ok'
+        status = make_status(f'{self.get_name()}: ImageBind-LLM', self.answerer.device_description, level,
+                             f'{self.engine.queue_length} request(s) in flight' if self.active else INACTIVE, values)
+        # Fleet mode: one status more per robot, with its inputs' ages and drops.
+        robots = [make_status(f'{self.get_name()}: {r.robot.label}', self.answerer.device_description, 'ok',
+                              f'inputs of {r.robot.label}',
+                              {'dropped_embeddings': r.robot.dropped_embeddings, **r.input_ages()})
+                  for r in self.robots] if self.fleet else []
+        self.diagnostics_pub.publish(make_array(self.get_clock().now().to_msg(), [status, *robots]))
+
+
+class RobotEndpoints:
+    """One robot's side of llm_node: subscriptions to its embeddings and context (into its `Robot`'s stores), its
+    ask service and ask_stream action, and its scene descriptions, all named under the robot's namespace (relative
+    names: the node's own namespace for the single robot). Entities are created on the node in configure, so the
+    lifecycle base destroys them in cleanup like any other."""
+
+    def __init__(self, node: LLMNode, robot: Robot, requests: ReentrantCallbackGroup):
+        self.node, self.robot, self.config = node, robot, node.config
+        sensors = MutuallyExclusiveCallbackGroup()
+        for source in self.config.sources:
+            node.create_subscription(Embedding, robot.topic(EMBEDDING_TOPIC.format(source=source)),
+                                     lambda msg, s=source: self.embedding_callback(s, msg), EMBEDDING_QOS,
+                                     callback_group=sensors)
+        for kind in self.config.context_kinds:
+            node.create_subscription(PerceptionContext, robot.topic(CONTEXT_TOPIC.format(kind=kind)),
+                                     lambda msg, k=kind: self.context_callback(k, msg), LATCHED_QOS,
+                                     callback_group=sensors)
+        node.create_service(Ask, robot.topic('ask'), self.ask_callback, qos_profile=SERVICE_QOS,
+                            callback_group=requests)
+        self.action_server = ActionServer(
+            node, AskStream, robot.topic('ask_stream'), execute_callback=self.ask_stream_execute,
+            goal_callback=lambda _goal: GoalResponse.ACCEPT, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+            goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
+            cancel_service_qos_profile=SERVICE_QOS, feedback_pub_qos_profile=FEEDBACK_QOS, callback_group=requests)
+
+        self.description_pub = node.create_publisher(SceneDescription, robot.topic('scene_description'), LATCHED_QOS)
+        self.description_text_pub = node.create_publisher(String, robot.topic('scene_description/text'),
+                                                          LATCHED_QOS)
+        if self.config.description_rate_hz > 0:
+            node.create_timer(1.0 / self.config.description_rate_hz, self.describe_callback,
+                              callback_group=MutuallyExclusiveCallbackGroup())
 
     # ---- inputs -----------------------------------------------------------------------------
     def embedding_callback(self, source: str, msg: Embedding) -> None:
@@ -143,45 +204,49 @@ class LLMNode(ManagedNode):
         elif not np.all(np.isfinite(vector)):
             problem = 'non-finite values'
         if problem:
-            self.dropped_embeddings += 1
-            self.get_logger().warning(f'dropped {source} embedding from {msg.source_topic or "?"}: {problem}',
-                                      throttle_duration_sec=5.0)
+            self.robot.dropped_embeddings += 1
+            self.node.get_logger().warning(f'dropped {source} embedding from {msg.source_topic or "?"}: {problem}',
+                                           throttle_duration_sec=5.0)
             return
-        self.store.update(source, vector, stamp_to_ns(msg.header.stamp), msg.model, msg.source_topic)
+        self.robot.store.update(source, vector, stamp_to_ns(msg.header.stamp), msg.model, msg.source_topic)
 
     def context_callback(self, kind: str, msg: PerceptionContext) -> None:
         # Stored under the topic's kind, never the message's own `kind` field: a hostile publisher could otherwise
         # overwrite another input (an embedding with text) or grow the store with invented kinds. The text is
         # already short and structured; bound it once more. With context.format facts the model gets the result's
         # fact lines, rendered from its JSON (core/grounding/facts.py), as the grounded benchmark measures them.
-        self.contexts.update(kind, prompt_text(kind, msg.text, msg.json, self.config.context_format,
-                                               self.config.context_max_chars),
-                             stamp_to_ns(msg.header.stamp), source_topic=msg.source_topic)
+        self.robot.contexts.update(kind, prompt_text(kind, msg.text, msg.json, self.config.context_format,
+                                                     self.config.context_max_chars),
+                                   stamp_to_ns(msg.header.stamp), source_topic=msg.source_topic)
 
-    # ---- /ask and /ask_stream ------------------------------------------------------------------
+    def input_ages(self) -> dict[str, float]:
+        ages = self.robot.ages()
+        return {f'age_{m}_s': ages.get(m, float('inf')) for m in (*self.config.sources, *self.config.context_kinds)}
+
+    # ---- ask and ask_stream --------------------------------------------------------------------
     def ask_callback(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
-        if not self.active:
-            return _fill(response, self._inactive())
-        job = self.engine.submit(_to_ask_request(request))
+        if not self.node.active:
+            return _fill(response, self.node.inactive_result())
+        job = self.node.engine.submit(_to_ask_request(request), robot=self.robot)
         return _fill(response, job.wait())
 
     def ask_stream_execute(self, goal_handle) -> AskStream.Result:
-        if not self.active:
+        if not self.node.active:
             goal_handle.abort()
-            return _fill(AskStream.Result(), self._inactive())
+            return _fill(AskStream.Result(), self.node.inactive_result())
         feedback = AskStream.Feedback()
 
         def on_text(piece: str) -> None:
             feedback.partial_answer += piece
             feedback.new_text = piece
             feedback.tokens_generated += 1
-            with self._unless_shutting_down():
+            with self.node.unless_shutting_down():
                 goal_handle.publish_feedback(feedback)
 
-        job = self.engine.submit(_to_ask_request(goal_handle.request), on_text=on_text,
-                                 should_stop=lambda: goal_handle.is_cancel_requested)
+        job = self.node.engine.submit(_to_ask_request(goal_handle.request), on_text=on_text,
+                                      should_stop=lambda: goal_handle.is_cancel_requested, robot=self.robot)
         result = job.wait()
-        with self._unless_shutting_down():
+        with self.node.unless_shutting_down():
             if result.cancelled and goal_handle.is_cancel_requested:
                 goal_handle.canceled()
             elif result.success:
@@ -190,52 +255,24 @@ class LLMNode(ManagedNode):
                 goal_handle.abort()
         return _fill(AskStream.Result(), result)
 
-    def _inactive(self) -> AskResult:
-        return AskResult(False, error=INACTIVE, note=inactive_note(self))
-
-    @contextlib.contextmanager
-    def _unless_shutting_down(self):
-        """Publishing fails once Ctrl-C has invalidated the context, before close() ends the engine and wakes the
-        waiting goals; that is no error then (a goal's new state is still set, only not announced)."""
-        try:
-            yield
-        except Exception:
-            if self.context.ok():
-                raise
-
     # ---- scene descriptions -------------------------------------------------------------------
     def describe_callback(self) -> None:
-        if not self.active:
+        if not self.node.active:
             return  # inactive: no model work
-        generation = self.engine.generation
-        if generation == self._described_generation:
-            return  # nothing new since the last description
+        generation = self.robot.generation
+        if generation == self.robot.described_generation:
+            return  # nothing new from this robot since its last description
         request = AskRequest(self.config.description_prompt, max_new_tokens=self.config.description_max_new_tokens)
-        result = self.engine.submit(request, background=True).wait()
+        result = self.node.engine.submit(request, background=True, robot=self.robot).wait()
         if not result.success:
             return  # busy with users' questions: try again on the next tick
-        self._described_generation = generation
+        self.robot.described_generation = generation
         msg = SceneDescription(description=result.answer, modalities=result.modalities_used,
                                source_stamps=[ns_to_stamp(ns) for ns in result.source_stamps_ns],
                                latency_s=float(result.latency_s))
-        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.header.stamp = self.node.get_clock().now().to_msg()
         self.description_pub.publish(msg)
         self.description_text_pub.publish(String(data=result.answer))
-
-    def diagnostics_callback(self) -> None:
-        ages = self.store.ages() | self.contexts.ages()
-        values = {'queue_length': self.engine.queue_length,
-                  'time_to_first_token_p50_s': self.engine.time_to_first_token.percentile(50),
-                  'tokens_per_s_p50': self.engine.tokens_per_s.percentile(50),
-                  'dropped_embeddings': self.dropped_embeddings, 'device': self.answerer.device_description,
-                  'active': self.active,
-                  **{f'{k}_requests': v for k, v in self.engine.counts.items()},
-                  **{f'age_{m}_s': ages.get(m, float('inf'))
-                     for m in (*self.config.sources, *self.config.context_kinds)}}
-        level = 'warn' if self.engine.queue_length >= self.config.max_queue else 'ok'
-        status = make_status(f'{self.get_name()}: ImageBind-LLM', self.answerer.device_description, level,
-                             f'{self.engine.queue_length} request(s) in flight' if self.active else INACTIVE, values)
-        self.diagnostics_pub.publish(make_array(self.get_clock().now().to_msg(), [status]))
 
 
 def _no_progress_bars() -> None:
