@@ -94,3 +94,26 @@ def test_batched_descriptions_are_one_background_sequence_per_robot():
     finally:
         answerer.release(1000)
         engine.stop()
+
+
+def test_two_builds_of_the_tiny_model_answer_alike_from_an_embedding():
+    """The DDS isolation test compares a fleet node's answers with another process's: the tiny model's bind network
+    must come from llm.seed, not the global RNG, for the same inputs to give the same answer in both."""
+    from dataclasses import replace
+
+    import torch
+
+    from mm_llm_ros.core.embedding_store import StoredInput
+    from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
+    config = LLMConfig(preset='tiny', device='cpu', embedding_dim=1024)
+    config = replace(config, generation=replace(config.generation, temperature=0.0, max_new_tokens=8))
+    vector = np.random.default_rng(1).standard_normal(1024).astype(np.float32)
+    answers = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # whatever the global RNG holds
+        answerer = build_answerer(config)
+        answers += [answerer.answer('What is here?', [StoredInput('camera', vector, 1, 0.0, '', '')], 8,
+                                    lambda _t: None, lambda: False, context=None).text,
+                    answerer.answer('What is here?', [], 8, lambda _t: None, lambda: False, context=None).text]
+    assert answers[0] == answers[2] and answers[1] == answers[3]
+    assert answers[0] != answers[1]  # the embedding reaches the answer

@@ -251,7 +251,12 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
         else:
             from pathlib import Path
             backbone = load_smollm2(Path(config.cache_dir) if config.cache_dir else None, dtype=dtype)
-        model, tokenizer, name = ImageBindLLM(backbone.model, model_config), backbone.tokenizer, backbone.name
+        # The bind network's random initial weights from llm.seed, not the global RNG: processes with the same
+        # configuration build the same model (the tiny preset's open gates let those weights reach the answers).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = ImageBindLLM(backbone.model, model_config)
+        tokenizer, name = backbone.tokenizer, backbone.name
         if config.adapter_checkpoint:
             from mm_llm_ros.core.llm.checkpoints import load_adapter_checkpoint
             load_adapter_checkpoint(model, config.adapter_checkpoint)
