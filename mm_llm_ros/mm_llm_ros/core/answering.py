@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Protoco
 import numpy as np
 
 from mm_llm_ros.core.embedding_store import ModalityStore, StoredInput
-if TYPE_CHECKING:
-    from mm_llm_ros.core.fleet import Robot
 from mm_llm_ros.core.scheduling import RollingStats
 from mm_llm_ros.core.specs import CONTEXT_KINDS
+
+if TYPE_CHECKING:
+    from mm_llm_ros.core.fleet import Robot
 
 logger = logging.getLogger(__name__)
 

@@ -155,8 +155,10 @@ def test_each_robot_is_answered_from_its_own_data_only(node_graph, test_node, co
         assert stamps == {_stamp(STAMPS[robot])}, f"{robot}'s descriptions used another robot's data"
 
     # The fleet node serves the robots' namespaces, not its own; diagnostics have one status per robot.
-    served = services_of(test_node, 'llm_node')
-    assert {'/robot1/ask', '/robot2/ask'} <= served and '/ask' not in served
+    # (The graph cache fills in as discovery announces each endpoint: wait for it, bounded.)
+    served = wait_until(lambda: (lambda names: names if {'/robot1/ask', '/robot2/ask'} <= names else None)(
+        services_of(test_node, 'llm_node')), what="the fleet node's /robot1/ask and /robot2/ask in the graph")
+    assert '/ask' not in served and '/llm_node/ask' not in served
     for robot in ROBOTS:
         values = diagnostics.wait_for(lambda msgs, r=robot: status_values(msgs, f'llm_node: {r}').get('age_ocr_s'),
                                       what=f'diagnostics of {robot}')
