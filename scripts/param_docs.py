@@ -74,6 +74,20 @@ PRESETS = {
                          'description.rate_hz': 0.1, 'description.max_new_tokens': 48, 'max_age_s': 30.0},
         },
     },
+    'fleet': {
+        'title': 'Fleet: one GPU server runs llm_node for robot1 and robot2 (one model copy, questions batched together);\n'
+                 'each robot runs its encoders and grounding_node under its own namespace. Every machine uses this file:\n'
+                 '  robot:  ros2 launch mm_llm_ros robot.launch.py config:=fleet role:=robot namespace:=robot1\n'
+                 '  server: ros2 launch mm_llm_ros robot.launch.py config:=fleet role:=server llama_dir:=... \\\n'
+                 '              adapter_checkpoint:=...   (robots:=robot1,robot2,robot3 overrides the list below)\n'
+                 "See the README's Fleet mode for the network (ROS_DOMAIN_ID, discovery, DDS, SROS2 enclaves).",
+        'nodes': ('encoder', 'grounding_node', 'llm_node'),
+        'values': {
+            '*': {'device': 'auto'},
+            'llm_node': {'device': 'cuda', 'llm.backbone_path': '', 'llm.adapter_checkpoint': '',
+                         'robots': ['robot1', 'robot2'], 'generation.max_batch': 8, 'max_queue': 16},
+        },
+    },
     'tiny': {
         'title': 'Tests: tiny random models everywhere, fast on CPU.',
         # Every encoder executable: tests also start camera_encoder, audio_encoder and lidar_encoder by hand.

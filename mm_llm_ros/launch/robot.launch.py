@@ -4,6 +4,11 @@
         adapter_checkpoint:=/models/7B.pth imagebind_checkpoint:=/models/imagebind_huge.pth
     ros2 launch mm_llm_ros robot.launch.py config:=demo      # no weights, no GPU: the embedded default
 
+Fleet mode (README): each robot runs its encoders and grounding_node, one GPU server runs llm_node for all of them:
+
+    ros2 launch mm_llm_ros robot.launch.py config:=fleet role:=robot namespace:=robot1     # on robot1
+    ros2 launch mm_llm_ros robot.launch.py config:=fleet role:=server robots:=robot1,robot2 llama_dir:=...
+
 A node that cannot start (a missing checkpoint, no CUDA) exits 1 with its one-line FATAL reason; the launch then
 shuts down with that node named, instead of running a partial graph, and `ros2 launch` exits 1.
 

@@ -11,6 +11,7 @@ import signal
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from mm_llm_ros.core.fleet import robot_namespaces
 from mm_llm_ros.core.specs import CAMERA_INFO_TOPIC, LAUNCH_SWITCHES, SENSOR_SPECS
 
 def _sensors(switch: str) -> tuple:
@@ -28,7 +29,11 @@ def _switch_flags(switch: str, on: bool) -> dict[str, bool]:
 
 
 # Parameter files shipped in config/ that `config:=<name>` selects (tiny.yaml is for tests only).
-SHIPPED_CONFIGS = {'robot': 'robot.yaml', 'demo': 'demo.yaml'}
+SHIPPED_CONFIGS = {'robot': 'robot.yaml', 'demo': 'demo.yaml', 'fleet': 'fleet.yaml'}
+
+# What a launch starts (fleet mode splits the graph between machines): everything; the robot's half (encoders and
+# grounding, under `namespace`); or the GPU server's half (llm_node, serving the namespaces in `robots`).
+ROLES = {'all': ('encoders', 'grounding', 'llm'), 'robot': ('encoders', 'grounding'), 'server': ('llm',)}
 
 
 @dataclass(frozen=True)
@@ -40,9 +45,16 @@ class LaunchArgument:
 
 # Defaults that are paths are filled in by the launch file (package share directory).
 LAUNCH_ARGUMENTS = (
-    LaunchArgument('namespace', '', 'Namespace pushed onto every node of the stack.'),
-    LaunchArgument('config', 'robot', 'Shipped parameter file: robot (official weights on a GPU; give their paths) '
-                   'or demo (runs anywhere with nothing downloaded). Ignored when params_file is given.'),
+    LaunchArgument('namespace', '', 'Namespace pushed onto every node of the stack (fleet mode: the robot\'s name on '
+                   'the robot, e.g. robot1; empty on the server).'),
+    LaunchArgument('config', 'robot', 'Shipped parameter file: robot (official weights on a GPU; give their paths), '
+                   'demo (runs anywhere with nothing downloaded) or fleet (a GPU server serving robot1 and robot2). '
+                   'Ignored when params_file is given.'),
+    LaunchArgument('role', 'all', 'What this machine runs: all (the whole stack), robot (the encoders and '
+                   'grounding_node: fleet mode\'s robot side, with namespace:=<robot>) or server (llm_node only: fleet '
+                   'mode\'s GPU server, with robots:=...).'),
+    LaunchArgument('robots', '', "Fleet mode: robot namespaces llm_node serves, e.g. 'robot1,robot2' or "
+                   "'[robot1, robot2]'; empty keeps the YAML's (llm_node's robots parameter)."),
     LaunchArgument('params_file', '', 'Parameter YAML for all nodes (default: config/<config>.yaml).'),
     # A sensor most robots lack (thermal, IMU) is switched by the parameter file unless the launch says otherwise.
     *(LaunchArgument(f'use_{switch}', 'true' if any(s.enabled_by_default for s in _sensors(switch)) else '',
@@ -158,6 +170,16 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
     llm_overrides = device | lifecycle | _non_empty({'llm.backbone_path': values['llama_dir'],
                                                      'llm.adapter_checkpoint': values['adapter_checkpoint'],
                                                      'cache.index_path': values['cache_index']})
+    role = values['role'].strip()
+    if role not in ROLES:
+        raise ValueError(f"role: expected one of {', '.join(ROLES)}, got '{role}'")
+    parts = ROLES[role]
+    robots = parse_robots(values['robots'])
+    if robots and role != 'server':
+        raise ValueError(f"robots: only for role:=server (llm_node alone, serving robots that run role:=robot), "
+                         f"not role:={role}")
+    if robots:
+        llm_overrides['robots'] = list(robots)
     remaps = {switch: _remappings(switch, values) for switch in LAUNCH_SWITCHES}
 
     def spec(executable, overrides, remappings=(), name=None, first=()):
@@ -165,12 +187,12 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
         return NodeSpec(executable, name or executable, parameters, tuple(remappings), respawn, log_level)
 
     nodes = []
-    if _truthy(values['single_process'], 'single_process'):
+    if 'encoders' in parts and _truthy(values['single_process'], 'single_process'):
         if any(use.values()):
             flags = {name: value for switch, on in use.items() for name, value in _switch_flags(switch, on).items()}
             nodes.append(spec('encoder', encoder_overrides | flags,
                               [r for s in use if use[s] for r in remaps[s]]))
-    else:
+    elif 'encoders' in parts:
         # One `encoder` process per launch switch, named after it (node names must differ), configured by the file's
         # one `encoder` section in both launch modes (a `<switch>_encoder` section, if any, still applies on top).
         for switch in LAUNCH_SWITCHES:
@@ -179,10 +201,21 @@ def plan_nodes(args: Mapping[str, str]) -> list[NodeSpec]:
                          for name, value in _switch_flags(other, other == switch).items()}
                 nodes.append(spec('encoder', encoder_overrides | flags, remaps[switch], name=f'{switch}_encoder',
                                   first=(section,) if section else ()))
-    if _truthy(values['use_grounding'], 'use_grounding'):
+    if 'grounding' in parts and _truthy(values['use_grounding'], 'use_grounding'):
         nodes.append(spec('grounding_node', {}, dict.fromkeys(r for s in LAUNCH_SWITCHES for r in remaps[s])))
-    nodes.append(spec('llm_node', llm_overrides))
+    if 'llm' in parts:
+        nodes.append(spec('llm_node', llm_overrides))
     return nodes
+
+
+def parse_robots(value: str) -> tuple[str, ...]:
+    """The `robots` launch argument: names separated by commas or spaces, optionally in brackets; () when empty.
+    Raises ValueError naming a bad entry (core/fleet.py's rule, which llm_node applies too)."""
+    text = str(value).strip()
+    if text.startswith('[') and text.endswith(']'):
+        text = text[1:-1]
+    names = [n.strip().strip('\'"') for n in text.replace(',', ' ').split()]
+    return robot_namespaces(names) if names else ()
 
 
 def _encoder_section(params_file: str) -> dict:

@@ -12,13 +12,16 @@ import threading
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
 from mm_llm_ros.core.embedding_store import ModalityStore, StoredInput
 from mm_llm_ros.core.scheduling import RollingStats
 from mm_llm_ros.core.specs import CONTEXT_KINDS
+
+if TYPE_CHECKING:
+    from mm_llm_ros.core.fleet import Robot
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +109,10 @@ class AskJob:
     """One accepted request; `wait()` returns its result. Stream callbacks run on the worker thread."""
 
     def __init__(self, request: AskRequest, on_text: Optional[Callable[[str], None]],
-                 should_stop: Optional[Callable[[], bool]], background: bool = False):
+                 should_stop: Optional[Callable[[], bool]], background: bool = False,
+                 stores: tuple[ModalityStore, ...] = ()):
         self.request = request
+        self.stores = stores  # where its inputs are read (fleet mode: its robot's embedding and context stores)
         self.on_text = on_text or (lambda _text: None)
         self._external_stop = should_stop or (lambda: False)
         self.background = background
@@ -266,14 +271,17 @@ class AskEngine:
         return None, AskRequest(request.question.strip(), modalities, float(max_age), tokens)
 
     def submit(self, request: AskRequest, on_text: Optional[Callable[[str], None]] = None,
-               should_stop: Optional[Callable[[], bool]] = None, background: bool = False) -> AskJob:
+               should_stop: Optional[Callable[[], bool]] = None, background: bool = False,
+               robot: Optional['Robot'] = None) -> AskJob:
         """Queue a request. Invalid or over-capacity requests come back already finished with a reason.
 
         A background job (scene description) is only queued when nothing else waits, so it never makes a
-        user's question busy.
+        user's question busy. `robot` (fleet mode, `core/fleet.py`): answer from that robot's embedding and context
+        stores instead of the engine's own; every robot's jobs share the one queue (and batch).
         """
         error, resolved = self.resolve(request)
-        job = AskJob(resolved, on_text, should_stop, background)
+        stores = (robot.store, robot.contexts) if robot is not None else (self.store, self.contexts)
+        job = AskJob(resolved, on_text, should_stop, background, tuple(dict.fromkeys(stores)))
         if self._closed is not None:
             job.finish(AskResult(False, error=self._closed))
             return job
@@ -285,20 +293,24 @@ class AskEngine:
             if self._closed is not None:  # closed since the check above
                 job.finish(AskResult(False, error=self._closed))
                 return job
-            if not self._has_room(background):
+            if not self._has_room(job):
                 self.counts['busy'] += 1
                 job.finish(AskResult(False, error=BUSY))
                 return job
             self._in_flight += 1
             self._background_in_flight += background
+            self._admitted(job)
             self.counts['accepted'] += 1
             self._queue.put(job)  # under the lock, so that close() cannot miss it
         return job
 
-    def _has_room(self, background: bool) -> bool:
+    def _has_room(self, job: AskJob) -> bool:
         """Whether a new request fits (called under the lock): the serial rule, one bounded queue of waiting +
         running requests; a background request only when nothing else is in flight."""
-        return self._in_flight < (1 if background else self.limits.max_queue)
+        return self._in_flight < (1 if job.background else self.limits.max_queue)
+
+    def _admitted(self, job: AskJob) -> None:
+        """A request was accepted (called under the lock; the batched engine counts descriptions per robot)."""
 
     def _release(self, job: AskJob) -> None:
         """A request leaves the engine (called under the lock)."""
@@ -343,7 +355,8 @@ class AskEngine:
     def _inputs(self, job: AskJob) -> Union['JobInputs', AskResult]:
         """What the model reads for this job (fresh embeddings and context text), or its result if cancelled."""
         request = job.request
-        fresh, missing = self._select(request.modalities or self.limits.known_modalities, request.max_age_s)
+        fresh, missing = self._select(request.modalities or self.limits.known_modalities, request.max_age_s,
+                                      job.stores)
         if job.should_stop():
             self.counts['cancelled'] += 1
             return AskResult(False, error=job.cancel_reason, cancelled=True)
@@ -373,8 +386,10 @@ class AskEngine:
         """Bumps whenever an embedding or a context arrives ("anything new since the last description?")."""
         return self.store.generation + (self.contexts.generation if self.contexts is not self.store else 0)
 
-    def _select(self, names: Sequence[str], max_age_s: float) -> tuple[list[StoredInput], list[str]]:
-        """Fresh entries for the asked names (a group name: any of its keys) and the names with none fresh."""
+    def _select(self, names: Sequence[str], max_age_s: float, stores: Sequence[ModalityStore]
+                ) -> tuple[list[StoredInput], list[str]]:
+        """Fresh entries for the asked names (a group name: any of its keys) in `stores` (the job's: its robot's
+        embeddings and context), and the names with none fresh."""
         fresh: list[StoredInput] = []
         missing: list[str] = []
         seen: set[str] = set()
@@ -383,8 +398,7 @@ class AskEngine:
             if not keys:
                 continue   # every key already asked for under another name
             seen.update(keys)
-            found = [entry for store in dict.fromkeys((self.store, self.contexts))
-                     for entry in store.select(keys, max_age_s)[0]]
+            found = [entry for store in stores for entry in store.select(keys, max_age_s)[0]]
             fresh += found
             if not found:
                 missing.append(name)

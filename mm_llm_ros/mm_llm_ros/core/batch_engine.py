@@ -7,15 +7,16 @@ stops (EOS, budget, context, cancellation) leaves its row in the same step, and 
 
 Queue rule (what "busy" means, documented in the README): a user's question is accepted while users' questions
 waiting + decoding are fewer than `max_queue` (>= `max_batch`, so the batch can fill). Scene descriptions are
-background jobs: accepted only when no question waits, a row is free and no other description is in flight; they
-never count against `max_queue`, and a running description gives its row up (it is cancelled, and the node tries
-again on its next tick) as soon as a user's question waits for a row.
+background jobs: accepted only when no question waits, a row is free and no other description of the same robot is
+in flight (fleet mode, `core/fleet.py`: each robot's descriptions are its own background sequence; one robot: one
+description at a time); they never count against `max_queue`, and a running description gives its row up (it is
+cancelled, and the node tries again on its next tick) as soon as a user's question waits for a row.
 """
 from __future__ import annotations
 
 import logging
 import queue
-from collections import deque
+from collections import Counter, deque
 from typing import Optional
 
 from mm_llm_ros.core.answering import (AskEngine, AskJob, AskLimits, AskResult, Generated, JobInputs,
@@ -39,14 +40,26 @@ class BatchedAskEngine(AskEngine):
         super().__init__(answerer, store, limits, line_template, contexts=contexts)
         self._decoding: set[AskJob] = set()  # joined the batch (guarded by the lock)
         self._waiting: deque[AskJob] = deque()  # taken from the queue, not yet joined (worker thread only)
+        self._describing: Counter = Counter()  # descriptions in flight per robot (its stores), guarded by the lock
 
     # ---- admission ----------------------------------------------------------------------------------------------
-    def _has_room(self, background: bool) -> bool:
-        if background:
+    def _has_room(self, job: AskJob) -> bool:
+        if job.background:
             waiting = self._in_flight - len(self._decoding)
-            return (waiting == 0 and self._background_in_flight == 0
+            return (waiting == 0 and not self._describing[job.stores]
                     and len(self._decoding) < self.answerer.max_batch)
         return self._in_flight - self._background_in_flight < self.limits.max_queue
+
+    def _admitted(self, job: AskJob) -> None:
+        if job.background:
+            self._describing[job.stores] += 1
+
+    def _release(self, job: AskJob) -> None:
+        super()._release(job)
+        if job.background:
+            self._describing[job.stores] -= 1
+            if not self._describing[job.stores]:
+                del self._describing[job.stores]
 
     @property
     def decoding(self) -> int:

@@ -206,6 +206,11 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
     Param('description.prompt', 'Describe what the robot currently perceives in one or two sentences.',
           'Instruction used for periodic scene descriptions.'),
     Param('description.max_new_tokens', 64, 'Length bound of a scene description in tokens.'),
+    Param('robots', [], 'Fleet mode: the robot namespaces this node serves with one model copy (e.g. [robot1, '
+          'robot2]). Each robot gets its own embeddings and context (<robot>/mm_llm/embedding/<source>, '
+          '<robot>/mm_llm/context/<kind>), <robot>/ask, <robot>/ask_stream and <robot>/scene_description (+ /text); '
+          'their questions share one batch. Names resolve like any relative ROS name. Empty: one robot, the '
+          "node's own namespace (ask, ask_stream, ...). See the README's Fleet mode."),
 )
 
 # ---- Sensor replay (demo and test input) -----------------------------------------------------

@@ -83,3 +83,40 @@ def test_one_process_per_sensor_reads_the_one_encoder_section(node_graph, config
         log = process.log()
         assert f'encoding {sensor} <- ' in log and 'imagebind_tiny (random weights)' in log, log[-2000:]
         assert log.count(' <- ') == 1  # only its own sensor
+
+
+def test_fleet_split_deployment_serves_a_robot_from_the_server(node_graph, test_node, config_dir):
+    """Fleet mode as launched on two machines, here in one network namespace: role:=robot namespace:=robot1 (the
+    encoder and grounding_node, fed by robot1's sensor replay), and role:=server robots:=robot1,robot2 (llm_node
+    alone). /robot1/ask answers from robot1's sensors; /robot2/ask, whose robot publishes nothing, from none."""
+    from mm_llm_ros.node_processes import command_for
+    tiny = str(config_dir / 'tiny.yaml')
+    robot = plan_nodes({'params_file': tiny, 'role': 'robot', 'namespace': 'robot1'})
+    server = plan_nodes({'params_file': tiny, 'role': 'server', 'robots': 'robot1,robot2'})
+    assert [s.executable for s in robot] == ['encoder', 'grounding_node'] and [s.executable for s in server] == [
+        'llm_node']
+    # robot.launch.py pushes `namespace` onto the robot's nodes; as processes that is a `__ns` remapping.
+    for spec in robot:
+        node_graph.start_command(spec.name, command_for(spec) + ['-r', '__ns:=/robot1'])
+    llm = node_graph.start_spec(server[0])
+    node_graph.start('sensor_replay', params={'source': '', 'loop': True, 'duration_s': 120.0},
+                     remap={'__ns': '/robot1'})
+    clients = {r: test_node.node.create_client(Ask, f'/{r}/ask', qos_profile=SERVICE_QOS) for r in ('robot1', 'robot2')}
+    try:
+        for client in clients.values():
+            test_node.wait_for_service(client, timeout_s=60)
+        wanted = {'camera', 'audio', 'lidar'}
+        response = None
+        for _ in range(200):  # the encoder's first embeddings arrive within seconds; each try is a real request
+            response = test_node.result(clients['robot1'].call_async(
+                Ask.Request(question='What is around?', max_new_tokens=4, max_age_s=30.0)), 60)
+            if wanted <= set(response.modalities_used):
+                break
+        assert response.success and wanted <= set(response.modalities_used), response.note
+        other = test_node.result(clients['robot2'].call_async(
+            Ask.Request(question='What is around?', max_new_tokens=4, max_age_s=30.0)), 60)
+        assert other.success and other.modalities_used == [] and 'nothing perceived' in other.note
+        assert llm.alive() and 'serving /robot1/ask and /robot1/ask_stream, /robot2/ask' in llm.log()
+    finally:
+        for client in clients.values():
+            test_node.node.destroy_client(client)

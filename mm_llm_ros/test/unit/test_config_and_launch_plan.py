@@ -273,3 +273,41 @@ def test_a_failing_node_makes_the_launch_raise_when_launch_is_available():
         on_exit(event, None)
     assert on_exit(ProcessExited(action=None, name='encoder-1', cmd=['encoder'], cwd=None, env=None, pid=1,
                                  returncode=0), None) is None
+
+
+def test_fleet_roles_split_the_graph_between_robot_and_server():
+    """Fleet mode's split deployment: the robot runs the encoders and grounding (under its namespace, pushed by the
+    launch file), the GPU server runs llm_node alone, serving the robots listed in `robots`."""
+    fleet = str(PACKAGE / 'config' / 'fleet.yaml')
+    robot = plan_nodes(resolved(params_file=fleet, role='robot', namespace='robot1'))
+    assert [n.executable for n in robot] == ['encoder', 'grounding_node']
+    split = plan_nodes(resolved(params_file=fleet, role='robot', single_process='false'))
+    assert 'llm_node' not in [n.executable for n in split] and len(split) > 2
+    server = plan_nodes(resolved(params_file=fleet, role='server', robots='[robot1, robot2, site_b/robot3]'))
+    assert [n.executable for n in server] == ['llm_node']
+    assert server[0].parameters == (fleet, {'robots': ['robot1', 'robot2', 'site_b/robot3']})
+    # Without `robots`, the file's list is used: fleet.yaml serves robot1 and robot2, batched.
+    assert plan_nodes(resolved(params_file=fleet, role='server'))[0].parameters == (fleet,)
+    llm = dict(node_sections(PACKAGE / 'config' / 'fleet.yaml'))['llm_node']
+    assert llm['robots'] == ['robot1', 'robot2'] and llm['generation.max_batch'] > 1
+    assert [n.executable for n in plan_nodes(resolved())] == ['encoder', 'grounding_node', 'llm_node']  # role all
+
+
+@pytest.mark.parametrize('args, reason', [
+    ({'role': 'gpu'}, "role: expected one of all, robot, server, got 'gpu'"),
+    ({'role': 'robot', 'robots': 'robot1'}, 'robots: only for role:=server'),
+    ({'robots': 'robot1'}, 'robots: only for role:=server'),
+    ({'role': 'server', 'robots': 'robot1,robot1'}, "robots: 'robot1' is listed twice"),
+    ({'role': 'server', 'robots': 'robot-1'}, "robots: 'robot-1' is not a robot namespace"),
+])
+def test_bad_fleet_arguments_are_refused(args, reason):
+    with pytest.raises(ValueError) as error:
+        plan_nodes(resolved(**args))
+    assert reason in str(error.value)
+
+
+def test_the_robots_argument_reads_lists_as_written_on_a_command_line():
+    from mm_llm_ros.launch_plan import parse_robots
+    assert parse_robots('') == parse_robots('[]') == ()
+    assert parse_robots('robot1,robot2') == parse_robots('[robot1, robot2]') == parse_robots("['robot1', 'robot2']") \
+        == parse_robots('robot1 robot2') == ('robot1', 'robot2')

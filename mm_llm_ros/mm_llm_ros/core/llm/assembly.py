@@ -109,7 +109,12 @@ def _backbone_with_adapter(config: ModelConfig, architecture: ImageBindLLMConfig
             backbone = tiny_random_backbone(seed=config.seed)
         else:
             backbone = load_smollm2(Path(config.cache_dir) if config.cache_dir else None, dtype=dtype)
-        model, tokenizer, name = ImageBindLLM(backbone.model, architecture), backbone.tokenizer, backbone.name
+        # The bind network's random initial weights from llm.seed, not the global RNG: processes with the same
+        # configuration build the same model (the tiny preset's open gates let those weights reach the answers).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = ImageBindLLM(backbone.model, architecture)
+        tokenizer, name = backbone.tokenizer, backbone.name
     elif config.preset:
         raise ConfigError(f"unknown llm.preset '{config.preset}' (known: {', '.join(PRESETS)}, or '' for "
                           'llm.backbone_path)')

@@ -65,6 +65,7 @@ class LLMConfig:
     description_prompt: str
     description_max_new_tokens: int
     diagnostics_period_s: float
+    robots: tuple[str, ...]   # fleet mode: robot namespaces (core/fleet.py); empty: the node's own
 
     @property
     def context_template(self) -> str:
@@ -104,7 +105,7 @@ class LLMConfig:
                    cache_temperature=float(p['cache.temperature']), cache_weight=float(p['cache.weight']),
                    description_rate_hz=float(p['description.rate_hz']), description_prompt=p['description.prompt'],
                    description_max_new_tokens=int(p['description.max_new_tokens']),
-                   diagnostics_period_s=float(p['diagnostics_period_s']))
+                   diagnostics_period_s=float(p['diagnostics_period_s']), robots=tuple(p['robots']))
 
 
 def source_weights(p: Mapping[str, object]) -> dict[str, float]:
