@@ -49,12 +49,25 @@ def scene_node(node_graph, config_dir):
     return start
 
 
-def context_publishers(test_node):
-    pubs = {kind: test_node.node.create_publisher(PerceptionContext, f'/mm_llm/context/{kind}', LATCHED_QOS)
-            for kind in ('geometry', 'ocr', 'audio_events')}
-    for pub in pubs.values():
-        test_node.wait_for_subscribers(pub)
-    return pubs
+@pytest.fixture
+def publishers(test_node):
+    """Publishers on the session's test node, destroyed after the test: a latched context left behind would reach
+    every llm_node that later tests start."""
+    created = []
+
+    def create(msg_type, topic, qos):
+        created.append(test_node.node.create_publisher(msg_type, topic, qos))
+        test_node.wait_for_subscribers(created[-1])
+        return created[-1]
+    yield create
+    for pub in created:
+        test_node.node.destroy_publisher(pub)
+
+
+@pytest.fixture
+def context_publishers(publishers):
+    return lambda: {kind: publishers(PerceptionContext, f'/mm_llm/context/{kind}', LATCHED_QOS)
+                    for kind in ('geometry', 'ocr', 'audio_events')}
 
 
 def markers_by_key(array: MarkerArray, action=Marker.ADD):
@@ -62,12 +75,12 @@ def markers_by_key(array: MarkerArray, action=Marker.ADD):
 
 
 def test_a_replayed_scene_gives_entities_json_and_markers_that_follow_and_expire_with_the_data(
-        scene_node, test_node, collect):
+        scene_node, context_publishers, test_node, collect):
     scene_node()
     descriptions = collect(SceneDescription, '/scene_description', LATCHED_QOS)
     mirrors = collect(String, '/scene_description/json', LATCHED_QOS)
     markers = collect(MarkerArray, '/scene_description/markers', ALL_QOS)
-    pubs = context_publishers(test_node)
+    pubs = context_publishers()
     sent = {
         'geometry': context('geometry', geometry(CAR, POST), 'lidar_top', STAMP_NS, '/points'),
         'ocr': context('ocr', OcrResult([TextItem('POKKA', 0.98, BOX, 'left')], (1600, 900)), 'cam_front',
@@ -144,10 +157,10 @@ def test_a_replayed_scene_gives_entities_json_and_markers_that_follow_and_expire
     assert markers_by_key(stale) == {}
 
 
-def test_a_context_with_malformed_json_keeps_its_text_and_gives_no_entities(scene_node, test_node, collect):
+def test_a_context_with_malformed_json_keeps_its_text_and_gives_no_entities(scene_node, context_publishers, collect):
     process = scene_node()
     descriptions = collect(SceneDescription, '/scene_description', LATCHED_QOS)
-    pubs = context_publishers(test_node)
+    pubs = context_publishers()
     bad = PerceptionContext(kind='geometry', text='nearest front 3.0 m', json='{"clusters": [{"centroid": [NaN]}]}',
                             source_topic='/points')
     bad.header.frame_id = 'lidar_top'
@@ -160,7 +173,7 @@ def test_a_context_with_malformed_json_keeps_its_text_and_gives_no_entities(scen
 
 @pytest.mark.shared_data
 def test_grounding_node_clusters_reach_the_description_as_objects_in_the_scan_frame(
-        node_graph, scene_node, test_node, collect, shared_data):
+        node_graph, scene_node, publishers, test_node, collect, shared_data):
     """End to end: a real lidar scan through grounding_node; the objects are the clusters of the context it sent."""
     node_graph.start('grounding_node', params={'use_ocr': False, 'use_audio_events': False, 'use_geometry': True,
                                                'geometry.max_rate_hz': 0.001}).wait_for_log('extracting ', 60)
@@ -168,8 +181,7 @@ def test_grounding_node_clusters_reach_the_description_as_objects_in_the_scan_fr
     contexts = collect(PerceptionContext, '/mm_llm/context/geometry', LATCHED_QOS)
     descriptions = collect(SceneDescription, '/scene_description', LATCHED_QOS)
     markers = collect(MarkerArray, '/scene_description/markers', ALL_QOS)
-    pub = test_node.node.create_publisher(PointCloud2, '/points', SENSOR_QOS)
-    test_node.wait_for_subscribers(pub)
+    pub = publishers(PointCloud2, '/points', SENSOR_QOS)
     cloud = sample_msgs.kitti_cloud_msg(shared_data, STAMP_NS)
     described = test_node.publish_until(
         pub, lambda: cloud, lambda: next((m for m in list(descriptions.messages) if m.objects), None), period_s=0.5,
