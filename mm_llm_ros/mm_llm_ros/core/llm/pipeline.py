@@ -26,6 +26,7 @@ from mm_llm_ros.core.answering import Generated
 from mm_llm_ros.core.device import describe, resolve_device, resolve_dtype
 from mm_llm_ros.core.embedding_store import StoredInput
 from mm_llm_ros.core.llm.batching import BatchDecoder, BatchRequest, BatchScheduler
+from mm_llm_ros.core.llm.cpu_int8 import KERNEL, apply_cpu_int8, check_cpu_int8, int8_bytes
 from mm_llm_ros.core.llm.decoding import (DecoderError, DecoderMode, StaticDecoder, fallback_mode,
                                           resolve_decoder_mode)
 from mm_llm_ros.core.llm.fusion import fuse_embeddings
@@ -241,7 +242,12 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     if config.max_batch < 1 or config.max_queue < config.max_batch:
         raise ValueError(f'generation.max_batch must be >= 1 and <= max_queue ({config.max_queue}), got '
                          f'{config.max_batch}: the queue counts waiting + decoding questions')
-    check_quantization(config.quantization, device, dtype)  # likewise
+    # int8 on the CPU decodes through torch's VNNI int8 kernel (cpu_int8.py), elsewhere through torchao.
+    cpu_int8 = config.quantization == 'int8' and device.type == 'cpu'
+    if cpu_int8:
+        check_cpu_int8()  # likewise
+    else:
+        check_quantization(config.quantization, device, dtype)  # likewise
     model_config = ImageBindLLMConfig(embed_dim=config.embedding_dim)
     if config.preset in ('tiny', 'embedded'):
         from mm_llm_ros.core.llm.backbones import load_smollm2, tiny_random_backbone
@@ -271,7 +277,11 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     model = model.to(device=device, dtype=dtype).eval()
     # Every weight is loaded: fold the LoRA pairs and biases into the base weights (inference only, see model.py).
     model.merge_adapters()
-    if config.quantization != 'none':  # after the merge, which writes W + B A into the base weights
+    if cpu_int8:  # after the merge: the int8 copies are of the merged weights
+        count = apply_cpu_int8(model)
+        logger.info('int8 decode kernels for %d linear maps (CPU, %s): parameters %.1f MB + %.1f MB of int8 copies',
+                    count, KERNEL, parameter_bytes(model) / 1e6, int8_bytes(model) / 1e6)
+    elif config.quantization != 'none':  # after the merge, which writes W + B A into the base weights
         before = parameter_bytes(model)
         # SmolLM2 ships as a Q4_1 GGUF (4-bit in groups of 32): int4 groups of 32 restore that grid (see
         # docs/quantization.md: 3.5% of the logit range instead of 26% with groups of 64).
