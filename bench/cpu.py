@@ -19,6 +19,9 @@ decode step must read (every projection and lm_head weight, at the variant's byt
 bandwidth measured here (a sum over a 256 MB tensor, same thread count). llama.cpp is not installed on this machine;
 the issue's numbers for it (same SmolLM2 weights, same machine type) are quoted beside the table, labelled as such.
 
+Demo latency (`--answers N`): seconds per answer of `config/demo.yaml`'s llm_node on the first N grounded-benchmark
+questions, before issue 18 (fp32, whole-cache attention, no prompt-prefix reuse), `none` and `int8` now.
+
 Agreement: `--prompts` instructions, `--agreement-tokens` greedy tokens each, int8 against fp32: the index of the
 first token that differs (the length when none does) and how many continuations are identical.
 """
@@ -69,7 +72,7 @@ def _decoders(model, capacity: int) -> dict[str, object]:
     from mm_llm_ros.core.llm.decoding import StaticDecoder
 
     before = StaticDecoder(model.backbone, capacity)
-    before._step_fn = before._decode_step  # the fixed-shape step: the whole cache, masked (what 'static' ran)
+    _before_issue_18(before)  # the fixed-shape step: the whole cache, masked (what 'static' ran)
     fast = copy.deepcopy(model)
     apply_cpu_int8(fast)
     return {'fp32, whole-cache attention (before issue 18)': before,
@@ -81,6 +84,7 @@ def _run(decoder, prompt: list[int], new_tokens: int) -> tuple[float, float, lis
     """(TTFT s, decode tokens/s, greedy tokens) of one generation."""
     import torch
 
+    decoder._prompt = []  # a fresh prompt each time: no prefix reuse between timed runs
     with torch.inference_mode():
         start = time.perf_counter()
         tokens = [int(decoder.prefill(prompt).argmax())]
@@ -152,6 +156,57 @@ def measure(threads: Sequence[int], repeats: int, new_tokens: int, prompts: int,
             'first_divergent': first_divergent, 'identical': identical, 'names': list(decoders)}
 
 
+def _before_issue_18(decoder) -> None:
+    """Make a static decoder decode as before issue 18: the whole cache masked, no prompt-prefix reuse."""
+    decoder._step_fn = decoder._decode_step
+    decoder._reusable = lambda *_args: 0
+
+
+def answer_latency(questions: int, data_dir: pathlib.Path) -> dict[str, list[float]]:
+    """Seconds per answer of the demo's llm_node configuration (`config/demo.yaml`) on the first `questions` items
+    of the grounded benchmark, answered as `evaluate` answers them (the node's AskEngine, prompt and budget): before
+    issue 18 (fp32), `none` now and `int8` now, taking turns per question."""
+    from dataclasses import replace
+
+    from mm_llm_ros.core.evaluation.grounded import load_grounded
+    from mm_llm_ros.core.evaluation.model_predictor import ModelPredictor, ModelPredictorConfig
+    from mm_llm_ros.core.llm.pipeline import build_answerer
+
+    config = ModelPredictorConfig.from_params_file(REPO / 'mm_llm_ros' / 'config' / 'demo.yaml')
+    modes = {'fp32 before issue 18': 'none', 'fp32 (none)': 'none', 'int8': 'int8'}
+    predictors = {}
+    for name, mode in modes.items():
+        answerer = build_answerer(replace(config.llm, quantization=mode))
+        if name.endswith('before issue 18'):
+            _before_issue_18(answerer.decoder)
+        predictor = ModelPredictor(replace(config, llm=replace(config.llm, quantization=mode)))
+        predictor._answerer = lambda answerer=answerer: answerer  # this variant's own model and decoder
+        predictors[name] = predictor
+    seconds: dict[str, list[float]] = {name: [] for name in predictors}
+    answers: dict[str, list[str]] = {name: [] for name in predictors}
+    for item in load_grounded(data_dir)[:questions]:
+        for name, predictor in predictors.items():
+            start = time.perf_counter()
+            answers[name].append(predictor.predict(item))
+            seconds[name].append(time.perf_counter() - start)
+    return {'seconds': seconds, 'answers': answers}
+
+
+def latency_markdown(latency: dict) -> str:
+    seconds, answers = latency['seconds'], latency['answers']
+    before = statistics.median(seconds['fp32 before issue 18'])
+    lines = ['', f'**Demo answer latency** (`config/demo.yaml`, the first {len(seconds["int8"])} grounded-benchmark '
+             'questions answered as `evaluate` answers them, variants taking turns; the first question of each '
+             'variant has no prompt prefix to reuse):', '',
+             '| variant | median s per answer | mean s | vs before | answers equal to fp32 (none) |',
+             '|---|---:|---:|---:|---:|']
+    for name, values in seconds.items():
+        same = sum(a == b for a, b in zip(answers[name], answers['fp32 (none)']))
+        lines.append(f'| {name} | {statistics.median(values):.2f} | {statistics.mean(values):.2f} | '
+                     f'{statistics.median(values) / before:.2f}x | {same}/{len(values)} |')
+    return '\n'.join(lines + [''])
+
+
 # The issue's own measurements (issue 18, llama-cpp-python 0.3.36 built from source, same SmolLM2 weights, 2-core
 # machine of this type, 219-token prompt, 64 greedy tokens): (decode tok/s at 1 / 2 threads, TTFT ms at 1 / 2).
 LLAMA_CPP_FROM_THE_ISSUE = {'llama.cpp Q4_1 (as shipped)': ((62, 98), (1417, 847)),
@@ -208,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument('--prompts', type=int, default=20)
     parser.add_argument('--agreement-tokens', type=int, default=32)
     parser.add_argument('--cache-dir', type=pathlib.Path, default=None)
+    parser.add_argument('--answers', type=int, default=12,
+                        help='grounded-benchmark questions for the demo answer latency (0: skip)')
+    parser.add_argument('--data', type=pathlib.Path, default=REPO.parent / 'shared' / 'data',
+                        help='sample-data folder of the grounded benchmark\'s real scenes')
     parser.add_argument('--out', type=pathlib.Path, default=REPO / 'bench' / 'results' / 'cpu.md')
     args = parser.parse_args(argv)
     from llm import write_markdown
@@ -215,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = measure(args.threads, args.repeats, args.new_tokens, args.prompts, args.agreement_tokens,
                      args.cache_dir)
     text = markdown(result, args.threads, args.repeats, args.new_tokens)
+    if args.answers:
+        text += latency_markdown(answer_latency(args.answers, args.data))
     write_markdown(args.out, text)
     print(text)
 
