@@ -71,7 +71,9 @@ PRESETS = {
                          # example in the system message, against the published text line and a plain instruction.
                          'context.format': 'facts', 'prompt.system': GROUNDED_SYSTEM_PROMPT,
                          'generation.max_new_tokens': 64, 'generation.context_length': 1024,
-                         'description.rate_hz': 0.1, 'description.max_new_tokens': 48, 'max_age_s': 30.0},
+                         'description.rate_hz': 0.1, 'description.max_new_tokens': 48, 'max_age_s': 30.0,
+                         # The CPU int8 decode path (docs/cpu.md): same grounded-benchmark headline as none, faster.
+                         'llm.quantization': 'int8'},
         },
     },
     'fleet': {

@@ -230,3 +230,47 @@ def test_a_decoder_the_device_cannot_run_is_refused_before_loading():
     with pytest.raises(ConfigError, match="'cuda_graph' needs a CUDA device"):
         build_answerer(LLMConfig.from_params({'llm.preset': 'tiny', 'device': 'cpu',
                                               'generation.decoder': 'cuda_graph'}))
+
+
+SYSTEM = 'You are a robot. Answer from the readings; if they do not hold the answer, say: I cannot tell. '
+
+
+def test_a_repeated_prompt_prefix_is_reused_with_the_same_tokens(merged):
+    """The second prompt shares the first one's system prefix: its keys and values are not computed again, and the
+    tokens are those of a fresh decoder (which computes the whole prompt)."""
+    model, tokenizer = merged
+    model.set_visual_features(torch.randn(16, generator=torch.Generator().manual_seed(1)))
+    reused = StaticDecoder(model.backbone, capacity=128)
+    _greedy_tokens(model.backbone, tokenizer, SYSTEM + 'Is the door open?', reused)
+    for question in ('Where is the ball?', 'x'):
+        tokens = _greedy_tokens(model.backbone, tokenizer, SYSTEM + question, reused)
+        shared = len(tokenizer.encode(SYSTEM, bos=True))
+        assert shared - 2 <= reused.reused <= shared + 1  # the byte tokenizer: the prefix's tokens, maybe one more
+        fresh = StaticDecoder(model.backbone, capacity=128)
+        assert tokens == _greedy_tokens(model.backbone, tokenizer, SYSTEM + question, fresh)
+        assert fresh.reused == 0
+
+
+def test_new_visual_features_or_a_failed_prefill_reuse_nothing(merged):
+    model, tokenizer = merged
+    decoder = StaticDecoder(model.backbone, capacity=128)
+    ids = tokenizer.encode(SYSTEM + 'What is ahead?', bos=True)
+    model.set_visual_features(torch.randn(16, generator=torch.Generator().manual_seed(2)))
+    decoder.prefill(ids)
+    decoder.prefill(ids)
+    assert decoder.reused == len(ids) - 2
+    model.set_visual_features(torch.randn(16, generator=torch.Generator().manual_seed(3)))  # o_proj's bias changes
+    decoder.prefill(ids)
+    assert decoder.reused == 0
+    with pytest.raises(IndexError):
+        decoder.prefill(ids[:-1] + [10**6])  # refused before anything is written
+    assert decoder.reused == 0 and decoder._prompt == ids
+    embeddings = model.backbone.get_input_embeddings()
+    handle = embeddings.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError('fault')))
+    try:
+        with pytest.raises(RuntimeError, match='fault'):
+            decoder.prefill(ids)
+    finally:
+        handle.remove()
+    decoder.prefill(ids)
+    assert decoder.reused == 0  # the failed prefill may have overwritten slots: nothing is trusted

@@ -13,7 +13,8 @@ from mm_llm_ros.evaluate import make_predictor
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / 'config'
 SUBSET = 20      # the first questions of the generated scenes (seed 0): every category
-# Percent right. Measured: 30 % (6 of 20) with config/demo.yaml, 30 % with the previous prompt format; the full
+# Percent right. Measured: 35 % (7 of 20) with config/demo.yaml (llm.quantization int8 since issue 18; 30 % with
+# none), 30 % with the previous prompt format; the full
 # benchmark (docs/evaluation.md) is the measure, this guards against falling back. Greedy decoding repeats exactly.
 THRESHOLD = 25.0
 

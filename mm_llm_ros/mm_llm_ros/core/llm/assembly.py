@@ -23,6 +23,7 @@ import torch
 
 from mm_llm_ros.core.device import resolve_device, resolve_dtype
 from mm_llm_ros.core.errors import ConfigError
+from mm_llm_ros.core.llm.cpu_int8 import KERNEL, apply_cpu_int8, check_cpu_int8, int8_bytes
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 from mm_llm_ros.core.llm.quantization import check_quantization, model_dtype, parameter_bytes, quantize_linear_weights
 from mm_llm_ros.core.llm.tokenizer import TextTokenizer
@@ -79,7 +80,12 @@ def build_imagebind_llm(config: ModelConfig, architecture: Optional[ImageBindLLM
     """
     device = resolve_device(config.device)
     dtype = model_dtype(config.quantization, config.dtype, resolve_dtype(config.dtype, device))
-    check_quantization(config.quantization, device, dtype)
+    # int8 on the CPU decodes through torch's VNNI int8 kernel (cpu_int8.py), elsewhere through torchao.
+    cpu_int8 = config.quantization == 'int8' and device.type == 'cpu'
+    if cpu_int8:
+        check_cpu_int8()
+    else:
+        check_quantization(config.quantization, device, dtype)
     architecture = architecture or ImageBindLLMConfig(embed_dim=config.embedding_dim)
     model, tokenizer, name = _backbone_with_adapter(config, architecture, dtype)
     if not config.adapter_checkpoint and config.preset != 'tiny':
@@ -90,7 +96,11 @@ def build_imagebind_llm(config: ModelConfig, architecture: Optional[ImageBindLLM
         return AssembledLLM(model, tokenizer, name)
     # Every weight is loaded: fold the LoRA pairs and biases into the base weights (inference only, see model.py).
     model.merge_adapters()
-    if config.quantization != 'none':  # after the merge, which writes W + B A into the base weights
+    if cpu_int8:  # after the merge: the int8 copies are of the merged weights
+        count = apply_cpu_int8(model)
+        logger.info('int8 decode kernels for %d linear maps (CPU, %s): parameters %.1f MB + %.1f MB of int8 copies',
+                    count, KERNEL, parameter_bytes(model) / 1e6, int8_bytes(model) / 1e6)
+    elif config.quantization != 'none':  # after the merge, which writes W + B A into the base weights
         before = parameter_bytes(model)
         group = EMBEDDED_INT4_GROUP if config.preset == 'embedded' else None
         count = quantize_linear_weights(model, config.quantization, int4_group_size=group)

@@ -50,14 +50,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _output_projection(o_proj: nn.Module) -> torch.Tensor:
-    """The weight that o_proj multiplies by: a plain nn.Linear's, or a merged ImageBind-LLM projection's."""
+def _output_projection(o_proj: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """o_proj's product without its bias, x W^T: a plain nn.Linear's, or a merged ImageBind-LLM projection's
+    (`ServedOutputProjection.linear_map`, which `cpu_int8` reroutes to its int8 kernel)."""
     from mm_llm_ros.core.llm.model import GatedOutputProjection
 
     if isinstance(o_proj, nn.Linear):
-        return o_proj.weight
+        return lambda x, weight=o_proj.weight: F.linear(x, weight)
     if isinstance(o_proj, GatedOutputProjection) and o_proj.served is not None:
-        return o_proj.served.weight
+        return o_proj.served.linear_map
     raise ConfigError('batched decoding needs a plain LLaMA or a merged ImageBind-LLM (call merge_adapters() '
                        f'first): o_proj is a {type(o_proj).__name__} that is not merged')
 
@@ -91,7 +92,7 @@ class BatchDecoder:
         shape = (max_batch, self.num_kv_heads, capacity, self.head_dim)  # (B, nkv, L, hs)
         self._keys = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in self._layers]
         self._values = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in self._layers]
-        self._weights = [_output_projection(layer.self_attn.o_proj) for layer in self._layers]
+        self._products = [_output_projection(layer.self_attn.o_proj) for layer in self._layers]
         hidden = config.hidden_size
         self._biases = [torch.zeros((max_batch, hidden), device=self.device, dtype=dtype) for _ in self._layers]
         self._slots = torch.arange(capacity, device=self.device)
@@ -178,7 +179,7 @@ class BatchDecoder:
                                                  enable_gqa=self.gqa)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         bias = self._biases[index].index_select(0, rows).unsqueeze(1)  # (n, 1, C): each row's own visual vector
-        return F.linear(out, self._weights[index]) + bias
+        return self._products[index](out) + bias
 
 
 @dataclass

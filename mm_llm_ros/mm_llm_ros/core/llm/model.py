@@ -244,6 +244,10 @@ class ServedOutputProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def linear_map(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T without the bias (the batch decoder adds per-row biases); `cpu_int8` may replace it."""
+        return F.linear(x, self.weight)
+
 
 class GatedOutputProjection(nn.Module):
     """An attention block's output projection plus that layer's gated visual value.

@@ -1,0 +1,286 @@
+"""CPU decode speed of the embedded default (issue 18): today's fp32 path against `llm.quantization: int8`, the
+memory-bandwidth limit measured in the same run, and int8's greedy agreement with fp32.
+
+    .venv/bin/python bench/cpu.py [--threads 1 2] [--repeats 5] [--new-tokens 64] [--prompts 20]
+                                  [--agreement-tokens 32] [--out bench/results/cpu.md]
+
+One process, the embedded SmolLM2-135M merged as `build_answerer` serves it (zero-gated bind network, as shipped
+without an adapter checkpoint), greedy decoding through the static decoder:
+
+- `fp32, whole-cache attention (before issue 18)`: the static step as it was, attention over every slot of the KV
+  cache with a mask (the node's context is 1024 slots);
+- `fp32 (llm.quantization none)`: today's static step, attention over the written slots only;
+- `int8 (llm.quantization int8)`: the same plus `cpu_int8` (decode rows through torch's VNNI int8 kernel).
+
+Per thread count the variants take turns, `--repeats` times each after one warm-up, so that other jobs on a shared
+machine slow them alike; the table gives medians of wall-clock time. TTFT is the prefill of a long (about 220-token)
+prompt plus the first token; tokens/s the `--new-tokens` greedy tokens after it. The bandwidth limit is the bytes a
+decode step must read (every projection and lm_head weight, at the variant's bytes per weight) divided by the read
+bandwidth measured here (a sum over a 256 MB tensor, same thread count). llama.cpp is not installed on this machine;
+the issue's numbers for it (same SmolLM2 weights, same machine type) are quoted beside the table, labelled as such.
+
+Demo latency (`--answers N`): seconds per answer of `config/demo.yaml`'s llm_node on the first N grounded-benchmark
+questions, before issue 18 (fp32, whole-cache attention, no prompt-prefix reuse), `none` and `int8` now.
+
+Agreement: `--prompts` instructions, `--agreement-tokens` greedy tokens each, int8 against fp32: the index of the
+first token that differs (the length when none does) and how many continuations are identical.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+INSTRUCTIONS = [
+    'Describe what a mobile robot should do when it sees a closed door in a corridor.',
+    'What is the nearest obstacle ahead?', 'Is anyone talking near the robot?', 'What text can you read?',
+    'How many people are in the room?', 'Should the robot stop or continue?', 'What sound did you hear?',
+    'Which way is the exit?', 'Is the floor wet?', 'What colour is the box on the left?',
+    'Summarise the scene in one sentence.', 'Is it safe to move forward?', 'What is behind the robot?',
+    'Where is the charging station?', 'Is the door open or closed?', 'What time is shown on the clock?',
+    'Can you see any stairs?', 'Name one object on the table.', 'How far is the wall on the right?',
+    'What should the robot report to the operator?',
+]
+CONTEXT = ('Readings: text "EXIT 3 -> LOADING BAY"; sounds: speech 0.62, footsteps 0.21, door 0.09; nearest front '
+           '2.4 m, left 0.8 m, right 3.1 m, back none; objects around the robot: 7; battery 64 %; floor: tiles, '
+           'dry; lights on; one person standing 3 m ahead, facing the robot, holding a box; a trolley parked to the '
+           'left of the door; a sign above the door reads "Authorised staff only"; the corridor continues to the '
+           'right for about 15 m and ends at a lift; it is 14:05 and the building is open to visitors until 18:00.')
+
+
+def _merged_smollm2(cache_dir):
+    from mm_llm_ros.core.llm.backbones import load_smollm2
+    from mm_llm_ros.core.llm.model import ImageBindLLM
+
+    backbone = load_smollm2(cache_dir)
+    model = ImageBindLLM(backbone.model).eval()
+    model.merge_adapters()
+    return model, backbone.tokenizer
+
+
+def _decoders(model, capacity: int) -> dict[str, object]:
+    """The three variants over copies of the same merged model."""
+    from mm_llm_ros.core.llm.cpu_int8 import apply_cpu_int8
+    from mm_llm_ros.core.llm.decoding import StaticDecoder
+
+    before = StaticDecoder(model.backbone, capacity)
+    _before_issue_18(before)  # the fixed-shape step: the whole cache, masked (what 'static' ran)
+    fast = copy.deepcopy(model)
+    apply_cpu_int8(fast)
+    return {'fp32, whole-cache attention (before issue 18)': before,
+            'fp32 (llm.quantization none)': StaticDecoder(model.backbone, capacity),
+            'int8 (llm.quantization int8)': StaticDecoder(fast.backbone, capacity)}
+
+
+def _run(decoder, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """(TTFT s, decode tokens/s, greedy tokens) of one generation."""
+    import torch
+
+    decoder._prompt = []  # a fresh prompt each time: no prefix reuse between timed runs
+    with torch.inference_mode():
+        start = time.perf_counter()
+        tokens = [int(decoder.prefill(prompt).argmax())]
+        first = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            tokens.append(int(decoder.step(tokens[-1]).argmax()))
+        end = time.perf_counter()
+    return first - start, (new_tokens - 1) / (end - first), tokens
+
+
+def read_bandwidth(repeats: int = 7) -> float:
+    """GB/s that `sum` reads a 256 MB float32 tensor at (the current torch thread count); the median of `repeats`."""
+    import torch
+
+    data = torch.ones(64 * 2**20)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times) / 1e9
+
+
+def step_bytes(model) -> dict[str, int]:
+    """Weight bytes one decode step reads: fp32 (4 per weight) and int8 (1 per weight + a 4-byte scale per row), over
+    the decoder projections and lm_head."""
+    from torch import nn
+
+    shapes = [module.weight.shape for name, module in model.backbone.model.layers.named_modules()
+              if isinstance(module, nn.Linear) and not name.endswith(('lora_a', 'lora_b'))]
+    shapes.append(model.backbone.lm_head.weight.shape)
+    return {'fp32': sum(4 * rows * cols for rows, cols in shapes), 'int8': sum(rows * (cols + 4) for rows, cols in shapes)}
+
+
+def measure(threads: Sequence[int], repeats: int, new_tokens: int, prompts: int, agreement_tokens: int,
+            cache_dir) -> dict:
+    import torch
+
+    from mm_llm_ros.core.llm.prompt import PromptBuilder
+
+    model, tokenizer = _merged_smollm2(cache_dir)
+    builder = PromptBuilder()
+    long_prompt = builder.encode(tokenizer, INSTRUCTIONS[0], CONTEXT)
+    capacity = 1024  # the node's generation.context_length
+    decoders = _decoders(model, capacity)
+    bytes_per_step = step_bytes(model)
+    speed: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    bandwidth: dict[int, float] = {}
+    for count in threads:
+        torch.set_num_threads(count)
+        bandwidth[count] = read_bandwidth()
+        for name, decoder in decoders.items():
+            _run(decoder, long_prompt, 8)  # warm-up
+            speed[(count, name)] = []
+        for _ in range(repeats):
+            for name, decoder in decoders.items():
+                ttft, rate, _ = _run(decoder, long_prompt, new_tokens)
+                speed[(count, name)].append((ttft, rate))
+    torch.set_num_threads(max(threads))
+    first_divergent, identical = [], 0
+    reference, fast = decoders['fp32 (llm.quantization none)'], decoders['int8 (llm.quantization int8)']
+    for instruction in (INSTRUCTIONS * 2)[:prompts]:
+        ids = builder.encode(tokenizer, instruction)
+        tokens = [_run(decoder, ids, agreement_tokens)[2] for decoder in (reference, fast)]
+        identical += tokens[0] == tokens[1]
+        first_divergent.append(next((i for i, (a, b) in enumerate(zip(*tokens)) if a != b), agreement_tokens))
+    return {'speed': speed, 'bandwidth': bandwidth, 'bytes': bytes_per_step, 'prompt_tokens': len(long_prompt),
+            'first_divergent': first_divergent, 'identical': identical, 'names': list(decoders)}
+
+
+def _before_issue_18(decoder) -> None:
+    """Make a static decoder decode as before issue 18: the whole cache masked, no prompt-prefix reuse."""
+    decoder._step_fn = decoder._decode_step
+    decoder._reusable = lambda *_args: 0
+
+
+def answer_latency(questions: int, data_dir: pathlib.Path) -> dict[str, list[float]]:
+    """Seconds per answer of the demo's llm_node configuration (`config/demo.yaml`) on the first `questions` items
+    of the grounded benchmark, answered as `evaluate` answers them (the node's AskEngine, prompt and budget): before
+    issue 18 (fp32), `none` now and `int8` now, taking turns per question."""
+    from dataclasses import replace
+
+    from mm_llm_ros.core.evaluation.grounded import load_grounded
+    from mm_llm_ros.core.evaluation.model_predictor import ModelPredictor, ModelPredictorConfig
+    from mm_llm_ros.core.llm.pipeline import build_answerer
+
+    config = ModelPredictorConfig.from_params_file(REPO / 'mm_llm_ros' / 'config' / 'demo.yaml')
+    modes = {'fp32 before issue 18': 'none', 'fp32 (none)': 'none', 'int8': 'int8'}
+    predictors = {}
+    for name, mode in modes.items():
+        llm = replace(config.llm, model=replace(config.llm.model, quantization=mode))
+        answerer = build_answerer(llm)
+        if name.endswith('before issue 18'):
+            _before_issue_18(answerer.decoder)
+        predictor = ModelPredictor(replace(config, llm=llm))
+        predictor._answerer = lambda answerer=answerer: answerer  # this variant's own model and decoder
+        predictors[name] = predictor
+    seconds: dict[str, list[float]] = {name: [] for name in predictors}
+    answers: dict[str, list[str]] = {name: [] for name in predictors}
+    for item in load_grounded(data_dir)[:questions]:
+        for name, predictor in predictors.items():
+            start = time.perf_counter()
+            answers[name].append(predictor.predict(item))
+            seconds[name].append(time.perf_counter() - start)
+    return {'seconds': seconds, 'answers': answers}
+
+
+def latency_markdown(latency: dict) -> str:
+    seconds, answers = latency['seconds'], latency['answers']
+    before = statistics.median(seconds['fp32 before issue 18'])
+    lines = ['', f'**Demo answer latency** (`config/demo.yaml`, the first {len(seconds["int8"])} grounded-benchmark '
+             'questions answered as `evaluate` answers them, variants taking turns; the first question of each '
+             'variant has no prompt prefix to reuse):', '',
+             '| variant | median s per answer | mean s | vs before | answers equal to fp32 (none) |',
+             '|---|---:|---:|---:|---:|']
+    for name, values in seconds.items():
+        same = sum(a == b for a, b in zip(answers[name], answers['fp32 (none)']))
+        lines.append(f'| {name} | {statistics.median(values):.2f} | {statistics.mean(values):.2f} | '
+                     f'{statistics.median(values) / before:.2f}x | {same}/{len(values)} |')
+    return '\n'.join(lines + [''])
+
+
+# The issue's own measurements (issue 18, llama-cpp-python 0.3.36 built from source, same SmolLM2 weights, 2-core
+# machine of this type, 219-token prompt, 64 greedy tokens): (decode tok/s at 1 / 2 threads, TTFT ms at 1 / 2).
+LLAMA_CPP_FROM_THE_ISSUE = {'llama.cpp Q4_1 (as shipped)': ((62, 98), (1417, 847)),
+                            'llama.cpp Q8_0': ((96, 118), (614, 360)),
+                            'llama.cpp F32': ((36, 46), (890, 454))}
+
+
+def markdown(result: dict, threads: Sequence[int], repeats: int, new_tokens: int) -> str:
+    import torch
+
+    names = result['names']
+    base = 'fp32, whole-cache attention (before issue 18)'
+
+    def median(count, name, index):
+        return statistics.median(sample[index] for sample in result['speed'][(count, name)])
+
+    lines = [
+        '# CPU decode speed of the embedded default (issue 18)', '',
+        f'{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch '
+        f'{torch.__version__}; SmolLM2-135M merged as served, greedy, static decoder with a 1024-slot cache; '
+        f'{result["prompt_tokens"]}-token prompt, {new_tokens} tokens; median of {repeats} interleaved runs '
+        '(wall clock, machine shared with other jobs). Produced by `bench/cpu.py`.', '',
+        '| variant | threads | decode tokens/s | vs before | TTFT (ms) | vs before | bandwidth limit (tokens/s) |',
+        '|---|---:|---:|---:|---:|---:|---:|',
+    ]
+    for count in threads:
+        for name in names:
+            rate, ttft = median(count, name, 1), median(count, name, 0)
+            fmt = 'int8' if name.startswith('int8') else 'fp32'
+            limit = result['bandwidth'][count] * 1e9 / result['bytes'][fmt]
+            lines.append(f'| {name} | {count} | {rate:.1f} | {rate / median(count, base, 1):.2f}x | '
+                         f'{1000 * ttft:.0f} | {ttft / median(count, base, 0):.2f}x | {limit:.0f} |')
+    lines += ['', 'Read bandwidth measured in this run: '
+              + ', '.join(f'{result["bandwidth"][c]:.1f} GB/s at {c} thread(s)' for c in threads)
+              + f'; bytes per decode step: fp32 {result["bytes"]["fp32"] / 1e6:.0f} MB, '
+              f'int8 {result["bytes"]["int8"] / 1e6:.0f} MB (projections and lm_head).', '',
+              '**llama.cpp, quoted from issue 18 (not this run; llama_cpp is not installed here):**', '',
+              '| contender | decode tokens/s 1 / 2 threads | TTFT ms 1 / 2 threads |', '|---|---:|---:|']
+    for name, ((one, two), (ttft_one, ttft_two)) in LLAMA_CPP_FROM_THE_ISSUE.items():
+        lines.append(f'| {name} | {one} / {two} | {ttft_one} / {ttft_two} |')
+    divergent = sorted(result['first_divergent'])
+    lines += ['', f'**Greedy agreement, int8 vs fp32** ({len(divergent)} prompts, '
+              f'{max(divergent) if divergent else 0} tokens at most): {result["identical"]} identical continuations; '
+              f'first divergent token median {statistics.median(divergent):.0f}, min {divergent[0]} '
+              f'(per prompt: {", ".join(map(str, result["first_divergent"]))}).', '']
+    return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--threads', nargs='+', type=int, default=[1, 2])
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--new-tokens', type=int, default=64)
+    parser.add_argument('--prompts', type=int, default=20)
+    parser.add_argument('--agreement-tokens', type=int, default=32)
+    parser.add_argument('--cache-dir', type=pathlib.Path, default=None)
+    parser.add_argument('--answers', type=int, default=12,
+                        help='grounded-benchmark questions for the demo answer latency (0: skip)')
+    parser.add_argument('--data', type=pathlib.Path, default=REPO.parent / 'shared' / 'data',
+                        help='sample-data folder of the grounded benchmark\'s real scenes')
+    parser.add_argument('--out', type=pathlib.Path, default=REPO / 'bench' / 'results' / 'cpu.md')
+    args = parser.parse_args(argv)
+    from llm import write_markdown
+
+    result = measure(args.threads, args.repeats, args.new_tokens, args.prompts, args.agreement_tokens,
+                     args.cache_dir)
+    text = markdown(result, args.threads, args.repeats, args.new_tokens)
+    if args.answers:
+        text += latency_markdown(answer_latency(args.answers, args.data))
+    write_markdown(args.out, text)
+    print(text)
+
+
+if __name__ == '__main__':
+    sys.path[:0] = [str(REPO / 'mm_llm_ros'), str(REPO / 'bench')]
+    main()

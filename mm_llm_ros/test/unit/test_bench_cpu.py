@@ -1,0 +1,48 @@
+"""bench/cpu.py (issue 18): its variants run on a small model, its byte count and its table."""
+from __future__ import annotations
+
+import pytest
+from bench_modules import bench_module
+
+from llm_factories import merged_tiny_imagebind_llm
+
+
+@pytest.fixture(scope='module')
+def bench():
+    with bench_module('cpu') as module:
+        yield module
+
+
+def test_the_variants_decode_and_the_fp32_ones_agree(bench):
+    model, tokenizer = merged_tiny_imagebind_llm()
+    decoders = bench._decoders(model, capacity=64)
+    prompt = tokenizer.encode('Where is the door?', bos=True)
+    tokens = {name: bench._run(decoder, prompt, 6)[2] for name, decoder in decoders.items()}
+    fp32 = [tokens[name] for name in decoders if name.startswith('fp32')]
+    assert len(fp32) == 2 and fp32[0] == fp32[1]  # whole-cache masked and written-slots attention: same tokens
+    assert all(len(t) == 6 for t in tokens.values())
+
+
+def test_step_bytes_count_projections_and_head(bench):
+    model, _ = merged_tiny_imagebind_llm()
+    counted = bench.step_bytes(model)
+    config = model.backbone.config
+    hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    weights = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn) + config.vocab_size * hidden
+    assert counted['fp32'] == 4 * weights
+    assert weights < counted['int8'] < 1.2 * weights
+
+
+def test_the_table_has_every_variant_and_thread_count(bench):
+    names = ['fp32, whole-cache attention (before issue 18)', 'fp32 (llm.quantization none)',
+             'int8 (llm.quantization int8)']
+    result = {'names': names, 'bandwidth': {1: 10.0, 2: 12.0}, 'bytes': {'fp32': 400, 'int8': 100},
+              'prompt_tokens': 220, 'first_divergent': [32, 5, 32], 'identical': 2,
+              'speed': {(t, n): [(0.5, 10.0 * (i + 1)), (0.7, 10.0 * (i + 1))] for t in (1, 2)
+                        for i, n in enumerate(names)}}
+    text = bench.markdown(result, [1, 2], 2, 64)
+    rows = [line for line in text.splitlines() if line.startswith('| fp32') or line.startswith('| int8')]
+    assert len(rows) == 6
+    assert '| int8 (llm.quantization int8) | 2 | 30.0 | 3.00x | 600 | 1.00x | 120000000 |' in text
+    assert 'quoted from issue 18' in text and '2 identical continuations' in text

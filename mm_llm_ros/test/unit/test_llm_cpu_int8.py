@@ -1,0 +1,220 @@
+"""`llm.quantization: int8` on the CPU (`core/llm/cpu_int8.py`): the int8 decode kernel, its drift against fp32,
+the parts that keep fp32 arithmetic exactly (prefill, KV cache, visual injection), batch invariance and threads."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm_llm_ros.core.llm import cpu_int8
+from mm_llm_ros.core.llm.batching import BatchDecoder, BatchRequest, BatchScheduler
+from mm_llm_ros.core.errors import ConfigError
+from mm_llm_ros.core.llm.cpu_int8 import Int8Rows, apply_cpu_int8, check_cpu_int8, int8_bytes
+from mm_llm_ros.core.llm.decoding import StaticDecoder
+from mm_llm_ros.core.llm.generation import GenerationConfig, generate
+
+from llm_factories import merged_tiny_imagebind_llm
+
+PROMPTS = ['Describe the scene in front of the robot.', 'x', 'Is anyone speaking near the kitchen door right now?',
+           'What is ahead?', 'Where is the red ball?', 'Read the sign.']
+GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, stop_on_eos=False, context_length=96)
+
+
+@pytest.fixture(scope='module')
+def pair():
+    """(fp32 model, the same model with int8 decode kernels, tokenizer): merged, open gates, trained-like adapters."""
+    model, tokenizer = merged_tiny_imagebind_llm()
+    fast = copy.deepcopy(model)
+    apply_cpu_int8(fast)
+    return model, fast, tokenizer
+
+
+def _features(seed):
+    return None if seed is None else torch.randn(16, generator=torch.Generator().manual_seed(seed))
+
+
+def _tokens(model, tokenizer, prompt, seed=None, config=GREEDY):
+    model.set_visual_features(_features(seed))
+    decoder = StaticDecoder(model.backbone, capacity=config.context_length)
+    return generate(model.backbone, tokenizer, tokenizer.encode(prompt, bos=True), config, None, decoder).token_ids
+
+
+def test_the_kernel_probe_passes_here_and_a_broken_kernel_is_refused(monkeypatch):
+    check_cpu_int8()
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError('no engine')
+    monkeypatch.setattr(cpu_int8, '_pack', broken)
+    cpu_int8.check_cpu_int8.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"'int8' on the CPU needs torch's quantized::linear_dynamic"):
+            check_cpu_int8()
+    finally:
+        cpu_int8.check_cpu_int8.cache_clear()
+
+
+def test_a_single_row_is_int8_and_other_shapes_keep_the_float_weights():
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(48, 64, generator=generator), torch.randn(48, generator=generator)
+    rows = Int8Rows(weight, lambda: bias)
+    x = torch.randn(1, 1, 64, generator=generator)
+    reference = F.linear(x, weight, bias)
+    y = rows(x)
+    assert y.shape == reference.shape and not torch.equal(y, reference)  # quantised ...
+    assert float((y - reference).norm() / reference.norm()) < 0.02      # ... with a small error
+    prompt = torch.randn(1, 5, 64, generator=generator)
+    assert torch.equal(rows(prompt), F.linear(prompt, weight, bias))    # prefill: exactly fp32
+    flat = torch.randn(64, generator=generator)
+    assert torch.equal(rows(flat), F.linear(flat, weight, bias))
+
+
+def test_each_row_of_a_batch_gets_what_it_gets_alone():
+    """Activation scales are per row: a row's result does not depend on the other rows (an outlier row here)."""
+    generator = torch.Generator().manual_seed(2)
+    rows = Int8Rows(torch.randn(32, 64, generator=generator), lambda: None)
+    batch = torch.randn(3, 1, 64, generator=generator)
+    batch[1] *= 100
+    together = rows(batch)
+    for index in range(3):
+        assert torch.equal(together[index], rows(batch[index:index + 1])[0])
+
+
+def test_every_projection_and_the_head_are_rerouted_once(pair):
+    _, fast, _ = pair
+    layers = fast.backbone.model.layers
+    for layer in layers:
+        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                       layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            assert isinstance(module.forward, Int8Rows)
+    assert isinstance(fast.backbone.lm_head.forward, Int8Rows)
+    # The head's float weight (SmolLM2: the tied embedding, which the token lookup reads) stays as it was.
+    assert fast.backbone.lm_head.forward.weight is fast.backbone.lm_head.weight
+    assert type(fast.backbone.lm_head.weight) is torch.nn.Parameter
+    # One int8 copy per weight (o_proj's forward and its batch product share theirs): 1 byte per weight + scales.
+    weights = sum(p.numel() for layer in layers for name, p in layer.named_parameters()
+                  if name.endswith('weight') and p.dim() == 2 and 'lora' not in name)
+    weights += fast.backbone.lm_head.weight.numel()
+    assert weights <= int8_bytes(fast) < 1.2 * weights
+    assert apply_cpu_int8(fast) == 0  # idempotent
+
+
+def test_an_unmerged_model_is_refused():
+    from mm_llm_ros.core.llm.backbones import tiny_random_backbone
+    from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
+
+    model = ImageBindLLM(tiny_random_backbone(seed=0).model, ImageBindLLMConfig(embed_dim=16, lora_rank=2))
+    with pytest.raises(ConfigError, match='merged ImageBind-LLM'):
+        apply_cpu_int8(model)
+
+
+@torch.inference_mode()
+def test_the_prefill_and_its_kv_cache_are_exactly_fp32s(pair):
+    model, fast, tokenizer = pair
+    ids = tokenizer.encode(PROMPTS[2], bos=True)
+    decoders = []
+    for m in (model, fast):
+        m.set_visual_features(_features(1))
+        decoder = StaticDecoder(m.backbone, capacity=64)
+        decoder.prefill(ids)
+        decoders.append(decoder)
+    for reference, quantised in zip(decoders[0]._keys + decoders[0]._values, decoders[1]._keys + decoders[1]._values,
+                                    strict=True):
+        assert torch.equal(reference, quantised)
+
+
+@torch.inference_mode()
+def test_decode_drift_is_bounded_and_greedy_tokens_mostly_agree(pair):
+    """Teacher-forced logits (fp32's own tokens fed to both) and free-running greedy tokens, over the prompts and
+    visual inputs; measured: max |dlogit| 0.7% of the logit range, 6 of 6 continuations identical."""
+    model, fast, tokenizer = pair
+    worst, identical, first_divergent = 0.0, 0, []
+    for index, prompt in enumerate(PROMPTS):
+        seed = None if index % 2 else index
+        reference = _tokens(model, tokenizer, prompt, seed)
+        quantised = _tokens(fast, tokenizer, prompt, seed)
+        identical += reference == quantised
+        first_divergent.append(next((i for i, (a, b) in enumerate(zip(reference, quantised)) if a != b),
+                                    len(reference)))
+        decoders = []
+        for m in (model, fast):
+            m.set_visual_features(_features(seed))
+            decoders.append(StaticDecoder(m.backbone, capacity=GREEDY.context_length))
+        ids = tokenizer.encode(prompt, bos=True)
+        logits = [decoder.prefill(ids) for decoder in decoders]
+        for token in reference[:16]:
+            span = float(logits[0].max() - logits[0].min())
+            worst = max(worst, float((logits[0] - logits[1]).abs().max()) / span)
+            logits = [decoder.step(token) for decoder in decoders]
+    print(f'int8 drift: max |dlogit| {worst:.4f} of the range, {identical}/{len(PROMPTS)} identical, '
+          f'first divergent {first_divergent}')
+    assert worst < 0.03  # a share of the logit range; measured 0.0068
+    assert identical >= len(PROMPTS) // 2, first_divergent
+    assert sorted(first_divergent)[len(PROMPTS) // 2] >= GREEDY.max_new_tokens // 2, first_divergent
+
+
+@torch.inference_mode()
+def test_visual_features_change_the_answer_as_in_fp32(pair):
+    """The injection is untouched: the visual path runs the float weights, the vector goes into o_proj's bias."""
+    model, fast, _ = pair
+    ids = torch.tensor([[1, *range(60, 80)]])
+    changes = []
+    for m in (model, fast):
+        decoder = StaticDecoder(m.backbone, capacity=64)
+        step = []
+        for seed in (None, 3):
+            m.set_visual_features(_features(seed))
+            decoder.prefill(ids[0].tolist())
+            step.append(decoder.step(70).float())
+        changes.append(step[1] - step[0])
+    assert changes[0].norm() > 0.01
+    assert F.cosine_similarity(changes[0], changes[1], dim=0) > 0.95
+
+
+def test_batched_int8_tokens_equal_the_serial_int8_tokens(pair):
+    _, fast, tokenizer = pair
+    serial = [_tokens(fast, tokenizer, prompt, index) for index, prompt in enumerate(PROMPTS[:4])]
+    scheduler = BatchScheduler(BatchDecoder(fast.backbone, 3, GREEDY.context_length), tokenizer)
+    results = {}
+    waiting = list(range(4))
+    for _ in range(200):  # bounded: every step emits a token per running row
+        while waiting and scheduler.free:
+            index = waiting.pop(0)
+            scheduler.join(BatchRequest(tokenizer.encode(PROMPTS[index], bos=True), GREEDY,
+                                        on_done=lambda r, index=index: results.__setitem__(index, r),
+                                        prepare=lambda index=index: fast.set_visual_features(_features(index))))
+        if not waiting and not scheduler.running:
+            break
+        scheduler.step()
+    assert [results[index].token_ids for index in range(4)] == serial
+
+
+def test_two_threads_give_the_same_tokens_as_one(pair):
+    """The kernel splits a single row's output columns over threads (bench/cpu.py measures the speed-up): the sums
+    per column are the same, so the tokens are."""
+    _, fast, tokenizer = pair
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _tokens(fast, tokenizer, PROMPTS[0], 0)
+        torch.set_num_threads(2)
+        two = _tokens(fast, tokenizer, PROMPTS[0], 0)
+    finally:
+        torch.set_num_threads(previous)
+    assert one == two
+
+
+def test_build_answerer_serves_int8_through_the_cpu_kernel():
+    from dataclasses import replace
+
+    from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
+
+    config = LLMConfig.from_params({'llm.preset': 'tiny', 'llm.quantization': 'int8', 'generation.max_new_tokens': 4,
+                                    'generation.temperature': 0.0, 'generation.context_length': 64})
+    answerer = build_answerer(replace(config, generation=replace(config.generation, stop_on_eos=False)))
+    assert isinstance(answerer.model.backbone.lm_head.forward, Int8Rows)
+    assert answerer.decoder is not None and answerer.decoder.mode == 'static'
+    pieces: list[str] = []
+    generated = answerer.answer('What is ahead?', [], 4, pieces.append, lambda: False)
+    assert generated.n_tokens == 4 and ''.join(pieces) == generated.text
