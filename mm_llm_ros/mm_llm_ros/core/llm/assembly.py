@@ -25,7 +25,8 @@ from mm_llm_ros.core.device import resolve_device, resolve_dtype
 from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.llm.cpu_int8 import KERNEL, apply_cpu_int8, check_cpu_int8, int8_bytes
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
-from mm_llm_ros.core.llm.quantization import check_quantization, model_dtype, parameter_bytes, quantize_linear_weights
+from mm_llm_ros.core.llm.quantization import (check_quantization, model_dtype, parameter_bytes, preload_torchao,
+                                              quantize_linear_weights)
 from mm_llm_ros.core.llm.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def build_imagebind_llm(config: ModelConfig, architecture: Optional[ImageBindLLM
     cpu_int8 = config.quantization == 'int8' and device.type == 'cpu'
     if cpu_int8:
         check_cpu_int8()
+        preload_torchao()  # as check_quantization does: transformers would import it noisily otherwise
     else:
         check_quantization(config.quantization, device, dtype)
     architecture = architecture or ImageBindLLMConfig(embed_dim=config.embedding_dim)

@@ -108,7 +108,7 @@ def preload_torchao() -> None:
     nodes' stderr. It costs nothing extra: transformers would import it a moment later anyway.
     """
     if 'torchao' not in sys.modules and importlib.util.find_spec('torchao') is not None:
-        with contextlib.suppress(ConfigError):
+        with contextlib.suppress(DependencyError):
             import_torchao()
 
 
