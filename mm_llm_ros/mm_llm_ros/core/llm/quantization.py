@@ -88,7 +88,7 @@ def _quiet_import() -> Iterator[None]:
 
 
 def import_torchao() -> ModuleType:
-    """`torchao.quantization`, imported quietly; ConfigError if torchao is missing or broken."""
+    """`torchao.quantization`, imported quietly; DependencyError if torchao is missing or broken."""
     try:
         with _quiet_import():
             importlib.import_module('torchao')
