@@ -4,15 +4,15 @@ choose_from_context`).
 A 135M-parameter model reads the right fact line but, generating freely, copies the wrong number or invents a
 colour instead of admitting it cannot tell (docs/evaluation.md, "Grounded answers"). Constrained decoding keeps the
 model the answerer but leaves it no way out of its context: the candidates are the context's lines (one fact each
-with `context.format: facts`) plus a fixed "cannot tell" sentence, and the answer is the candidate whose tokens the
-model's likelihood makes most likely given the question (compared with a neutral question, see `choose_answer`).
+with `context.format: facts`) plus a fixed "cannot tell" sentence, and the answer is the candidate whose likelihood
+the question raises most (compared with a neutral question, see `choose_answer`). Measured: docs/evaluation.md,
+"Choosing the answer from the context".
 
 Cost: two prefills (the question, the neutral question) and two batched forwards over the candidates' tokens
 (the prompt's KV cache repeated per candidate), instead of one prefill and a forward per generated token.
 """
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +24,6 @@ from .decoding import _cache_keyword, _output_cache, model_device
 
 if TYPE_CHECKING:
     from .tokenizer import TextTokenizer
-
-logger = logging.getLogger(__name__)
 
 ANSWER_MODES = ('free', 'choose_from_context')
 CANNOT_TELL_ANSWER = 'I cannot tell from my sensors.'
