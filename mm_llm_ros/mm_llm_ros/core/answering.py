@@ -92,6 +92,9 @@ class Answerer(Protocol):
                on_text: Callable[[str], None], should_stop: Callable[[], bool],
                context: Optional[str] = None) -> Generated: ...
 
+    # An answerer may also have `answer_mode` ('free' or 'choose_from_context', core/llm/choice.py) and then
+    # accept `choose=True` in `answer`: the answer is chosen among the context's lines instead of generated.
+
 
 @dataclass(frozen=True)
 class AskLimits:
@@ -349,8 +352,17 @@ class AskEngine:
         if isinstance(inputs, AskResult):
             return inputs
         generated = self.answerer.answer(job.request.question, inputs.embeddings, job.request.max_new_tokens,
-                                         job.emit, job.should_stop, context=inputs.context)
+                                         job.emit, job.should_stop, context=inputs.context,
+                                         **self._choice(job, inputs))
         return self._result(job, inputs, generated)
+
+    def _choice(self, job: AskJob, inputs: 'JobInputs') -> dict[str, bool]:
+        """`{'choose': True}` when the answerer chooses its answer among the context's lines and this job can: a
+        user's question (scene descriptions stay free) with perception context in its prompt; else nothing."""
+        if getattr(self.answerer, 'answer_mode', 'free') != 'choose_from_context' or job.background:
+            return {}
+        has_context = any(isinstance(entry.value, str) for entry in inputs.fresh)
+        return {'choose': True} if has_context and inputs.context not in (None, NOTHING_PERCEIVED) else {}
 
     def _inputs(self, job: AskJob) -> Union['JobInputs', AskResult]:
         """What the model reads for this job (fresh embeddings and context text), or its result if cancelled."""

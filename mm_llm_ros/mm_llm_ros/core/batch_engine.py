@@ -123,6 +123,11 @@ class BatchedAskEngine(AskEngine):
             if isinstance(inputs, AskResult):
                 self._done(job, inputs)
                 return
+            if self._choice(job, inputs):  # one scoring forward, no token loop: answered at once
+                self._finished(job, inputs, self.answerer.answer(
+                    job.request.question, inputs.embeddings, job.request.max_new_tokens, job.emit, job.should_stop,
+                    context=inputs.context, choose=True))
+                return
             with self._lock:
                 self._decoding.add(job)
             self.answerer.begin(job.request.question, inputs.embeddings, job.request.max_new_tokens, job.on_text,

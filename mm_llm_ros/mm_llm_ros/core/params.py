@@ -189,6 +189,12 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
     Param('generation.max_batch', 1, 'Continuous batching: up to this many answers decode together, one forward '
           'per token for all of them (a newcomer joins between steps, a finished one leaves at once); 1 = one '
           'answer at a time (the serial engine). Decoder static (batched KV cache); see docs/design.md.'),
+    Param('generation.answer_mode', 'free', 'How a question with perception context is answered: free (generated '
+          'token by token) or choose_from_context (the model chooses one line of its context or "I cannot tell from '
+          'my sensors.": the one the question makes most likely, by its likelihood against a neutral question; '
+          'streamed as one piece; see docs/evaluation.md, grounded). Scene descriptions and questions without '
+          'context are always generated.',
+          ('free', 'choose_from_context')),
     Param('prompt.template', 'alpaca', "Prompt format: alpaca (as published) or chat (the backbone's chat template).",
           ('alpaca', 'chat')),
     Param('prompt.system', '', "System message for the chat template ('' keeps the template's default)."),

@@ -20,6 +20,7 @@ from mm_llm_ros.core.device import describe, resolve_device
 from mm_llm_ros.core.embedding_store import StoredInput
 from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.llm.assembly import NO_LLM_CONFIGURED, ModelConfig, build_imagebind_llm, inject_faults
+from mm_llm_ros.core.llm.choice import ANSWER_MODES, NEUTRAL_QUESTION, answer_candidates, choose_answer
 from mm_llm_ros.core.llm.batching import BatchDecoder, BatchRequest, BatchScheduler
 from mm_llm_ros.core.llm.decoding import DecoderMode, StaticDecoder, fallback_mode, resolve_decoder_mode
 from mm_llm_ros.core.llm.fusion import fuse_embeddings
@@ -52,6 +53,7 @@ class LLMConfig:
     max_batch: int
     max_question_chars: int
     generation: GenerationConfig
+    answer_mode: str             # free | choose_from_context (core/llm/choice.py)
     max_new_tokens_cap: int
     prompt_template: str
     prompt_system: str
@@ -97,6 +99,7 @@ class LLMConfig:
                    max_age_s=float(p['max_age_s']), max_queue=int(p['max_queue']),
                    max_batch=int(p['generation.max_batch']),
                    max_question_chars=int(p['max_question_chars']), generation=generation,
+                   answer_mode=p['generation.answer_mode'],
                    max_new_tokens_cap=int(p['generation.max_new_tokens_cap']),
                    prompt_template=p['prompt.template'], prompt_system=p['prompt.system'],
                    prompt_chat_context_template=p['prompt.chat_context_template'],
@@ -125,7 +128,11 @@ class LLMAnswerer:
     def __init__(self, model: ImageBindLLM, tokenizer: TextTokenizer, prompt: PromptBuilder,
                  generation: GenerationConfig, fusion_weights: Mapping[str, float],
                  visual_cache: Optional[VisualCache] = None, name: str = '',
-                 decoder: Optional[StaticDecoder] = None, batch: Optional[BatchScheduler] = None):
+                 decoder: Optional[StaticDecoder] = None, batch: Optional[BatchScheduler] = None,
+                 answer_mode: str = 'free'):
+        if answer_mode not in ANSWER_MODES:
+            raise ConfigError(f'generation.answer_mode must be one of {ANSWER_MODES}, got {answer_mode!r}')
+        self.answer_mode = answer_mode
         self.model = model
         self.decoder = decoder
         self.batch = batch
@@ -140,6 +147,8 @@ class LLMAnswerer:
             self.description += f', {decoder.mode} decoder'
         if batch is not None:
             self.description += f', batches of up to {batch.decoder.max_batch}'
+        if answer_mode != 'free':
+            self.description += f', answers {answer_mode.replace("_", " ")}'
         self.sensors_inform_answers = any(bool(p.detach().abs().max() > 0)
                                           for n, p in model.named_parameters() if n.endswith('gate'))
         self._lock = threading.Lock()
@@ -155,12 +164,20 @@ class LLMAnswerer:
 
     def answer(self, question: str, embeddings: Sequence[StoredInput], max_new_tokens: int,
                on_text: Callable[[str], None], should_stop: Callable[[], bool],
-               context: Optional[str] = None) -> Generated:
+               context: Optional[str] = None, choose: bool = False) -> Generated:
+        """Generate the answer, or with `choose` (AskEngine: `answer_mode` choose_from_context, a user's question
+        with perception context) choose it among the context's lines and "cannot tell" by the model's likelihood;
+        the chosen answer is streamed as one piece."""
         config = replace(self.generation, max_new_tokens=max_new_tokens)
+        if choose and not context:
+            raise ValueError('choosing an answer from the context needs a context')
         with self._lock:
             features = self.visual_features(embeddings)
             self.model.set_visual_features(None if features is None else features.to(self.model.device))
             prompt_ids = self.prompt.encode(self.tokenizer, question, context)
+            if choose:
+                neutral_ids = self.prompt.encode(self.tokenizer, NEUTRAL_QUESTION, context)
+                return self._choose(prompt_ids, neutral_ids, answer_candidates(context), on_text, should_stop)
             # The patched backbone is the model; calling it directly saves the wrapper's Python call per token.
             stream = generate_stream(self.model.backbone, self.tokenizer, prompt_ids, config, should_stop,
                                      self.decoder)
@@ -169,6 +186,17 @@ class LLMAnswerer:
                     on_text(event.text)
             result = stream.result
         return _generated(result)
+
+    def _choose(self, prompt_ids: Sequence[int], neutral_ids: Sequence[int], candidates: Sequence[str],
+                on_text: Callable[[str], None], should_stop: Callable[[], bool]) -> Generated:
+        choice = choose_answer(self.model.backbone, self.tokenizer, prompt_ids, candidates, neutral_ids, should_stop)
+        if choice is None:
+            return Generated('', 0, math.nan, math.nan, 'cancelled')
+        logger.debug('chose %r among %d candidates (%.2f s): %s', choice.text, len(candidates), choice.elapsed_s,
+                     ', '.join(f'{s:.2f}' for s in choice.scores))
+        on_text(choice.text)
+        n_tokens = len(self.tokenizer.encode(choice.text, bos=False))
+        return Generated(choice.text, n_tokens, choice.elapsed_s, n_tokens / max(choice.elapsed_s, 1e-9), 'chosen')
 
     # ---- continuous batching (AskEngine's batched worker) ----------------------------------------------------------
     @property
@@ -246,7 +274,7 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
                                tokenizer)
         logger.info('continuous batching: up to %d answers per decode step', config.max_batch)
     return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, assembled.name,
-                       decoder, batch)
+                       decoder, batch, config.answer_mode)
 
 
 def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int,
