@@ -103,7 +103,7 @@ def _batched_greedy(model, prompts: list[list[int]], new_tokens: int, pad_id: in
     """
     import torch
 
-    from mm_llm_ros.core.llm.decoding import _cache_keyword, _output_cache
+    from mm_llm_ros.core.llm.decoding import cache_keyword, output_cache
 
     length = max(len(prompt) for prompt in prompts)
     ids = torch.tensor([[pad_id] * (length - len(p)) + p for p in prompts])
@@ -119,7 +119,7 @@ def _batched_greedy(model, prompts: list[list[int]], new_tokens: int, pad_id: in
             mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
             positions = positions[:, -1:] + 1
             out = model(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True,
-                        **{_cache_keyword(): _output_cache(out)})
+                        **{cache_keyword(): output_cache(out)})
     return logits, torch.cat(tokens, dim=-1).tolist()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mm_llm_ros.core.answering import NOTHING_PERCEIVED, AskEngine, AskLimits, AskRequest, Generated
+from mm_llm_ros.core.answering import AskEngine, AskLimits, AskRequest, Generated
 from mm_llm_ros.core.batch_engine import BatchedAskEngine
 from mm_llm_ros.core.embedding_store import ModalityStore
 from mm_llm_ros.core.llm.choice import CANNOT_TELL_ANSWER, answer_candidates, candidate_logprobs, choose_answer

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .decoding import _cache_keyword, _output_cache, model_device
+from .decoding import cache_keyword, model_device, output_cache
 
 if TYPE_CHECKING:
     from .tokenizer import TextTokenizer
@@ -55,11 +55,11 @@ def candidate_logprobs(model: Any, prompt_ids: Sequence[int], rows: Sequence[Seq
     prefill = model(input_ids=torch.tensor([list(prompt_ids)], dtype=torch.long, device=device), use_cache=True,
                     logits_to_keep=1)
     first = torch.log_softmax(prefill.logits[0, -1].float(), dim=-1)   # predicts every row's first token
-    cache = _output_cache(prefill)
+    cache = output_cache(prefill)
     width = max(len(row) for row in rows)
     ids = torch.tensor([[*row, *([row[-1]] * (width - len(row)))] for row in rows], dtype=torch.long, device=device)
     cache.batch_repeat_interleave(len(rows))
-    logits = model(input_ids=ids, use_cache=True, **{_cache_keyword(): cache}).logits
+    logits = model(input_ids=ids, use_cache=True, **{cache_keyword(): cache}).logits
     logprobs = torch.log_softmax(logits.float(), dim=-1)   # (N, width, vocab): position t predicts t + 1
     targets = ids[:, 1:].unsqueeze(-1)
     following = logprobs[:, :-1].gather(-1, targets).squeeze(-1)   # (N, width - 1)

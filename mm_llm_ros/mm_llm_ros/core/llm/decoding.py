@@ -77,7 +77,7 @@ def fallback_mode(name: str, mode: DecoderMode) -> DecoderMode | None:
 
 
 @functools.cache
-def _cache_keyword() -> str:
+def cache_keyword() -> str:
     """The KV-cache argument name of the installed transformers: `cache` in recent 5.x, else `past_key_values`."""
     import inspect
 
@@ -86,7 +86,7 @@ def _cache_keyword() -> str:
     return 'cache' if 'cache' in inspect.signature(LlamaForCausalLM.forward).parameters else 'past_key_values'
 
 
-def _output_cache(output: Any) -> Any:
+def output_cache(output: Any) -> Any:
     cache = getattr(output, 'cache', None)
     return cache if cache is not None else output.past_key_values
 
@@ -106,7 +106,7 @@ class EagerStepper:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.device = model_device(model)
-        self._keyword = _cache_keyword()
+        self._keyword = cache_keyword()
         self._cache: Any = None
 
     def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
@@ -119,7 +119,7 @@ class EagerStepper:
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # logits_to_keep=1: only the last position's logits are needed.
         output = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._keyword: self._cache})
-        self._cache = _output_cache(output)
+        self._cache = output_cache(output)
         return output.logits[0, -1]
 
 
