@@ -1,4 +1,5 @@
 """llm_node as a real process over DDS: /ask, /ask_stream with cancel, bounded queue, descriptions, start-up."""
+import contextlib
 import math
 import subprocess
 import threading
@@ -11,9 +12,10 @@ from std_msgs.msg import String
 
 import sample_msgs
 from mm_llm_ros.node_processes import executable_path
-from mm_llm_ros.ros.qos import LATCHED_QOS, SENSOR_QOS, SERVICE_QOS
+from mm_llm_ros.core.specs import EMBEDDING_TOPIC
+from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS, SENSOR_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
-from mm_llm_ros_interfaces.msg import SceneDescription
+from mm_llm_ros_interfaces.msg import Embedding, SceneDescription
 from mm_llm_ros_interfaces.srv import Ask
 
 STAMP_NS = 1_532_402_927_612_460_000
@@ -209,11 +211,22 @@ def test_a_depth_camera_and_a_lidar_both_reach_the_answer(node_graph, llm_node, 
     depth = image_to_msg(np.random.default_rng(0).integers(500, 5000, (240, 320), np.uint16), '16UC1', STAMP_NS,
                          'depth_optical')
     cloud = sample_msgs.kitti_cloud_msg(shared_data, STAMP_NS)
+    # Paced by the encoder, not by how fast a 4-token answer comes back: each round waits (at most 1 s) until both
+    # sources have been embedded at least once, so the rounds cannot run out while the encoder warms up.
+    embedded = [test_node.collect(Embedding, '/' + EMBEDDING_TOPIC.format(source=source), EMBEDDING_QOS)
+                for source in ('depth_camera', 'lidar')]
     response = None
-    for _ in range(100):
-        depth_pub.publish(depth)
-        cloud_pub.publish(cloud)
-        response = ask('How far is the wall?', modalities=['depth'], max_new_tokens=4)
-        if len(response.modalities_used) == 2:
-            break
+    try:
+        for _ in range(100):
+            depth_pub.publish(depth)
+            cloud_pub.publish(cloud)
+            with contextlib.suppress(TimeoutError):
+                for collector in embedded:
+                    collector.wait_for(timeout_s=1.0, what='an embedding')
+            response = ask('How far is the wall?', modalities=['depth'], max_new_tokens=4)
+            if len(response.modalities_used) == 2:
+                break
+    finally:
+        for collector in embedded:
+            collector.close()
     assert response.success and sorted(response.modalities_used) == ['depth_camera', 'lidar'], response.note
