@@ -81,3 +81,13 @@ def collect(test_node):
     yield subscribe
     for collector in made:
         collector.close()
+
+
+@pytest.fixture
+def llm_node(node_graph, config_dir):
+    """Starts llm_node on the tiny model with the given parameters and waits until it serves."""
+    def start(**params):
+        process = node_graph.start('llm_node', params_files=[config_dir / 'tiny.yaml'], params=params)
+        process.wait_for_log('serving', timeout_s=60)
+        return process
+    return start

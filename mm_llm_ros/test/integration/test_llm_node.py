@@ -22,15 +22,6 @@ STAMP_NS = 1_532_402_927_612_460_000
 
 
 @pytest.fixture
-def llm_node(node_graph, config_dir):
-    def start(**params):
-        process = node_graph.start('llm_node', params_files=[config_dir / 'tiny.yaml'], params=params)
-        process.wait_for_log('serving', timeout_s=60)
-        return process
-    return start
-
-
-@pytest.fixture
 def ask(test_node):
     client = test_node.node.create_client(Ask, '/ask')
 

@@ -40,13 +40,10 @@ def geometry(*clusters):
 
 
 @pytest.fixture
-def scene_node(node_graph, config_dir):
-    def start(**params):
-        params = {'max_age_s': MAX_AGE_S, 'description.rate_hz': 2.0, 'description.max_new_tokens': 4} | params
-        process = node_graph.start('llm_node', params_files=[config_dir / 'tiny.yaml'], params=params)
-        process.wait_for_log('serving', timeout_s=60)
-        return process
-    return start
+def scene_node(llm_node):
+    """llm_node describing the scene twice a second, its data fresh for MAX_AGE_S."""
+    return lambda **params: llm_node(**({'max_age_s': MAX_AGE_S, 'description.rate_hz': 2.0,
+                                          'description.max_new_tokens': 4} | params))
 
 
 @pytest.fixture
