@@ -14,6 +14,9 @@ from mm_llm_ros.ros.qos import SENSOR_QOS
 from mm_llm_ros_interfaces.msg import AudioChunk
 
 FRAMES = 15   # 1280x720 rgb8 (2.8 MB each) at 5 Hz for 3 s
+# Without the profile about 15% of such frames arrived; with it all do on a quiet machine, and a loaded CI machine
+# still loses a best-effort frame or two while the encoder is busy, so the bar sits well between the two.
+MIN_RECEIVED = 10
 
 
 def test_default_profile_is_the_packaged_one_and_never_overrides_the_users():
@@ -49,8 +52,8 @@ def test_replay_reaches_an_encoder_with_no_profile_in_the_environment(node_graph
         assert 'without 1 subscriber' not in replay.log(), replay.log()
         # The encoder's own counter of received camera messages, published on /diagnostics every 0.5 s.
         received = diagnostics.wait_for(
-            lambda msgs: (_received(msgs, 'camera_encoder: camera') or 0) >= FRAMES - 1, timeout_s=20,
-            what=f'camera_encoder to report >= {FRAMES - 1} received frames')
+            lambda msgs: (_received(msgs, 'camera_encoder: camera') or 0) >= MIN_RECEIVED, timeout_s=20,
+            what=f'camera_encoder to report >= {MIN_RECEIVED} of {FRAMES} received frames')
         assert received <= FRAMES
     finally:
         for collector in (diagnostics, *others):

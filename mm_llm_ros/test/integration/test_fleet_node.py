@@ -59,7 +59,7 @@ class RobotData:
         self.embedding_pub.publish(msg)
         self.context_pub.publish(context)
 
-    def ask(self, fields=ASK, timeout_s: float = 60.0) -> Ask.Response:
+    def ask(self, fields=ASK, timeout_s: float = 120.0) -> Ask.Response:
         self.test_node.wait_for_service(self.ask_client)
         return self.test_node.result(self.ask_client.call_async(Ask.Request(**fields)), timeout_s)
 
@@ -148,7 +148,7 @@ def test_each_robot_is_answered_from_its_own_data_only(node_graph, test_node, co
     try:
         test_node.wait_for_action_server(stream)
         goal = test_node.result(stream.send_goal_async(AskStream.Goal(**ASK)))
-        result = test_node.result(goal.get_result_async(), 60)
+        result = test_node.result(goal.get_result_async(), 120)
     finally:
         stream.destroy()
     assert result.status == GoalStatus.STATUS_SUCCEEDED and result.result.answer == answers['robot2'].answer
