@@ -157,6 +157,22 @@ class TestNode:
             raise TimeoutError(f'no result after {timeout_s} s')
         return future.result()
 
+    def call(self, client, request, timeout_s: float = DEFAULT_TIMEOUT_S, resend_after_s: float = 15.0):
+        """Call an idempotent service and wait for its response, sending the request again (bounded by `timeout_s`)
+        when none came within `resend_after_s`: a response sent before the server has discovered this client's
+        response reader is lost for good (seen once in CI: a tiny-model /ask with no reply in 120 s)."""
+        self.wait_for_service(client, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            future = client.call_async(request)
+            done = threading.Event()
+            future.add_done_callback(lambda _: done.set())
+            if done.wait(max(0.0, min(resend_after_s, deadline - time.monotonic()))):
+                return future.result()
+            client.remove_pending_request(future)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f'no response from {client.srv_name} after {timeout_s} s')
+
     def publish_until(self, publisher, make_msg: Callable[[], Any], done: Callable[[], Any],
                       period_s: float = 0.05, timeout_s: float = DEFAULT_TIMEOUT_S, what: str = 'a reply'):
         """Publish at a fixed rate until `done()` is truthy: best-effort samples sent right after discovery can be

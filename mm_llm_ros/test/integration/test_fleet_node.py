@@ -60,8 +60,7 @@ class RobotData:
         self.context_pub.publish(context)
 
     def ask(self, fields=ASK, timeout_s: float = 120.0) -> Ask.Response:
-        self.test_node.wait_for_service(self.ask_client)
-        return self.test_node.result(self.ask_client.call_async(Ask.Request(**fields)), timeout_s)
+        return self.test_node.call(self.ask_client, Ask.Request(**fields), timeout_s)
 
     def ask_once_arrived(self, robot: str) -> Ask.Response:
         """Publish `robot`'s data until an answer is built from both of its inputs (bounded in count: the node's

@@ -26,8 +26,8 @@ def test_launch_plan_graph_answers_about_a_replayed_scene(node_graph, test_node,
     wanted = {'camera', 'audio', 'lidar', 'ocr', 'geometry'}  # sources and context kinds
     response = None
     for _ in range(120):  # the rest of the scene arrives within seconds; each try is a real request
-        response = test_node.result(client.call_async(Ask.Request(question='What text can you read?',
-                                                                  max_new_tokens=4, max_age_s=30.0)), 60)
+        response = test_node.call(client, Ask.Request(question='What text can you read?', max_new_tokens=4,
+                                                      max_age_s=30.0), 60)
         if wanted <= set(response.modalities_used):
             break
     assert response.success, response.error
@@ -62,7 +62,7 @@ def test_demo_preset_reads_the_truck_sign_on_the_nuscenes_scene(node_graph, test
     request = Ask.Request(question='What text can you read?', modalities=['ocr'], max_age_s=60.0)
     response = None
     for _ in range(60):  # until the first OCR result has arrived; bounded
-        response = test_node.result(client.call_async(request), 120)
+        response = test_node.call(client, request, 120, resend_after_s=60)  # the embedded model's answer
         if 'ocr' in response.modalities_used:
             break
     assert response.success and response.modalities_used == ['ocr'], (response.error, response.note)
@@ -108,13 +108,13 @@ def test_fleet_split_deployment_serves_a_robot_from_the_server(node_graph, test_
         wanted = {'camera', 'audio', 'lidar'}
         response = None
         for _ in range(200):  # the encoder's first embeddings arrive within seconds; each try is a real request
-            response = test_node.result(clients['robot1'].call_async(
-                Ask.Request(question='What is around?', max_new_tokens=4, max_age_s=30.0)), 60)
+            response = test_node.call(clients['robot1'], Ask.Request(question='What is around?', max_new_tokens=4,
+                                                                     max_age_s=30.0), 60)
             if wanted <= set(response.modalities_used):
                 break
         assert response.success and wanted <= set(response.modalities_used), response.note
-        other = test_node.result(clients['robot2'].call_async(
-            Ask.Request(question='What is around?', max_new_tokens=4, max_age_s=30.0)), 60)
+        other = test_node.call(clients['robot2'], Ask.Request(question='What is around?', max_new_tokens=4,
+                                                              max_age_s=30.0), 60)
         assert other.success and other.modalities_used == [] and 'nothing perceived' in other.note
         assert llm.alive() and 'serving /robot1/ask and /robot1/ask_stream, /robot2/ask' in llm.log()
     finally:

@@ -59,8 +59,7 @@ def test_a_normal_run_of_the_demo_graph_logs_no_warnings_bars_or_tracebacks(node
             collector.wait_for(timeout_s=START_TIMEOUT_S, what=f'the first {kind} result')
         response = None
         for _ in range(60):  # until an embedding has arrived (the encoder ran its model); each try is a request
-            response = test_node.result(ask.call_async(Ask.Request(question='What do you see?', max_new_tokens=4,
-                                                                   max_age_s=30.0)), 60)
+            response = test_node.call(ask, Ask.Request(question='What do you see?', max_new_tokens=4, max_age_s=30.0), 60)
             if 'camera' in response.modalities_used:
                 break
         assert response.success and 'camera' in response.modalities_used, (response.error, response.note)

@@ -17,7 +17,9 @@ from mm_llm_ros.node_processes import signal_group
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.srv import Ask
 
-EXIT_WITHIN_S = 2.0
+# ros2 launch sends SIGKILL 5 s after SIGTERM (sigterm_timeout): every node must be gone well before that, also on
+# a loaded 2-core CI machine (a quiet one takes under 1 s; one loaded CI run took 3.0 s).
+EXIT_WITHIN_S = 4.0
 REPEAT_PERIOD_S = 0.005  # how often the repeated signal is sent while nodes shut down (a stimulus, not a wait)
 
 

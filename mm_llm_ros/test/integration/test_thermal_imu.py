@@ -39,8 +39,8 @@ def test_replay_thermal_and_imu_reach_the_answer(node_graph, test_node, config_d
     client = test_node.node.create_client(Ask, '/ask')
     try:
         test_node.wait_for_service(client)
-        response = test_node.result(client.call_async(Ask.Request(
-            question='How is the robot moving?', modalities=['thermal', 'imu'], max_new_tokens=4)), 60.0)
+        response = test_node.call(client, Ask.Request(
+            question='How is the robot moving?', modalities=['thermal', 'imu'], max_new_tokens=4), 60.0)
         assert response.success, response.error
         assert sorted(response.modalities_used) == ['imu', 'thermal_camera'], response.note
     finally:
