@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from mm_llm_ros.core.llm import cpu_int8
 from mm_llm_ros.core.llm.batching import BatchDecoder, BatchRequest, BatchScheduler
 from mm_llm_ros.core.errors import ConfigError
-from mm_llm_ros.core.llm.cpu_int8 import Int8Rows, apply_cpu_int8, check_cpu_int8, int8_bytes
+from mm_llm_ros.core.llm.cpu_int8 import (FusedInt8Rows, Int8DecodeStep, Int8Rows, apply_cpu_int8, check_cpu_int8,
+                                          int8_bytes)
 from mm_llm_ros.core.llm.decoding import StaticDecoder
 from mm_llm_ros.core.llm.generation import GenerationConfig, generate
 
@@ -81,13 +82,31 @@ def test_each_row_of_a_batch_gets_what_it_gets_alone():
         assert torch.equal(together[index], rows(batch[index:index + 1])[0])
 
 
-def test_every_projection_and_the_head_are_rerouted_once(pair):
+def test_a_fused_product_gives_each_maps_own_int8_result_bit_for_bit():
+    """q, k and v in one kernel call: each output row keeps its scale and the input row is quantised once either
+    way, so the fused product equals the three separate ones exactly (rows of a batch too)."""
+    generator = torch.Generator().manual_seed(3)
+    linears = [torch.nn.Linear(64, out, bias=out != 16) for out in (48, 16, 16)]
+    for linear in linears:
+        torch.nn.init.normal_(linear.weight, generator=generator)
+    fused = FusedInt8Rows(linears)
+    x = torch.randn(3, 1, 64, generator=generator)
+    for part, linear in zip(fused(x), linears, strict=True):
+        assert torch.equal(part, Int8Rows(linear.weight, lambda linear=linear: linear.bias)(x))
+
+
+def test_every_decode_product_and_the_head_are_rerouted_once(pair):
     _, fast, _ = pair
     layers = fast.backbone.model.layers
     for layer in layers:
-        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                       layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+        assert layer.self_attn.decode_qkv.sizes == [layer.self_attn.q_proj.out_features,
+                                                    layer.self_attn.k_proj.out_features,
+                                                    layer.self_attn.v_proj.out_features]
+        assert len(layer.mlp.decode_gate_up.sizes) == 2
+        for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
             assert isinstance(module.forward, Int8Rows)
+        for module in (layer.self_attn.q_proj, layer.mlp.up_proj):  # their own forwards (prefill) stay float
+            assert not isinstance(module.__dict__.get('forward'), Int8Rows)
     assert isinstance(fast.backbone.lm_head.forward, Int8Rows)
     # The head's float weight (SmolLM2: the tied embedding, which the token lookup reads) stays as it was.
     assert fast.backbone.lm_head.forward.weight is fast.backbone.lm_head.weight
@@ -98,6 +117,32 @@ def test_every_projection_and_the_head_are_rerouted_once(pair):
     weights += fast.backbone.lm_head.weight.numel()
     assert weights <= int8_bytes(fast) < 1.2 * weights
     assert apply_cpu_int8(fast) == 0  # idempotent
+
+
+@torch.inference_mode()
+def test_the_lean_decode_step_gives_the_generic_steps_logits_bit_for_bit(pair):
+    """`Int8DecodeStep` (the static decoder's int8 step on the CPU) against the op-by-op layers it replaces:
+    with adapter biases, with and without visual features, over 30 greedy tokens after a prompt."""
+    _, fast, tokenizer = pair
+    ids = tokenizer.encode(PROMPTS[0], bos=True)
+    for seed in (None, 4):
+        fast.set_visual_features(_features(seed))
+        lean, generic = (StaticDecoder(fast.backbone, capacity=128) for _ in range(2))
+        assert isinstance(lean._int8_step, Int8DecodeStep)
+        generic._int8_step = None
+        logits = [lean.prefill(ids), generic.prefill(ids)]
+        for _ in range(30):
+            assert torch.equal(logits[0], logits[1])
+            token = int(logits[1].argmax())
+            logits = [lean.step(token), generic.step(token)]
+        for cache in ('_keys', '_values'):
+            assert all(torch.equal(a, b) for a, b in zip(getattr(lean, cache), getattr(generic, cache), strict=True))
+
+
+def test_the_lean_step_is_only_for_int8_models(pair):
+    model, _, _ = pair
+    assert Int8DecodeStep.for_model(model.backbone, 64) is None  # float weights: the generic step
+    assert StaticDecoder(model.backbone, capacity=64)._int8_step is None
 
 
 def test_an_unmerged_model_is_refused():
@@ -215,6 +260,7 @@ def test_build_answerer_serves_int8_through_the_cpu_kernel():
     answerer = build_answerer(replace(config, generation=replace(config.generation, stop_on_eos=False)))
     assert isinstance(answerer.model.backbone.lm_head.forward, Int8Rows)
     assert answerer.decoder is not None and answerer.decoder.mode == 'static'
+    assert isinstance(answerer.decoder._int8_step, Int8DecodeStep)  # the served step is the lean one
     pieces: list[str] = []
     generated = answerer.answer('What is ahead?', [], 4, pieces.append, lambda: False)
     assert generated.n_tokens == 4 and ''.join(pieces) == generated.text

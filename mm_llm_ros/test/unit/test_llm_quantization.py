@@ -208,7 +208,7 @@ def test_build_answerer_serves_int8():
     answerer = build_answerer(LLMConfig.from_params({'llm.preset': 'tiny', 'llm.quantization': 'int8',
                                                      'generation.max_new_tokens': 12, 'generation.temperature': 0.0}))
     # On the CPU int8 decodes through torch's int8 kernel (cpu_int8.py, test_llm_cpu_int8.py), not torchao's.
-    assert isinstance(answerer.model.layers[0].self_attn.v_proj.forward, Int8Rows)
+    assert isinstance(answerer.model.layers[0].mlp.down_proj.forward, Int8Rows)
     pieces: list[str] = []
     generated = answerer.answer('What is ahead?', [], 12, pieces.append, lambda: False)
     assert generated.n_tokens > 0 and ''.join(pieces) == generated.text

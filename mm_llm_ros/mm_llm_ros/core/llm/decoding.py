@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_llm_ros.core.errors import ConfigError
+from mm_llm_ros.core.llm.cpu_int8 import Int8DecodeStep
 
 logger = logging.getLogger(__name__)
 
@@ -129,18 +130,29 @@ def run_decoder_layers(layers: Sequence[nn.Module], hidden: torch.Tensor,
     residual stream. `attention(index, layer, normed)` is the caller's attention over its own KV cache."""
     for index, layer in enumerate(layers):
         hidden = hidden + attention(index, layer, layer.input_layernorm(hidden))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + mlp_output(layer.mlp, layer.post_attention_layernorm(hidden))
     return hidden
+
+
+def mlp_output(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LLaMA's MLP, down(act(gate(x)) * up(x)); decode rows take a fused gate+up product where the model has one
+    (`mlp.decode_gate_up`, added by `cpu_int8`)."""
+    fused = getattr(mlp, 'decode_gate_up', None)
+    if fused is None or x.shape[1] != 1:
+        return mlp(x)
+    gate, up = fused(x)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def rotated_qkv(attn: nn.Module, x: torch.Tensor, head_dim: int,
                 rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, T, C) -> query (B, nh, T, hs), key and value (B, nkv, T, hs); query and key rotated (RoPE)."""
+    """(B, T, C) -> query (B, nh, T, hs), key and value (B, nkv, T, hs); query and key rotated (RoPE). Decode rows
+    take a fused q+k+v product where the model has one (`attn.decode_qkv`, added by `cpu_int8`)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     shape = (*x.shape[:2], -1, head_dim)
-    query = attn.q_proj(x).view(shape).transpose(1, 2)
-    key = attn.k_proj(x).view(shape).transpose(1, 2)
-    value = attn.v_proj(x).view(shape).transpose(1, 2)
+    fused = getattr(attn, 'decode_qkv', None)
+    projected = fused(x) if fused is not None and x.shape[1] == 1 else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    query, key, value = (p.view(shape).transpose(1, 2) for p in projected)
     query, key = apply_rotary_pos_emb(query, key, *rotary)
     return query, key, value
 
@@ -196,6 +208,8 @@ class StaticDecoder:
         self._state: list[torch.Tensor | None] = []
         self.reused = 0  # slots the last prefill reused
         self._step_fn = self._static_step if mode == 'static' else self._decode_step
+        # An int8 model on the CPU (cpu_int8): the same step in far fewer torch calls.
+        self._int8_step = Int8DecodeStep.for_model(model, capacity) if mode == 'static' else None
         if mode == 'compile':
             self._step_fn = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -279,6 +293,8 @@ class StaticDecoder:
         """The step launched op by op: attention over the written slots only (a view, no mask), whose count the host
         knows. On the CPU with the default 1024-slot context this is most of the attention time (SmolLM2: about
         300 us per layer and token masked over the whole cache, 60 us over 300 written slots)."""
+        if self._int8_step is not None:
+            return self._int8_step(int(self._token), self._position, self._keys, self._values, self._length)
         return self._forward(self._token, self._position, decode=True, span=self._length)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode: bool,
