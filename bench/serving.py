@@ -29,7 +29,6 @@ import argparse
 import os
 import pathlib
 import platform
-import statistics
 import sys
 import tempfile
 import threading
@@ -99,7 +98,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dtype', default='auto')
     parser.add_argument('--threads', type=int, default=0,
-                        help='torch threads of each node (OMP_NUM_THREADS); 0 = torch default (one per core)')
+                        help="torch threads of each node (its cpu_threads parameter); 0 = torch's default (one per core)")
     parser.add_argument('--answer-timeout', type=float, default=900.0)
     parser.add_argument('--out', type=pathlib.Path, default=REPO / 'bench' / 'results' / 'serving.md')
     parser.add_argument('--log-dir', type=pathlib.Path, default=None)
@@ -179,13 +178,12 @@ def start_nodes(preset: str, args: argparse.Namespace, log_dir: pathlib.Path) ->
         overrides = {'generation.max_batch': 1 if engine == 'serial' else args.max_batch,
                      'max_queue': max(max(args.callers), args.max_batch), 'description.rate_hz': 0.0,
                      'device': args.device, 'dtype': args.dtype, 'generation.temperature': 0.0,
-                     'generation.max_new_tokens_cap': max(1024, args.new_tokens)}
+                     'generation.max_new_tokens_cap': max(1024, args.new_tokens), 'cpu_threads': args.threads}
         if preset == 'embedded':  # longer answers than the demo's one-sentence system prompt asks for
             overrides['prompt.system'] = 'You are a helpful assistant. Answer in detail.'
         command = [str(executable_path('llm_node')),
                    *ros_args(parameters=[params_file, overrides], remappings=[('__ns', f'/{engine}')])]
-        env = {'OMP_NUM_THREADS': str(args.threads)} if args.threads else None
-        processes[engine] = start_process(command, log_dir / f'{preset}-{engine}.log', env=env)
+        processes[engine] = start_process(command, log_dir / f'{preset}-{engine}.log')
     deadline = time.monotonic() + START_TIMEOUT_S
     for engine, process in processes.items():
         log = log_dir / f'{preset}-{engine}.log'

@@ -47,7 +47,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:
-    """Human-readable device summary for logs and diagnostics, e.g. 'cuda:0 (NVIDIA H100) float16'."""
+    """Human-readable device summary for logs and diagnostics, e.g. 'cuda:0 (NVIDIA H100) float16' or
+    'cpu float32 (2 threads)'."""
     if device.type == 'cuda':
         return f'{device} ({torch.cuda.get_device_name(device)}) {str(dtype).removeprefix("torch.")}'
-    return f'{device} {str(dtype).removeprefix("torch.")}'
+    threads = torch.get_num_threads()
+    return f'{device} {str(dtype).removeprefix("torch.")} ({threads} thread{"s" if threads > 1 else ""})'
+
+
+def apply_cpu_threads(count: int) -> None:
+    """Set torch's intra-op CPU threads for this process (`cpu_threads`); 0 keeps torch's default."""
+    if count < 0:
+        raise DeviceError(f'cpu_threads must be >= 0 (0: one per core), got {count}')
+    if count:
+        torch.set_num_threads(count)

@@ -66,6 +66,9 @@ DEVICE_PARAMS = (
           'float32, float16 or bfloat16.',
           ('auto', 'float32', 'float16', 'bfloat16')),
     Param('diagnostics_period_s', 1.0, 'Period of /diagnostics status messages in seconds (0 disables).'),
+    Param('cpu_threads', 0, "Torch's CPU threads in this node's process (0: torch's default, one per core). Set on "
+          'configure. On a robot whose cores other processes share, fewer threads avoid contention: on 2 shared '
+          'cores a batched SmolLM2 step was several times slower with 2 threads than with 1 (bench/results/serving.md).'),
 )
 
 # ---- Lifecycle (managed) nodes: the encoders and llm_node ---------------------------------------

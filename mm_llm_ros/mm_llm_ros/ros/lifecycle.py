@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
+from mm_llm_ros.core.device import apply_cpu_threads
 from mm_llm_ros.core.params import Param
 from mm_llm_ros.ros.node_main import StartupError
 from mm_llm_ros.ros.parameters import declare_parameters, read_parameters
@@ -69,7 +70,10 @@ class ManagedNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         before = self._entities()
         try:
-            self.configure(read_parameters(self, self._param_specs))
+            params = read_parameters(self, self._param_specs)
+            if 'cpu_threads' in params:  # before any model is built (a process-wide setting)
+                apply_cpu_threads(params['cpu_threads'])
+            self.configure(params)
         except CONFIGURATION_ERRORS as exc:
             return self._configure_failed(before, str(exc), TransitionCallbackReturn.FAILURE)
         except Exception as exc:  # a bug or an unforeseen library error: still one line, and nothing is kept

@@ -33,7 +33,8 @@ def ask(test_node):
 
 
 def test_text_only_answer_says_so(llm_node, ask):
-    llm_node()
+    process = llm_node(cpu_threads=1)
+    assert 'on cpu float32 (1 thread)' in process.log()  # cpu_threads took effect before the model was built
     response = ask(max_new_tokens=8)
     assert response.success and response.answer and response.error == ''
     assert response.modalities_used == [] and 'text alone' in response.note
@@ -150,6 +151,13 @@ def test_refuses_to_start_without_an_llm(node_graph, config_dir):
     assert process.popen.wait(60) == 1
     log = process.log()
     assert 'no LLM configured' in log and 'Traceback' not in log
+
+
+def test_refuses_a_negative_thread_count_naming_the_parameter(node_graph, config_dir):
+    process = node_graph.start('llm_node', params={'cpu_threads': -1}, params_files=[config_dir / 'tiny.yaml'])
+    assert process.popen.wait(60) == 1
+    log = process.log()
+    assert 'cpu_threads must be >= 0' in log and 'Traceback' not in log
 
 
 def test_refuses_a_corrupt_checkpoint_naming_the_file(node_graph, config_dir, tmp_path):
