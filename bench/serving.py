@@ -97,6 +97,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument('--max-batch', type=int, default=8)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dtype', default='auto')
+    parser.add_argument('--quantization', default=None, choices=['none', 'int8', 'int4'],
+                        help="llm.quantization of both nodes (default: the preset's own)")
     parser.add_argument('--threads', type=int, default=0,
                         help="torch threads of each node (its cpu_threads parameter); 0 = torch's default (one per core)")
     parser.add_argument('--answer-timeout', type=float, default=900.0)
@@ -179,6 +181,8 @@ def start_nodes(preset: str, args: argparse.Namespace, log_dir: pathlib.Path) ->
                      'max_queue': max(max(args.callers), args.max_batch), 'description.rate_hz': 0.0,
                      'device': args.device, 'dtype': args.dtype, 'generation.temperature': 0.0,
                      'generation.max_new_tokens_cap': max(1024, args.new_tokens), 'cpu_threads': args.threads}
+        if args.quantization is not None:
+            overrides['llm.quantization'] = args.quantization
         if preset == 'embedded':  # longer answers than the demo's one-sentence system prompt asks for
             overrides['prompt.system'] = 'You are a helpful assistant. Answer in detail.'
         command = [str(executable_path('llm_node')),
@@ -242,7 +246,8 @@ def markdown(runs: list[Run], args: argparse.Namespace, elapsed_s: float) -> str
              f'{elapsed_s / 60:.1f} min). Machine: {platform.machine()}, {os.cpu_count()} logical CPUs '
              f'(shared with other jobs: numbers are noisy; serial and batched are measured in the same run, '
              f'alternating per caller count), torch {torch.__version__}, device `{args.device}`, dtype '
-             f'`{args.dtype}`, torch threads per node: {args.threads or "default (one per core)"}.', '',
+             f'`{args.dtype}`, llm.quantization: {args.quantization or "as the preset"}, torch threads per node: '
+             f'{args.threads or "default (one per core)"}.', '',
              f'Settings: {args.requests} requests per caller (sequential per caller), up to {args.new_tokens} new '
              f'tokens per answer (greedy; EOS may end an answer earlier), batched engine `generation.max_batch` = '
              f'{args.max_batch}, both engines with max_queue = {max(max(args.callers), args.max_batch)} (no busy '

@@ -195,6 +195,36 @@ class _WithEos:
         return getattr(self._tokenizer, name)
 
 
+@torch.inference_mode()
+def test_a_shared_prompt_prefix_is_taken_from_another_row_only_under_the_same_visual_features(merged):
+    """Concurrent askers share the system prompt and the perception context: a newcomer copies the keys and values
+    of the longest common prefix from any row (running or finished) whose o_proj biases are its own, and runs only
+    the rest; its logits and greedy tokens are those of a fresh prefill."""
+    model, tokenizer = merged
+    context = tokenizer.encode('Readings: nearest front 2.4 m, left none; text read: EXIT 3. Question:', bos=True)
+    first = context + tokenizer.encode(' Is it safe?', bos=False)
+    second = context + tokenizer.encode(' What text is there?', bos=False)
+    decoder = BatchDecoder(model.backbone, 3, GREEDY.context_length)
+    model.set_visual_features(_features(5))
+    decoder.admit(0, first)
+    assert decoder.reused == 0
+    logits = decoder.admit(2, second)  # row 2 takes the context's slots from row 0
+    assert decoder.reused == next(i for i, (a, b) in enumerate(zip(first, second)) if a != b) >= len(context)
+    fresh = BatchDecoder(model.backbone, 3, GREEDY.context_length)
+    reference = fresh.admit(2, second)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    for _ in range(20):  # greedy continuation of row 2 in both decoders
+        token = int(reference.argmax())
+        assert int(logits.argmax()) == token
+        logits, reference = decoder.step([2], [token])[0], fresh.step([2], [token])[0]
+    model.set_visual_features(_features(6))  # another query's visual vector: other keys and values, no reuse
+    decoder.admit(1, second)
+    assert decoder.reused == 0
+    model.set_visual_features(_features(5))
+    decoder.admit(0, second)  # row 2 holds this whole prompt: all of it but the last two tokens is reused
+    assert decoder.reused == len(second) - 2
+
+
 def test_an_unmerged_model_and_a_full_batch_are_refused(merged):
     model, tokenizer = merged
     unmerged = ImageBindLLM(tiny_random_backbone(seed=6).model, ImageBindLLMConfig(embed_dim=16, lora_rank=2))

@@ -40,7 +40,7 @@ from torch import nn
 
 from mm_llm_ros.core.errors import ConfigError
 
-from .decoding import model_device, rotated_qkv, run_decoder_layers
+from .decoding import model_device, reusable_prefix, rotated_qkv, run_decoder_layers
 from .generation import (GenerationConfig, GenerationError, GenerationResult, IncrementalDecoder, StopReason,
                          TokenEvent, _check_prompt, _fit_prompt, _sampling_generator, select_next_token)
 
@@ -97,6 +97,8 @@ class BatchDecoder:
         self._biases = [torch.zeros((max_batch, hidden), device=self.device, dtype=dtype) for _ in self._layers]
         self._slots = torch.arange(capacity, device=self.device)
         self.lengths = [0] * max_batch  # tokens written per row
+        self._prompts: list[Optional[list[int]]] = [None] * max_batch  # each row's last prompt (prefix reuse)
+        self.reused = 0  # slots the last admit took over from a previous prompt
 
     # ---- rows ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -111,15 +113,37 @@ class BatchDecoder:
             raise IndexError(f'token id {max(prompt_ids)} >= vocabulary size {self.vocab_size}')
         hidden = self._biases[0].shape[1]
         zero = torch.zeros(hidden, device=self.device, dtype=self._biases[0].dtype)
-        for layer, bias, keys, values in zip(self._layers, self._biases, self._keys, self._values, strict=True):
-            bias[row] = layer.self_attn.o_proj(zero)  # the tuned bias + this query's visual vector c_l
-            keys[row].zero_()  # stale slots stay masked, but must not hold NaN/Inf (0 * NaN)
-            values[row].zero_()
-        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        positions = torch.arange(length, device=self.device).unsqueeze(0)
+        biases = [layer.self_attn.o_proj(zero) for layer in self._layers]  # the tuned bias + this query's c_l
+        donor, start = self._reusable(prompt_ids, biases)
+        for bias, keys, values, row_bias in zip(self._biases, self._keys, self._values, biases, strict=True):
+            if start and donor != row:  # another row's prompt holds this prefix: copy its keys and values
+                keys[row, :, :start] = keys[donor, :, :start]
+                values[row, :, :start] = values[donor, :, :start]
+            keys[row, :, start:].zero_()  # stale slots stay masked, but must not hold NaN/Inf (0 * NaN)
+            values[row, :, start:].zero_()
+            bias[row] = row_bias
+        self._prompts[row] = None  # until this prefill completes, its slots are not reusable
+        input_ids = torch.tensor([list(prompt_ids[start:])], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, length, device=self.device).unsqueeze(0)
         logits = self._forward([row], input_ids, positions, span=length, decode=False)
         self.lengths[row] = length
+        self._prompts[row] = list(prompt_ids)
+        self.reused = start
         return logits[0]
+
+    def _reusable(self, prompt_ids: Sequence[int], biases: list[torch.Tensor]) -> tuple[int, int]:
+        """(row, slots): the row whose last prompt shares the longest prefix with `prompt_ids`, under the same
+        per-query o_proj biases (keys and values after the first layer depend on them), and how many of its leading
+        slots hold this prompt's keys and values. Decode steps write after a prompt, so a finished row's prompt
+        slots stay valid until the row is admitted again."""
+        best = (0, 0)
+        for row, previous in enumerate(self._prompts):
+            if previous is None:
+                continue
+            slots = reusable_prefix(previous, prompt_ids)
+            if slots > best[1] and all(torch.equal(table[row], bias) for table, bias in zip(self._biases, biases)):
+                best = (row, slots)
+        return best
 
     @torch.inference_mode()
     def step(self, rows: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
@@ -148,14 +172,16 @@ class BatchDecoder:
         mask = None
         if decode:  # (n, 1, 1, span): row i sees the slots up to its own position
             mask = (self._slots[:span].view(1, 1, 1, span) <= positions.view(-1, 1, 1, 1))
+        elif span > input_ids.shape[1]:  # a prefill after reused slots: causal over the prefix and itself
+            mask = (self._slots[:span].view(1, -1) <= positions.view(-1, 1)).view(1, 1, -1, span)
         hidden = run_decoder_layers(self._layers, hidden, lambda layer_index, layer, x: self._attention(
-            layer, layer_index, x, rotary, index, positions, mask, span, contiguous, first))
+            layer, layer_index, x, rotary, index, positions, mask, span, contiguous, first, decode))
         hidden = self._base.norm(hidden[:, -1:])
         return self.model.lm_head(hidden)[:, -1]
 
     def _attention(self, layer: nn.Module, index: int, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                    rows: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor], span: int,
-                   contiguous: bool, first: int) -> torch.Tensor:
+                   contiguous: bool, first: int, decode: bool) -> torch.Tensor:
         attn = layer.self_attn
         batch, length, _ = x.shape
         query, key, value = rotated_qkv(attn, x, self.head_dim, rotary)  # (n, nh | nkv, T, hs)
@@ -165,6 +191,12 @@ class BatchDecoder:
             values[first, :, :length] = value[0]
             out = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1, scale=attn.scaling,
                                                  enable_gqa=self.gqa)
+        elif not decode:  # prefill of one row after `span - length` reused slots (`admit`)
+            keys[first, :, span - length:span] = key[0]
+            values[first, :, span - length:span] = value[0]
+            out = F.scaled_dot_product_attention(query, keys[first:first + 1, :, :span],
+                                                 values[first:first + 1, :, :span], attn_mask=mask,
+                                                 scale=attn.scaling, enable_gqa=self.gqa)
         else:  # decode: one token per row, written at the row's own position; attend over the written slots
             slots = positions[:, 0]
             keys[rows, :, slots] = key[:, :, 0]

@@ -157,6 +157,17 @@ def rotated_qkv(attn: nn.Module, x: torch.Tensor, head_dim: int,
     return query, key, value
 
 
+def reusable_prefix(previous: Sequence[int], prompt_ids: Sequence[int]) -> int:
+    """Leading cache slots a prompt can take over from a previous prompt's (their common prefix), leaving at least
+    two prompt tokens to run: the logits after the prompt come from a prefill, which `cpu_int8` keeps in float."""
+    common = 0
+    for a, b in zip(previous, prompt_ids):
+        if a != b:
+            break
+        common += 1
+    return max(0, min(common, len(prompt_ids) - 2))
+
+
 def _unmerged_injection(model: nn.Module) -> bool:
     """Whether an ImageBind-LLM output projection still replaces its visual vector per query (not graph-safe)."""
     from mm_llm_ros.core.llm.model import GatedOutputProjection
@@ -255,19 +266,13 @@ class StaticDecoder:
 
     def _reusable(self, prompt_ids: Sequence[int], state: list[torch.Tensor | None]) -> int:
         """How many leading cache slots already hold this prompt's keys and values: the previous prompt's common
-        prefix (decode steps only write after it) if the per-query state is unchanged, leaving at least two prompt
-        tokens to run (a prefill, which `cpu_int8` keeps in float)."""
+        prefix (decode steps only write after it) if the per-query state is unchanged."""
         previous = self._prompt
         if not previous or len(state) != len(self._state) or any(
                 (a is None) != (b is None) or (a is not None and not torch.equal(a, b))
                 for a, b in zip(state, self._state, strict=True)):
             return 0
-        common = 0
-        for a, b in zip(previous, prompt_ids):
-            if a != b:
-                break
-            common += 1
-        return max(0, min(common, len(prompt_ids) - 2))
+        return reusable_prefix(previous, prompt_ids)
 
     def step(self, token: int) -> torch.Tensor:
         """Feed the next token (at position = tokens so far); returns the logits after it."""
