@@ -19,7 +19,10 @@ Design (see docs/design.md, "Continuous batching"):
   each layer's current o_proj bias (o_proj applied to a zero vector: the tuned bias plus c_l) is copied into its row.
   The model's own single-sequence path (`StaticDecoder`, `EagerStepper`) is untouched.
 - **Prefill** runs one newcomer at a time (batch 1, causal attention over its prompt), exactly as the serial
-  decoder; running rows wait for it (no chunked prefill: prompts here are a few hundred tokens at most).
+  decoder; running rows wait for it (no chunked prefill: prompts here are a few hundred tokens at most). Concurrent
+  askers share the chat template, the system message and the perception context: a newcomer copies the keys and
+  values of the longest common prompt prefix from any row whose o_proj biases (visual vectors) are its own, and
+  prefills only the rest (`admit`, `_reusable`; the serial decoder reuses its previous prompt the same way).
 - **Sampling** is per row with the row's own settings and its own seeded `torch.Generator` (`generation`'s
   `select_next_token`), so a seeded request draws the same tokens whatever else is in the batch.
 
