@@ -63,9 +63,9 @@ def default_fastdds_profile(environ=os.environ) -> Optional[str]:
 
 def _installed_profile() -> Optional[str]:
     try:
-        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+        from ament_index_python.packages import get_package_share_directory
         path = pathlib.Path(get_package_share_directory('mm_llm_ros')) / 'config' / LARGE_DATA_PROFILE
-    except (ImportError, LookupError, PackageNotFoundError):
+    except (ImportError, LookupError, OSError):  # not installed, or no AMENT_PREFIX_PATH (an OSError)
         return None
     return str(path) if path.is_file() else None
 

@@ -29,6 +29,13 @@ def test_default_profile_is_the_packaged_one_and_never_overrides_the_users():
         assert default_fastdds_profile(users) is None and users == {name: '/home/me/my_profile.xml'}
 
 
+def test_without_an_ament_environment_no_profile_is_set_and_nothing_raises(monkeypatch):
+    """A console script run from the venv without sourcing a workspace: ament_index raises OSError there."""
+    monkeypatch.delenv('AMENT_PREFIX_PATH', raising=False)
+    environ = {}
+    assert default_fastdds_profile(environ) is None and environ == {}
+
+
 def _received(messages, status_name):
     for msg in reversed(messages):
         for status in msg.status:
