@@ -34,6 +34,7 @@ setup(
             'sensor_replay = mm_llm_ros.ros.sensor_replay:main',
             'demo = mm_llm_ros.demo:main',
             'evaluate = mm_llm_ros.evaluate:main',
+            'fleet_policy = mm_llm_ros.fleet_policy:main',
         ],
     },
 )

@@ -18,12 +18,14 @@ from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.action import ActionClient
 
+from mm_llm_ros import fleet_policy
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import Embedding, PerceptionContext, SceneDescription
 from mm_llm_ros_interfaces.srv import Ask
 from ros_harness import wait_until
 from test_lifecycle import Lifecycle, services_of, status_values
+from test_reliability import policy_rules
 
 ROBOTS = ('robot1', 'robot2')
 STAMPS = {'robot1': 1_700_000_001_000_000_000, 'robot2': 1_700_000_002_000_000_000}
@@ -102,7 +104,7 @@ def _start_fleet(node_graph, config_dir, **params):
 
 @pytest.mark.parametrize('max_batch', [1, 4])  # the serial engine, and both robots' questions in one batch
 def test_each_robot_is_answered_from_its_own_data_only(node_graph, test_node, config_dir, robot_data, collect,
-                                                       max_batch):
+                                                       max_batch, tmp_path):
     fleet = _start_fleet(node_graph, config_dir, **{'description.rate_hz': 2.0, 'generation.max_batch': max_batch,
                                                     'max_queue': 8})
     solo = node_graph.start('llm_node', params_files=[config_dir / 'tiny.yaml'],
@@ -166,6 +168,17 @@ def test_each_robot_is_answered_from_its_own_data_only(node_graph, test_node, co
     served = wait_until(lambda: (lambda names: names if {'/robot1/ask', '/robot2/ask'} <= names else None)(
         services_of(test_node, 'llm_node')), what="the fleet node's /robot1/ask and /robot2/ask in the graph")
     assert '/ask' not in served and '/llm_node/ask' not in served
+    # The fleet's SROS2 policy (fleet_policy) allows everything the fleet node uses, per robot.
+    policy = tmp_path / 'fleet.policy.xml'
+    assert fleet_policy.main(['--robots', *ROBOTS, '--out', str(policy)]) == 0
+    rules = policy_rules('llm_node', policy)
+    used = {'publish': test_node.node.get_publisher_names_and_types_by_node('llm_node', '/'),
+            'subscribe': test_node.node.get_subscriber_names_and_types_by_node('llm_node', '/'),
+            'reply': test_node.node.get_service_names_and_types_by_node('llm_node', '/')}
+    for permission, endpoints in used.items():
+        names = {name for name, _ in endpoints}
+        assert names and names <= rules[permission], (permission, sorted(names - rules[permission]))
+    assert {f'/{r}/ask' for r in ROBOTS} <= rules['reply'] and '/ask' not in rules['reply']
     for robot in ROBOTS:
         values = diagnostics.wait_for(lambda msgs, r=robot: status_values(msgs, f'llm_node: {r}').get('age_ocr_s'),
                                       what=f'diagnostics of {robot}')

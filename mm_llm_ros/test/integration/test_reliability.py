@@ -920,10 +920,10 @@ def check_policy_structure(root: ElementTree.Element) -> None:
                 assert len(group) and all(e.tag == element and e.text.strip() for e in group)
 
 
-def policy_rules(node: str) -> dict[str, set[str]]:
-    """Names the policy allows `node` to publish, subscribe, reply (serve) and request, actions expanded."""
+def policy_rules(node: str, policy: pathlib.Path = POLICY) -> dict[str, set[str]]:
+    """Names `policy` allows `node` to publish, subscribe, reply (serve) and request, actions expanded."""
     rules: dict[str, set[str]] = collections.defaultdict(set)
-    root = ElementTree.parse(POLICY).getroot()
+    root = ElementTree.parse(policy).getroot()
     check_policy_structure(root)
     for profile in root.iter('profile'):
         if profile.get('node') != node:
