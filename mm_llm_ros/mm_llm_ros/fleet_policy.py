@@ -61,17 +61,16 @@ def _served_per_robot(enclave: ElementTree.Element, robots: Sequence[str]) -> El
     served = copy.deepcopy(enclave)
     for profile in served.iter('profile'):
         for group in profile:
-            elements = list(group)
-            for element in elements:
+            children = []
+            for element in group:
                 name = element.text.strip()
-                if name.startswith(('/', '~')):
+                if name.startswith(('/', '~')):  # absolute or the node's own: as it is
+                    children.append(element)
                     continue
-                index = list(group).index(element)
-                group.remove(element)
-                for offset, robot in enumerate(robots):
-                    per_robot = ElementTree.Element(element.tag)
-                    per_robot.text = f'{robot}/{name}'
-                    group.insert(index + offset, per_robot)
+                for robot in robots:
+                    children.append(ElementTree.Element(element.tag))
+                    children[-1].text = f'{robot}/{name}'
+            group[:] = children
     return served
 
 

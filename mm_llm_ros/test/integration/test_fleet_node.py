@@ -25,7 +25,7 @@ from mm_llm_ros_interfaces.msg import Embedding, PerceptionContext, SceneDescrip
 from mm_llm_ros_interfaces.srv import Ask
 from ros_harness import wait_until
 from test_lifecycle import Lifecycle, services_of, status_values
-from test_reliability import policy_rules
+from test_reliability import names_used_by, policy_rules
 
 ROBOTS = ('robot1', 'robot2')
 STAMPS = {'robot1': 1_700_000_001_000_000_000, 'robot2': 1_700_000_002_000_000_000}
@@ -172,11 +172,7 @@ def test_each_robot_is_answered_from_its_own_data_only(node_graph, test_node, co
     policy = tmp_path / 'fleet.policy.xml'
     assert fleet_policy.main(['--robots', *ROBOTS, '--out', str(policy)]) == 0
     rules = policy_rules('llm_node', policy)
-    used = {'publish': test_node.node.get_publisher_names_and_types_by_node('llm_node', '/'),
-            'subscribe': test_node.node.get_subscriber_names_and_types_by_node('llm_node', '/'),
-            'reply': test_node.node.get_service_names_and_types_by_node('llm_node', '/')}
-    for permission, endpoints in used.items():
-        names = {name for name, _ in endpoints}
+    for permission, names in names_used_by(test_node.node, 'llm_node').items():
         assert names and names <= rules[permission], (permission, sorted(names - rules[permission]))
     assert {f'/{r}/ask' for r in ROBOTS} <= rules['reply'] and '/ask' not in rules['reply']
     for robot in ROBOTS:

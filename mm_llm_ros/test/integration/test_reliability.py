@@ -940,18 +940,20 @@ def policy_rules(node: str, policy: pathlib.Path = POLICY) -> dict[str, set[str]
     return rules
 
 
+def names_used_by(graph_api, node: str) -> dict[str, set[str]]:
+    """What the running `node` (root namespace) publishes, subscribes to and serves, by policy permission."""
+    services = wait_until(lambda: graph_api.get_service_names_and_types_by_node(node, '/'), 20, f"{node}'s services")
+    used = {'publish': graph_api.get_publisher_names_and_types_by_node(node, '/'),
+            'subscribe': graph_api.get_subscriber_names_and_types_by_node(node, '/'), 'reply': services}
+    return {permission: {name for name, _ in endpoints} for permission, endpoints in used.items()}
+
+
 def test_the_sros2_policy_allows_everything_the_running_nodes_use(test_node, sensor_graph, llm, record):
-    graph_api = test_node.node
     checked = 0
     for node in ('encoder', 'grounding_node', 'llm_node'):
         rules = policy_rules(node)
         assert rules, f'no profile for {node} in {POLICY}'
-        services = wait_until(lambda: graph_api.get_service_names_and_types_by_node(node, '/'), 20,
-                              f"{node}'s services")
-        used = {'publish': graph_api.get_publisher_names_and_types_by_node(node, '/'),
-                'subscribe': graph_api.get_subscriber_names_and_types_by_node(node, '/'), 'reply': services}
-        for permission, endpoints in used.items():
-            names = {name for name, _ in endpoints}
+        for permission, names in names_used_by(test_node.node, node).items():
             assert names <= rules[permission], (node, permission, sorted(names - rules[permission]))
             checked += len(names)
     record(area='Security', tried='every topic and service the running encoder, grounding_node and llm_node '

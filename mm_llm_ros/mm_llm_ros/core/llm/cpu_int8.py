@@ -99,9 +99,10 @@ class FusedInt8Rows:
         self.packed = _pack(weight)
         self.shape = tuple(weight.shape)
         # Merged q/k/v and gate/up biases are fixed (only o_proj's changes per query), so they are joined once.
-        biases = [linear.bias if linear.bias is not None else torch.zeros(linear.out_features, dtype=linear.weight.dtype)
-                  for linear in linears]
-        self.bias = None if all(linear.bias is None for linear in linears) else torch.cat(biases).detach()
+        self.bias = None
+        if any(linear.bias is not None for linear in linears):
+            self.bias = torch.cat([linear.bias if linear.bias is not None else weight.new_zeros(linear.out_features)
+                                   for linear in linears]).detach()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _int8_rows(x, self.packed, self.bias).split(self.sizes, dim=-1)
@@ -178,10 +179,7 @@ class Int8DecodeStep:
         h = self.embed[token:token + 1]  # (1, C)
         for layer, layer_keys, layer_values in zip(self.layers, keys, values):
             x = F.rms_norm(h, shape, layer.norm1, layer.eps1)
-            qkv = linear(x, layer.qkv.packed, False)
-            if layer.qkv.bias is not None:
-                qkv = qkv + layer.qkv.bias
-            heads = qkv.view(nh + 2 * nkv, hd)
+            heads = _plus(linear(x, layer.qkv.packed, False), layer.qkv.bias).view(nh + 2 * nkv, hd)
             qk = heads[:nh + nkv]
             qk = qk * cos + (qk @ self.rotate) * sin
             layer_keys.index_copy_(2, position, qk[nh:].view(1, nkv, 1, hd))
@@ -191,10 +189,7 @@ class Int8DecodeStep:
                                                  enable_gqa=self.gqa)
             h = h + _plus(linear(out.view(1, nh * hd), layer.o.packed, False), layer.o.bias())
             x = F.rms_norm(h, shape, layer.norm2, layer.eps2)
-            gate_up = linear(x, layer.gate_up.packed, False)
-            if layer.gate_up.bias is not None:
-                gate_up = gate_up + layer.gate_up.bias
-            gate, up = gate_up.split(layer.gate_up.sizes, dim=-1)
+            gate, up = _plus(linear(x, layer.gate_up.packed, False), layer.gate_up.bias).split(layer.gate_up.sizes, -1)
             h = h + _plus(linear(layer.act(gate) * up, layer.down.packed, False), layer.down.bias())
         h = F.rms_norm(h, shape, *self.norm)
         return _plus(linear(h, self.head.packed, False), self.head.bias())
