@@ -121,22 +121,46 @@ def test_every_decode_product_and_the_head_are_rerouted_once(pair):
 
 @torch.inference_mode()
 def test_the_lean_decode_step_gives_the_generic_steps_logits_bit_for_bit(pair):
-    """`Int8DecodeStep` (the static decoder's int8 step on the CPU) against the op-by-op layers it replaces:
-    with adapter biases, with and without visual features, over 30 greedy tokens after a prompt."""
+    """`Int8DecodeStep` (the static decoder's int8 step on the CPU), compiled by TorchScript and in Python, against
+    the op-by-op layers it replaces: with adapter biases, with and without visual features, over 30 greedy tokens
+    after a prompt."""
     _, fast, tokenizer = pair
     ids = tokenizer.encode(PROMPTS[0], bos=True)
     for seed in (None, 4):
         fast.set_visual_features(_features(seed))
-        lean, generic = (StaticDecoder(fast.backbone, capacity=128) for _ in range(2))
-        assert isinstance(lean._int8_step, Int8DecodeStep)
+        scripted, python, generic = (StaticDecoder(fast.backbone, capacity=128) for _ in range(3))
+        assert isinstance(scripted._int8_step, Int8DecodeStep)
+        assert isinstance(scripted._int8_step.scripted, torch.jit.ScriptModule)
+        python._int8_step.scripted = None
         generic._int8_step = None
-        logits = [lean.prefill(ids), generic.prefill(ids)]
+        decoders = (scripted, python, generic)
+        logits = [decoder.prefill(ids) for decoder in decoders]
         for _ in range(30):
-            assert torch.equal(logits[0], logits[1])
-            token = int(logits[1].argmax())
-            logits = [lean.step(token), generic.step(token)]
+            assert torch.equal(logits[0], logits[2]) and torch.equal(logits[1], logits[2])
+            token = int(logits[2].argmax())
+            logits = [decoder.step(token) for decoder in decoders]
         for cache in ('_keys', '_values'):
-            assert all(torch.equal(a, b) for a, b in zip(getattr(lean, cache), getattr(generic, cache), strict=True))
+            for decoder in (scripted, python):
+                assert all(torch.equal(a, b) for a, b in zip(getattr(decoder, cache), getattr(generic, cache),
+                                                             strict=True))
+
+
+def test_the_python_step_runs_where_torchscript_fails(pair, monkeypatch, caplog):
+    _, fast, tokenizer = pair
+
+    def fail(module):
+        raise RuntimeError('no TorchScript here')
+
+    monkeypatch.setattr(torch.jit, 'script', fail)
+    decoder = StaticDecoder(fast.backbone, capacity=64)
+    assert decoder._int8_step.scripted is None
+    assert 'TorchScript failed (RuntimeError: no TorchScript here)' in caplog.text
+    monkeypatch.undo()
+    reference = StaticDecoder(fast.backbone, capacity=64)
+    ids = tokenizer.encode(PROMPTS[2], bos=True)
+    with torch.inference_mode():
+        assert torch.equal(decoder.prefill(ids), reference.prefill(ids))
+        assert torch.equal(decoder.step(7), reference.step(7))
 
 
 def test_the_lean_step_is_only_for_int8_models(pair):
