@@ -16,8 +16,13 @@ Per thread count the variants take turns, `--repeats` times each after one warm-
 machine slow them alike; the table gives medians of wall-clock time. TTFT is the prefill of a long (about 220-token)
 prompt plus the first token; tokens/s the `--new-tokens` greedy tokens after it. The bandwidth limit is the bytes a
 decode step must read (every projection and lm_head weight, at the variant's bytes per weight) divided by the read
-bandwidth measured here (a sum over a 256 MB tensor, same thread count). llama.cpp is not installed on this machine;
-the issue's numbers for it (same SmolLM2 weights, same machine type) are quoted beside the table, labelled as such.
+bandwidth measured here (a sum over a 256 MB tensor, same thread count).
+
+llama.cpp, the baseline of the issue, runs in the same loop when `llama_cpp` (llama-cpp-python, an optional bench
+dependency, never a test one: `pip install llama-cpp-python`) is importable: the shipped Q4_1 GGUF, and Q8_0 and
+F32 files that llama.cpp's own quantiser writes from it into a temporary folder (the F32 weights are exactly the
+ones our fp32 model loads). It is timed through the same `_run` on the same prompt ids. Without it, the issue's
+numbers (same weights, same machine type) are quoted beside the table, labelled as such.
 
 Demo latency (`--answers N`): seconds per answer of `config/demo.yaml`'s llm_node on the first N grounded-benchmark
 questions, before issue 18 (fp32, whole-cache attention, no prompt-prefix reuse), `none` and `int8` now.
@@ -28,12 +33,14 @@ first token that differs (the length when none does) and how many continuations 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import pathlib
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -120,6 +127,85 @@ def step_bytes(model) -> dict[str, int]:
     return {'fp32': sum(4 * rows * cols for rows, cols in shapes), 'int8': sum(rows * (cols + 4) for rows, cols in shapes)}
 
 
+LLAMA_CPP_FORMATS = {'llama.cpp Q4_1 (as shipped)': None, 'llama.cpp Q8_0': 'Q8_0', 'llama.cpp F32': 'ALL_F32'}
+
+
+class LlamaCppDecoder:
+    """llama.cpp (llama-cpp-python) behind the static decoder's prefill/step interface, so that `_run` times it
+    exactly as it times ours: the same prompt ids, greedy argmax on the host, logits of the last position only."""
+
+    def __init__(self, gguf, threads: int, capacity: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=capacity, n_threads=threads, n_threads_batch=threads,
+                         n_batch=capacity, logits_all=False, verbose=False)
+        self.vocab_size = self.llm.n_vocab()
+        self._prompt: list[int] = []  # what `_run` resets; llama.cpp keeps no prefix between our runs
+
+    def _logits(self):
+        import llama_cpp
+        import numpy
+        import torch
+
+        # The last position's logits straight from the context: llama-cpp-python keeps them only with logits_all.
+        logits = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return torch.from_numpy(numpy.ctypeslib.as_array(logits, shape=(self.vocab_size,)).copy())
+
+    def prefill(self, prompt):
+        self.llm.reset()
+        self.llm.eval(list(prompt))
+        return self._logits()
+
+    def step(self, token: int):
+        self.llm.eval([token])
+        return self._logits()
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (C libraries write there directly) for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, 'w') as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def llama_cpp_models(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """The shipped SmolLM2 GGUF (Q4_1) and llama.cpp's own Q8_0 and F32 of it in `folder`, by contender name; {}
+    where llama_cpp is not importable. The F32 file holds the dequantised Q4_1 weights, which are exactly the
+    weights our fp32 model loads (transformers dequantises the same file)."""
+    import ctypes
+    import importlib.util
+
+    if importlib.util.find_spec('llama_cpp') is None:
+        return {}
+    import llama_cpp
+
+    from mm_llm_ros.core.llm.backbones import find_smollm2_gguf
+
+    shipped = find_smollm2_gguf()
+    models = {}
+    for name, ftype in LLAMA_CPP_FORMATS.items():
+        if ftype is None:
+            models[name] = shipped
+            continue
+        target = folder / f'{shipped.stem}-{ftype}.gguf'
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f'LLAMA_FTYPE_{"MOSTLY_" if ftype != "ALL_F32" else ""}{ftype}')
+        params.allow_requantize = True
+        with _quiet_stderr():  # llama.cpp prints a line per tensor
+            failed = llama_cpp.llama_model_quantize(str(shipped).encode(), str(target).encode(), ctypes.byref(params))
+        if failed:
+            raise RuntimeError(f'llama.cpp could not write {target}')
+        models[name] = target
+    return models
+
+
 def measure(threads: Sequence[int], repeats: int, new_tokens: int, prompts: int, agreement_tokens: int,
             cache_dir) -> dict:
     import torch
@@ -134,25 +220,34 @@ def measure(threads: Sequence[int], repeats: int, new_tokens: int, prompts: int,
     bytes_per_step = step_bytes(model)
     speed: dict[tuple[int, str], list[tuple[float, float]]] = {}
     bandwidth: dict[int, float] = {}
-    for count in threads:
-        torch.set_num_threads(count)
-        bandwidth[count] = read_bandwidth()
-        for name, decoder in decoders.items():
-            _run(decoder, long_prompt, 8)  # warm-up
-            speed[(count, name)] = []
-        for _ in range(repeats):
-            for name, decoder in decoders.items():
-                ttft, rate, _ = _run(decoder, long_prompt, new_tokens)
-                speed[(count, name)].append((ttft, rate))
-    torch.set_num_threads(max(threads))
-    first_divergent, identical = [], 0
-    reference, fast = decoders['fp32 (llm.quantization none)'], decoders['int8 (llm.quantization int8)']
-    for instruction in (INSTRUCTIONS * 2)[:prompts]:
-        ids = builder.encode(tokenizer, instruction)
-        tokens = [_run(decoder, ids, agreement_tokens)[2] for decoder in (reference, fast)]
-        identical += tokens[0] == tokens[1]
-        first_divergent.append(next((i for i, (a, b) in enumerate(zip(*tokens)) if a != b), agreement_tokens))
+    with tempfile.TemporaryDirectory(prefix='bench-cpu-') as folder:
+        ggufs = llama_cpp_models(pathlib.Path(folder))
+        bytes_per_step.update({name: path.stat().st_size for name, path in ggufs.items()})  # tied head: all read
+        for count in threads:
+            torch.set_num_threads(count)
+            bandwidth[count] = read_bandwidth()
+            contenders = dict(decoders)
+            contenders.update({name: LlamaCppDecoder(path, count, capacity) for name, path in ggufs.items()})
+            for name, decoder in contenders.items():
+                _run(decoder, long_prompt, 8)  # warm-up
+                speed[(count, name)] = []
+            for _ in range(repeats):
+                for name, decoder in contenders.items():
+                    ttft, rate, _ = _run(decoder, long_prompt, new_tokens)
+                    speed[(count, name)].append((ttft, rate))
+        torch.set_num_threads(max(threads))
+        reference, fast = decoders['fp32 (llm.quantization none)'], decoders['int8 (llm.quantization int8)']
+        llama_f32 = LlamaCppDecoder(ggufs['llama.cpp F32'], max(threads), capacity) if ggufs else None
+        first_divergent, identical, llama_identical = [], 0, 0
+        for instruction in (INSTRUCTIONS * 2)[:prompts]:
+            ids = builder.encode(tokenizer, instruction)
+            tokens = [_run(decoder, ids, agreement_tokens)[2] for decoder in (reference, fast)]
+            identical += tokens[0] == tokens[1]
+            first_divergent.append(next((i for i, (a, b) in enumerate(zip(*tokens)) if a != b), agreement_tokens))
+            if llama_f32 is not None:
+                llama_identical += _run(llama_f32, ids, agreement_tokens)[2] == tokens[0]
     return {'speed': speed, 'bandwidth': bandwidth, 'bytes': bytes_per_step, 'prompt_tokens': len(long_prompt),
+            'llama_cpp': list(ggufs), 'llama_f32_identical': llama_identical,
             'first_divergent': first_divergent, 'identical': identical, 'names': list(decoders)}
 
 
@@ -233,21 +328,28 @@ def markdown(result: dict, threads: Sequence[int], repeats: int, new_tokens: int
         '| variant | threads | decode tokens/s | vs before | TTFT (ms) | vs before | bandwidth limit (tokens/s) |',
         '|---|---:|---:|---:|---:|---:|---:|',
     ]
+    llama_cpp = result.get('llama_cpp', [])
     for count in threads:
-        for name in names:
+        for name in names + llama_cpp:
             rate, ttft = median(count, name, 1), median(count, name, 0)
-            fmt = 'int8' if name.startswith('int8') else 'fp32'
+            fmt = name if name in llama_cpp else 'int8' if name.startswith('int8') else 'fp32'
             limit = result['bandwidth'][count] * 1e9 / result['bytes'][fmt]
             lines.append(f'| {name} | {count} | {rate:.1f} | {rate / median(count, base, 1):.2f}x | '
                          f'{1000 * ttft:.0f} | {ttft / median(count, base, 0):.2f}x | {limit:.0f} |')
     lines += ['', 'Read bandwidth measured in this run: '
               + ', '.join(f'{result["bandwidth"][c]:.1f} GB/s at {c} thread(s)' for c in threads)
               + f'; bytes per decode step: fp32 {result["bytes"]["fp32"] / 1e6:.0f} MB, '
-              f'int8 {result["bytes"]["int8"] / 1e6:.0f} MB (projections and lm_head).', '',
-              '**llama.cpp, quoted from issue 18 (not this run; llama_cpp is not installed here):**', '',
-              '| contender | decode tokens/s 1 / 2 threads | TTFT ms 1 / 2 threads |', '|---|---:|---:|']
-    for name, ((one, two), (ttft_one, ttft_two)) in LLAMA_CPP_FROM_THE_ISSUE.items():
-        lines.append(f'| {name} | {one} / {two} | {ttft_one} / {ttft_two} |')
+              f'int8 {result["bytes"]["int8"] / 1e6:.0f} MB (projections and lm_head)'
+              + ('; llama.cpp: the GGUF file (its tied output matrix is read whole).' if llama_cpp else '.'), '']
+    if llama_cpp:
+        lines += [f'llama.cpp (llama-cpp-python, same run, same prompt ids, greedy on the host as ours): its F32 '
+                  f'gave our fp32 greedy tokens on {result["llama_f32_identical"]} of '
+                  f'{len(result["first_divergent"])} agreement prompts.', '']
+    else:
+        lines += ['**llama.cpp, quoted from issue 18 (not this run; llama_cpp is not installed here):**', '',
+                  '| contender | decode tokens/s 1 / 2 threads | TTFT ms 1 / 2 threads |', '|---|---:|---:|']
+        for name, ((one, two), (ttft_one, ttft_two)) in LLAMA_CPP_FROM_THE_ISSUE.items():
+            lines.append(f'| {name} | {one} / {two} | {ttft_one} / {ttft_two} |')
     divergent = sorted(result['first_divergent'])
     lines += ['', f'**Greedy agreement, int8 vs fp32** ({len(divergent)} prompts, '
               f'{max(divergent) if divergent else 0} tokens at most): {result["identical"]} identical continuations; '

@@ -46,3 +46,17 @@ def test_the_table_has_every_variant_and_thread_count(bench):
     assert len(rows) == 6
     assert '| int8 (llm.quantization int8) | 2 | 30.0 | 3.00x | 600 | 1.00x | 120000000 |' in text
     assert 'quoted from issue 18' in text and '2 identical continuations' in text
+
+
+def test_llama_cpp_rows_join_the_table_when_it_ran(bench):
+    names = ['fp32, whole-cache attention (before issue 18)', 'fp32 (llm.quantization none)',
+             'int8 (llm.quantization int8)']
+    llama = ['llama.cpp Q8_0', 'llama.cpp F32']
+    result = {'names': names, 'llama_cpp': llama, 'llama_f32_identical': 19, 'bandwidth': {1: 10.0},
+              'bytes': {'fp32': 400, 'int8': 100, 'llama.cpp Q8_0': 125, 'llama.cpp F32': 500},
+              'prompt_tokens': 220, 'first_divergent': [32] * 20, 'identical': 2,
+              'speed': {(1, n): [(0.5, 10.0 * (i + 1))] for i, n in enumerate(names + llama)}}
+    text = bench.markdown(result, [1], 1, 64)
+    assert '| llama.cpp Q8_0 | 1 | 40.0 | 4.00x | 500 | 1.00x | 80000000 |' in text  # limit from the file size
+    assert 'its F32 gave our fp32 greedy tokens on 19 of 20' in text
+    assert 'quoted from issue 18' not in text

@@ -145,6 +145,27 @@ def test_the_lean_decode_step_gives_the_generic_steps_logits_bit_for_bit(pair):
                                                              strict=True))
 
 
+@torch.inference_mode()
+def test_all_zero_biases_are_skipped_without_changing_a_logit(pair):
+    """Bias tuning without a checkpoint merges zero biases: the lean step skips them, the generic step adds them."""
+    _, fast, tokenizer = pair
+    zeroed = copy.deepcopy(fast)
+    for layer in zeroed.layers:
+        for fused in (layer.self_attn.decode_qkv, layer.mlp.decode_gate_up):
+            fused.bias.zero_()
+        layer.mlp.down_proj.forward.bias().zero_()
+    lean, generic = (StaticDecoder(zeroed.backbone, capacity=64) for _ in range(2))
+    step = lean._int8_step.python
+    assert step.qkv_bias == step.gate_up_bias == step.down_bias == [None] * len(zeroed.layers)
+    generic._int8_step = None
+    ids = tokenizer.encode(PROMPTS[3], bos=True)
+    logits = [lean.prefill(ids), generic.prefill(ids)]
+    for _ in range(10):
+        assert torch.equal(logits[0], logits[1])
+        token = int(logits[1].argmax())
+        logits = [lean.step(token), generic.step(token)]
+
+
 def test_the_python_step_runs_where_torchscript_fails(pair, monkeypatch, caplog):
     _, fast, tokenizer = pair
 

@@ -190,14 +190,16 @@ class _Int8Step(nn.Module):
         qkv: list[FusedInt8Rows] = [layer.self_attn.decode_qkv for layer in layers]
         gate_up: list[FusedInt8Rows] = [layer.mlp.decode_gate_up for layer in layers]
         down: list[Int8Rows] = [layer.mlp.down_proj.forward for layer in layers]
-        self.qkv, self.qkv_bias = [p.packed for p in qkv], [p.bias for p in qkv]
-        self.o = [layer.self_attn.o_proj.forward.packed for layer in layers]  # biases: per query, passed per step
-        self.gate_up, self.gate_up_bias = [p.packed for p in gate_up], [p.bias for p in gate_up]
+        # Merged biases are fixed; all-zero ones (bias tuning without a checkpoint) are skipped: adding +0 changes
+        # no value. o_proj's biases hold the query's visual vector: passed per step.
+        self.qkv, self.qkv_bias = [p.packed for p in qkv], [_nonzero(p.bias) for p in qkv]
+        self.o = [layer.self_attn.o_proj.forward.packed for layer in layers]
+        self.gate_up, self.gate_up_bias = [p.packed for p in gate_up], [_nonzero(p.bias) for p in gate_up]
         self.gate_width = [p.sizes[0] for p in gate_up]
-        self.down, self.down_bias = [p.packed for p in down], [p.bias() for p in down]  # merged: fixed
+        self.down, self.down_bias = [p.packed for p in down], [_nonzero(p.bias()) for p in down]
         self.norm, self.norm_eps = base.norm.weight, float(base.norm.variance_epsilon)
         head: Int8Rows = backbone.lm_head.forward
-        self.head, self.head_bias = head.packed, head.bias()
+        self.head, self.head_bias = head.packed, _nonzero(head.bias())
         half = self.head_dim // 2
         rotate = torch.zeros(self.head_dim, self.head_dim)  # x @ rotate == transformers' rotate_half(x)
         rotate[torch.arange(half) + half, torch.arange(half)] = -1.0
@@ -232,6 +234,10 @@ class _Int8Step(nn.Module):
             h = h + _with_bias(y, self.down_bias[i])
         h = F.rms_norm(h, shape, self.norm, self.norm_eps)
         return _with_bias(torch.ops.quantized.linear_dynamic(h, self.head, False), self.head_bias)
+
+
+def _nonzero(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None or not bool(bias.any()) else bias
 
 
 def _with_bias(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
