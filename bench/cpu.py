@@ -344,7 +344,7 @@ def markdown(result: dict, threads: Sequence[int], repeats: int, new_tokens: int
     if llama_cpp:
         lines += [f'llama.cpp (llama-cpp-python, same run, same prompt ids, greedy on the host as ours): its F32 '
                   f'gave our fp32 greedy tokens on {result["llama_f32_identical"]} of '
-                  f'{len(result["first_divergent"])} agreement prompts.', '']
+                  f'{len(result["first_divergent"])} agreement prompts.']
     else:
         lines += ['**llama.cpp, quoted from issue 18 (not this run; llama_cpp is not installed here):**', '',
                   '| contender | decode tokens/s 1 / 2 threads | TTFT ms 1 / 2 threads |', '|---|---:|---:|']
