@@ -280,6 +280,29 @@ def test_batched_int8_tokens_equal_the_serial_int8_tokens(pair):
     assert [results[index].token_ids for index in range(4)] == serial
 
 
+@torch.inference_mode()
+def test_the_batch_decoders_lean_step_gives_its_generic_steps_logits_bit_for_bit(pair):
+    """The batch decoder's int8 decode step (the lean module over n rows) against its op-by-op layers: rows of
+    different prompt lengths and visual features, stepped as a non-contiguous set and as a contiguous one."""
+    _, fast, tokenizer = pair
+    lean, generic = (BatchDecoder(fast.backbone, 4, 96) for _ in range(2))
+    assert lean._int8_step is not None
+    generic._int8_step = None
+    tokens = {}
+    for row, prompt in zip((0, 2, 3), PROMPTS[:3], strict=True):
+        fast.set_visual_features(_features(row))
+        ids = tokenizer.encode(prompt, bos=True)
+        logits = [decoder.admit(row, ids) for decoder in (lean, generic)]
+        assert torch.equal(logits[0], logits[1])
+        tokens[row] = int(logits[1].argmax())
+    for rows in ([0, 2, 3], [0, 2, 3], [2, 3], [0, 3]):
+        logits = [decoder.step(rows, [tokens[row] for row in rows]) for decoder in (lean, generic)]
+        assert torch.equal(logits[0], logits[1])
+        tokens.update({row: int(logits[1][i].argmax()) for i, row in enumerate(rows)})
+    for cache in ('_keys', '_values'):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(lean, cache), getattr(generic, cache), strict=True))
+
+
 def test_two_threads_give_the_same_tokens_as_one(pair):
     """The kernel splits a single row's output columns over threads (bench/cpu.py measures the speed-up): the sums
     per column are the same, so the tokens are."""

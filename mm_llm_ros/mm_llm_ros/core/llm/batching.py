@@ -43,6 +43,7 @@ from torch import nn
 
 from mm_llm_ros.core.errors import ConfigError
 
+from .cpu_int8 import Int8DecodeStep
 from .decoding import model_device, reusable_prefix, rotated_qkv, run_decoder_layers
 from .generation import (GenerationConfig, GenerationError, GenerationResult, IncrementalDecoder, StopReason,
                          TokenEvent, _check_prompt, _fit_prompt, _sampling_generator, select_next_token)
@@ -102,6 +103,8 @@ class BatchDecoder:
         self.lengths = [0] * max_batch  # tokens written per row
         self._prompts: list[Optional[list[int]]] = [None] * max_batch  # each row's last prompt (prefix reuse)
         self.reused = 0  # slots the last admit took over from a previous prompt
+        # An int8 model on the CPU (cpu_int8): decode steps in far fewer torch calls (the prefill stays float).
+        self._int8_step = Int8DecodeStep.for_model(model, capacity)
 
     # ---- rows ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -157,7 +160,13 @@ class BatchDecoder:
         input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)  # (n, 1)
         positions = torch.tensor([[self.lengths[r]] for r in rows], device=self.device)  # (n, 1)
         span = max(self.lengths[r] for r in rows) + 1
-        logits = self._forward(rows, input_ids, positions, span=span, decode=True)
+        if self._int8_step is not None:  # the lean int8 step, with each row's own o_proj biases
+            index = torch.tensor(list(rows), device=self.device)
+            mask = self._slots[:span].view(1, 1, 1, span) <= positions.view(-1, 1, 1, 1)
+            logits = self._int8_step(input_ids.view(-1), positions.view(-1), index, span, mask, self._keys,
+                                     self._values, [table.index_select(0, index) for table in self._biases])
+        else:
+            logits = self._forward(rows, input_ids, positions, span=span, decode=True)
         for row in rows:
             self.lengths[row] += 1
         return logits

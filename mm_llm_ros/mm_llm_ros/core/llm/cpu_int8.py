@@ -30,7 +30,9 @@ calls:
 - `StaticDecoder` (mode `static`, the CPU default) runs the decode step as `Int8DecodeStep`: the same kernels on
   the same inputs in about 33 calls per layer, compiled by TorchScript, bit-equal logits (tested). Measured in one
   process, one thread, variants interleaved: 49 tokens/s with a kernel call per projection, 57 fused, 69 with the
-  lean step in Python, 96 with it in TorchScript.
+  lean step in Python, 96 with it in TorchScript. `BatchDecoder` runs its decode rows through the same step (n
+  rows, one kernel call per row and product, each row's own o_proj biases): 191 tokens/s for 8 rows at one thread,
+  124 op by op.
 
 The other maps are rerouted through an instance attribute (`LoRALinear.merge` points `forward` at the base layer's):
 down_proj, o_proj and lm_head decode in int8 in every decoder; o_proj's per-query bias (the tuned bias plus the
@@ -126,10 +128,11 @@ def _int8_rows(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None)
 
 
 class Int8DecodeStep:
-    """`StaticDecoder`'s decode step (mode `static`) for a model that `apply_cpu_int8` rerouted: the same kernels on
-    the same inputs as the generic step, in about 33 torch calls per layer instead of about 70 plus ten module
-    calls, run by TorchScript (`_Int8Step`). At SmolLM2's size the int8 products take about 5 ms of a token and
-    Python and dispatch most of the rest, so the number of calls and the cost of each set the speed.
+    """The decode step of `StaticDecoder` (mode `static`) and of `BatchDecoder` for a model that `apply_cpu_int8`
+    rerouted: the same kernels on the same inputs as the generic step, in about 33 torch calls per layer instead of
+    about 70 plus ten module calls, run by TorchScript (`_Int8Step`). At SmolLM2's size the int8 products take about
+    5 ms of a token and Python and dispatch most of the rest, so the number of calls and the cost of each set the
+    speed.
 
     Built by `for_model`, which returns None for anything else (float weights, another dtype, an activation other
     than SiLU), where the generic step runs. Where TorchScript cannot compile the step, the same module runs in
@@ -152,12 +155,20 @@ class Int8DecodeStep:
             return None
         return cls(backbone, capacity)
 
-    def __call__(self, token: int, position: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 span: int) -> torch.Tensor:
-        """The token at `position` (a (1,) tensor, = span - 1), attending over the first `span` cache slots;
-        returns the next logits (1, vocab)."""
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, span: int,
+                 mask: torch.Tensor | None, keys: list[torch.Tensor], values: list[torch.Tensor],
+                 o_bias: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """One decode step of n rows of the KV cache `keys`/`values` (B, nkv, L, hs) per layer: `tokens[i]` at
+        `positions[i]` in cache row `rows[i]` (all (n,) long tensors), attending over the first `span` slots, those
+        after a row's own position hidden by `mask` (n, 1, 1, span) (None: every row sees all `span`). `o_bias`:
+        o_proj's bias per layer, (C,) or per row (n, C); None reads the model's (the current query's). Returns the
+        next logits (n, vocab)."""
+        if o_bias is None:  # o_proj's biases hold the query's visual vector: read at every step
+            o_bias = [product.bias() for product in self.o_products]
         step = self.scripted if self.scripted is not None else self.python
-        return step(token, position, keys, values, span, [product.bias() for product in self.o_products])
+        first = int(rows[0])
+        contiguous = rows.numel() == 1 or bool((rows == torch.arange(first, first + rows.numel())).all())
+        return step(tokens, positions, rows, first, contiguous, span, mask, keys, values, o_bias)
 
 
 class _Int8Step(nn.Module):
@@ -209,31 +220,50 @@ class _Int8Step(nn.Module):
             cos, sin = base.rotary_emb(self.embed[:1].view(1, 1, -1), torch.arange(capacity).unsqueeze(0))
         self.cos, self.sin = cos[0], sin[0]  # (capacity, head_dim)
 
-    def forward(self, token: int, position: torch.Tensor, keys: List[torch.Tensor], values: List[torch.Tensor],
-                span: int, o_bias: List[Optional[torch.Tensor]]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, first: int,
+                contiguous: bool, span: int, mask: Optional[torch.Tensor], keys: List[torch.Tensor],
+                values: List[torch.Tensor], o_bias: List[Optional[torch.Tensor]]) -> torch.Tensor:
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        n = tokens.shape[0]
         shape = [self.hidden]
-        cos, sin = self.cos[span - 1], self.sin[span - 1]
-        h = self.embed[token:token + 1]  # (1, C)
+        cos = self.cos.index_select(0, positions).unsqueeze(1)  # (n, 1, hs)
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        h = self.embed.index_select(0, tokens)  # (n, C)
         for i in range(len(self.qkv)):
             x = F.rms_norm(h, shape, self.norm1[i], self.eps1[i])
-            heads = _with_bias(torch.ops.quantized.linear_dynamic(x, self.qkv[i], False), self.qkv_bias[i])
-            heads = heads.view(nh + 2 * nkv, hd)
-            qk = heads[:nh + nkv]
-            qk = qk * cos + torch.mm(qk, self.rotate) * sin
-            keys[i].index_copy_(2, position, qk[nh:].view(1, nkv, 1, hd))
-            values[i].index_copy_(2, position, heads[nh + nkv:].view(1, nkv, 1, hd))
-            out = F.scaled_dot_product_attention(qk[:nh].view(1, nh, 1, hd), keys[i].narrow(2, 0, span),
-                                                 values[i].narrow(2, 0, span), scale=self.scaling,
-                                                 enable_gqa=self.gqa)
-            h = h + _with_bias(torch.ops.quantized.linear_dynamic(out.view(1, nh * hd), self.o[i], False), o_bias[i])
+            heads = _with_bias(_rows(x, self.qkv[i]), self.qkv_bias[i]).view(n, nh + 2 * nkv, hd)
+            qk = heads[:, :nh + nkv]
+            qk = qk * cos + torch.matmul(qk, self.rotate) * sin
+            if n == 1:  # the serial decoder's step: index_copy_ costs a third of an index_put_
+                keys[i].narrow(0, first, 1).index_copy_(2, positions, qk[:, nh:].view(1, nkv, 1, hd))
+                values[i].narrow(0, first, 1).index_copy_(2, positions, heads[:, nh + nkv:].view(1, nkv, 1, hd))
+            else:
+                keys[i][rows, :, positions] = qk[:, nh:]
+                values[i][rows, :, positions] = heads[:, nh + nkv:]
+            if contiguous:  # views, no copy
+                row_keys = keys[i].narrow(0, first, n).narrow(2, 0, span)
+                row_values = values[i].narrow(0, first, n).narrow(2, 0, span)
+            else:
+                row_keys = keys[i].narrow(2, 0, span).index_select(0, rows)
+                row_values = values[i].narrow(2, 0, span).index_select(0, rows)
+            out = F.scaled_dot_product_attention(qk[:, :nh].reshape(n, nh, 1, hd), row_keys, row_values,
+                                                 attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa)
+            h = h + _with_bias(_rows(out.view(n, nh * hd), self.o[i]), o_bias[i])
             x = F.rms_norm(h, shape, self.norm2[i], self.eps2[i])
-            gate_up = _with_bias(torch.ops.quantized.linear_dynamic(x, self.gate_up[i], False), self.gate_up_bias[i])
+            gate_up = _with_bias(_rows(x, self.gate_up[i]), self.gate_up_bias[i])
             width = self.gate_width[i]
-            y = torch.ops.quantized.linear_dynamic(F.silu(gate_up[:, :width]) * gate_up[:, width:], self.down[i], False)
+            y = _rows(F.silu(gate_up[:, :width]) * gate_up[:, width:], self.down[i])
             h = h + _with_bias(y, self.down_bias[i])
         h = F.rms_norm(h, shape, self.norm, self.norm_eps)
-        return _with_bias(torch.ops.quantized.linear_dynamic(h, self.head, False), self.head_bias)
+        return _with_bias(_rows(h, self.head), self.head_bias)
+
+
+def _rows(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
+    """(n, C) rows through the int8 kernel, one call per row: each row's activations get their own scale, so a
+    row's tokens do not depend on the rest of the batch."""
+    if x.shape[0] == 1:
+        return torch.ops.quantized.linear_dynamic(x, packed, False)
+    return torch.cat([torch.ops.quantized.linear_dynamic(row, packed, False) for row in x.split(1)])
 
 
 def _nonzero(bias: torch.Tensor | None) -> torch.Tensor | None:

@@ -221,6 +221,7 @@ class StaticDecoder:
         self._step_fn = self._static_step if mode == 'static' else self._decode_step
         # An int8 model on the CPU (cpu_int8): the same step in far fewer torch calls.
         self._int8_step = Int8DecodeStep.for_model(model, capacity) if mode == 'static' else None
+        self._first_row = torch.zeros(1, dtype=torch.long)  # the int8 step's cache row (this cache has one)
         if mode == 'compile':
             self._step_fn = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -302,7 +303,8 @@ class StaticDecoder:
         knows. On the CPU with the default 1024-slot context this is most of the attention time (SmolLM2: about
         300 us per layer and token masked over the whole cache, 60 us over 300 written slots)."""
         if self._int8_step is not None:
-            return self._int8_step(int(self._token), self._position, self._keys, self._values, self._length)
+            return self._int8_step(self._token.view(1), self._position, self._first_row, self._length, None,
+                                   self._keys, self._values)
         return self._forward(self._token, self._position, decode=True, span=self._length)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode: bool,
