@@ -324,7 +324,7 @@ def markdown(result: dict, threads: Sequence[int], repeats: int, new_tokens: int
         f'{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch '
         f'{torch.__version__}; SmolLM2-135M merged as served, greedy, static decoder with a 1024-slot cache; '
         f'{result["prompt_tokens"]}-token prompt, {new_tokens} tokens; median of {repeats} interleaved runs '
-        '(wall clock, machine shared with other jobs). Produced by `bench/cpu.py`.', '',
+        '(wall clock; taking turns, variants see the same machine load). Produced by `bench/cpu.py`.', '',
         '| variant | threads | decode tokens/s | vs before | TTFT (ms) | vs before | bandwidth limit (tokens/s) |',
         '|---|---:|---:|---:|---:|---:|---:|',
     ]
