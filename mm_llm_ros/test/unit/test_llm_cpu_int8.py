@@ -282,25 +282,30 @@ def test_batched_int8_tokens_equal_the_serial_int8_tokens(pair):
 
 @torch.inference_mode()
 def test_the_batch_decoders_lean_step_gives_its_generic_steps_logits_bit_for_bit(pair):
-    """The batch decoder's int8 decode step (the lean module over n rows) against its op-by-op layers: rows of
-    different prompt lengths and visual features, stepped as a non-contiguous set and as a contiguous one."""
+    """The batch decoder's int8 decode step (the lean module over n rows, compiled and in Python) against its
+    op-by-op layers: rows of different prompt lengths and visual features, stepped as a non-contiguous set and as a
+    contiguous one."""
     _, fast, tokenizer = pair
-    lean, generic = (BatchDecoder(fast.backbone, 4, 96) for _ in range(2))
-    assert lean._int8_step is not None
+    lean, python, generic = (BatchDecoder(fast.backbone, 4, 96) for _ in range(3))
+    assert isinstance(lean._int8_step.scripted, torch.jit.ScriptModule)
+    python._int8_step.scripted = None
     generic._int8_step = None
+    decoders = (lean, python, generic)
     tokens = {}
     for row, prompt in zip((0, 2, 3), PROMPTS[:3], strict=True):
         fast.set_visual_features(_features(row))
         ids = tokenizer.encode(prompt, bos=True)
-        logits = [decoder.admit(row, ids) for decoder in (lean, generic)]
-        assert torch.equal(logits[0], logits[1])
-        tokens[row] = int(logits[1].argmax())
+        logits = [decoder.admit(row, ids) for decoder in decoders]
+        assert torch.equal(logits[0], logits[2]) and torch.equal(logits[1], logits[2])
+        tokens[row] = int(logits[2].argmax())
     for rows in ([0, 2, 3], [0, 2, 3], [2, 3], [0, 3]):
-        logits = [decoder.step(rows, [tokens[row] for row in rows]) for decoder in (lean, generic)]
-        assert torch.equal(logits[0], logits[1])
-        tokens.update({row: int(logits[1][i].argmax()) for i, row in enumerate(rows)})
+        logits = [decoder.step(rows, [tokens[row] for row in rows]) for decoder in decoders]
+        assert torch.equal(logits[0], logits[2]) and torch.equal(logits[1], logits[2])
+        tokens.update({row: int(logits[2][i].argmax()) for i, row in enumerate(rows)})
     for cache in ('_keys', '_values'):
-        assert all(torch.equal(a, b) for a, b in zip(getattr(lean, cache), getattr(generic, cache), strict=True))
+        for decoder in (lean, python):
+            assert all(torch.equal(a, b) for a, b in zip(getattr(decoder, cache), getattr(generic, cache),
+                                                         strict=True))
 
 
 def test_two_threads_give_the_same_tokens_as_one(pair):
