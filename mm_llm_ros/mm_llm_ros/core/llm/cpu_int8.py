@@ -163,7 +163,7 @@ class Int8DecodeStep:
         after a row's own position hidden by `mask` (n, 1, 1, span) (None: every row sees all `span`). `o_bias`:
         o_proj's bias per layer, (C,) or per row (n, C); None reads the model's (the current query's). Returns the
         next logits (n, vocab)."""
-        if o_bias is None:  # o_proj's biases hold the query's visual vector: read at every step
+        if o_bias is None:
             o_bias = [product.bias() for product in self.o_products]
         step = self.scripted if self.scripted is not None else self.python
         first = int(rows[0])
@@ -173,10 +173,10 @@ class Int8DecodeStep:
 
 class _Int8Step(nn.Module):
     """The lean int8 decode step. Differences from the generic step, none in the arithmetic: hidden states are
-    (1, C) rows, rotary cos/sin are read from a table computed once by the model's own rotary embedding, rotate_half
-    is a product with a signed permutation matrix (exact: one nonzero term per output), and the kernel is called
-    without its Python wrapper. Written in the TorchScript subset: torch.compile cannot take the kernel's prepacked
-    weights (a TorchScript class)."""
+    (n, C), one row per sequence; rotary cos/sin are read from a table computed once by the model's own rotary
+    embedding; rotate_half is a product with a signed permutation matrix (exact: one nonzero term per output); the
+    kernel is called without its Python wrapper. Written in the TorchScript subset: torch.compile cannot take the
+    kernel's prepacked weights (a TorchScript class)."""
 
     qkv_bias: List[Optional[torch.Tensor]]
     gate_up_bias: List[Optional[torch.Tensor]]
