@@ -127,7 +127,8 @@ def step_bytes(model) -> dict[str, int]:
     return {'fp32': sum(4 * rows * cols for rows, cols in shapes), 'int8': sum(rows * (cols + 4) for rows, cols in shapes)}
 
 
-LLAMA_CPP_FORMATS = {'llama.cpp Q4_1 (as shipped)': None, 'llama.cpp Q8_0': 'Q8_0', 'llama.cpp F32': 'ALL_F32'}
+# Contender -> the llama_cpp file type its quantiser writes from the shipped Q4_1 GGUF.
+LLAMA_CPP_REQUANTISED = {'llama.cpp Q8_0': 'LLAMA_FTYPE_MOSTLY_Q8_0', 'llama.cpp F32': 'LLAMA_FTYPE_ALL_F32'}
 
 
 class LlamaCppDecoder:
@@ -189,14 +190,11 @@ def llama_cpp_models(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     from mm_llm_ros.core.llm.backbones import find_smollm2_gguf
 
     shipped = find_smollm2_gguf()
-    models = {}
-    for name, ftype in LLAMA_CPP_FORMATS.items():
-        if ftype is None:
-            models[name] = shipped
-            continue
+    models = {'llama.cpp Q4_1 (as shipped)': shipped}
+    for name, ftype in LLAMA_CPP_REQUANTISED.items():
         target = folder / f'{shipped.stem}-{ftype}.gguf'
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f'LLAMA_FTYPE_{"MOSTLY_" if ftype != "ALL_F32" else ""}{ftype}')
+        params.ftype = getattr(llama_cpp, ftype)
         params.allow_requantize = True
         with _quiet_stderr():  # llama.cpp prints a line per tensor
             failed = llama_cpp.llama_model_quantize(str(shipped).encode(), str(target).encode(), ctypes.byref(params))

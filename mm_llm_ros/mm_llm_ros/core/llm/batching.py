@@ -161,10 +161,10 @@ class BatchDecoder:
         positions = torch.tensor([[self.lengths[r]] for r in rows], device=self.device)  # (n, 1)
         span = max(self.lengths[r] for r in rows) + 1
         if self._int8_step is not None:  # the lean int8 step, with each row's own o_proj biases
-            index = torch.tensor(list(rows), device=self.device)
-            mask = self._slots[:span].view(1, 1, 1, span) <= positions.view(-1, 1, 1, 1)
-            logits = self._int8_step(input_ids.view(-1), positions.view(-1), index, span, mask, self._keys,
-                                     self._values, [table.index_select(0, index) for table in self._biases])
+            index, first, contiguous = self._row_index(rows)
+            logits = self._int8_step(input_ids.view(-1), positions.view(-1), index, first, contiguous, span,
+                                     self._decode_mask(positions, span), self._keys, self._values,
+                                     [table.index_select(0, index) for table in self._biases])
         else:
             logits = self._forward(rows, input_ids, positions, span=span, decode=True)
         for row in rows:
@@ -178,18 +178,26 @@ class BatchDecoder:
         -> each row's last-position logits (n, vocab). Row bookkeeping stays on the host: no device sync."""
         hidden = self._base.embed_tokens(input_ids)  # (n, T, C)
         rotary = self._base.rotary_emb(hidden, positions)
-        first = rows[0]
-        contiguous = list(rows) == list(range(first, first + len(rows)))
-        index = torch.tensor(list(rows), device=self.device)
+        index, first, contiguous = self._row_index(rows)
         mask = None
-        if decode:  # (n, 1, 1, span): row i sees the slots up to its own position
-            mask = (self._slots[:span].view(1, 1, 1, span) <= positions.view(-1, 1, 1, 1))
+        if decode:
+            mask = self._decode_mask(positions, span)
         elif span > input_ids.shape[1]:  # a prefill after reused slots: causal over the prefix and itself
             mask = (self._slots[:span].view(1, -1) <= positions.view(-1, 1)).view(1, 1, -1, span)
         hidden = run_decoder_layers(self._layers, hidden, lambda layer_index, layer, x: self._attention(
             layer, layer_index, x, rotary, index, positions, mask, span, contiguous, first, decode))
         hidden = self._base.norm(hidden[:, -1:])
         return self.model.lm_head(hidden)[:, -1]
+
+    def _row_index(self, rows: Sequence[int]) -> tuple[torch.Tensor, int, bool]:
+        """`rows` as an index tensor, its first row, and whether they are consecutive (then views, not gathers)."""
+        first = rows[0]
+        return (torch.tensor(list(rows), device=self.device), first,
+                list(rows) == list(range(first, first + len(rows))))
+
+    def _decode_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """(n, 1, 1, span): row i sees the slots up to its own position (`positions` (n, 1))."""
+        return self._slots[:span].view(1, 1, 1, span) <= positions.view(-1, 1, 1, 1)
 
     def _attention(self, layer: nn.Module, index: int, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                    rows: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor], span: int,

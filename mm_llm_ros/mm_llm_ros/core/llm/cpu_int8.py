@@ -57,10 +57,6 @@ logger = logging.getLogger(__name__)
 KERNEL = 'quantized::linear_dynamic'
 
 
-# The overload itself, (x, packed, reduce_range): it skips the op packet's Python-side dispatch checks.
-_linear_dynamic = torch.ops.quantized.linear_dynamic.default
-
-
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     """Symmetric per-row int8 of `weight` (out, in), prepacked for `quantized::linear_dynamic` (no bias)."""
     weight = weight.detach().float()
@@ -114,12 +110,7 @@ class FusedInt8Rows:
 def _int8_rows(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(B, 1, C) decode rows through the int8 kernel, one call per row."""
     rows = x.reshape(x.shape[0], x.shape[2])
-    if x.dtype != torch.float32:
-        rows = rows.float()
-    if rows.shape[0] == 1:
-        y = _linear_dynamic(rows, packed, False)
-    else:  # one call per row: each row's activations get their own scale (batch-invariant tokens)
-        y = torch.cat([_linear_dynamic(row, packed, False) for row in rows.split(1)])
+    y = _rows(rows if x.dtype == torch.float32 else rows.float(), packed)
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
     if bias is not None:
@@ -155,19 +146,17 @@ class Int8DecodeStep:
             return None
         return cls(backbone, capacity)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, span: int,
-                 mask: torch.Tensor | None, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 o_bias: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, first: int,
+                 contiguous: bool, span: int, mask: torch.Tensor | None, keys: list[torch.Tensor],
+                 values: list[torch.Tensor], o_bias: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """One decode step of n rows of the KV cache `keys`/`values` (B, nkv, L, hs) per layer: `tokens[i]` at
-        `positions[i]` in cache row `rows[i]` (all (n,) long tensors), attending over the first `span` slots, those
-        after a row's own position hidden by `mask` (n, 1, 1, span) (None: every row sees all `span`). `o_bias`:
-        o_proj's bias per layer, (C,) or per row (n, C); None reads the model's (the current query's). Returns the
-        next logits (n, vocab)."""
+        `positions[i]` in cache row `rows[i]` (all (n,) long tensors; `first` = rows[0], `contiguous` when the rows
+        are consecutive), attending over the first `span` slots, those after a row's own position hidden by `mask`
+        (n, 1, 1, span) (None: every row sees all `span`). `o_bias`: o_proj's bias per layer, (C,) or per row
+        (n, C); None reads the model's (the current query's). Returns the next logits (n, vocab)."""
         if o_bias is None:
             o_bias = [product.bias() for product in self.o_products]
         step = self.scripted if self.scripted is not None else self.python
-        first = int(rows[0])
-        contiguous = rows.numel() == 1 or bool((rows == torch.arange(first, first + rows.numel())).all())
         return step(tokens, positions, rows, first, contiguous, span, mask, keys, values, o_bias)
 
 

@@ -303,8 +303,8 @@ class StaticDecoder:
         knows. On the CPU with the default 1024-slot context this is most of the attention time (SmolLM2: about
         300 us per layer and token masked over the whole cache, 60 us over 300 written slots)."""
         if self._int8_step is not None:
-            return self._int8_step(self._token.view(1), self._position, self._first_row, self._length, None,
-                                   self._keys, self._values)
+            return self._int8_step(self._token.view(1), self._position, self._first_row, 0, True, self._length,
+                                   None, self._keys, self._values)
         return self._forward(self._token, self._position, decode=True, span=self._length)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode: bool,
