@@ -30,6 +30,7 @@ from mm_llm_ros.core.evaluation import (BENCHMARKS, BUILTIN_PREDICTORS, VQA_PROT
                                         load_benchmark, markdown_table, plot_categories, run_configs,
                                         score_benchmark, select_items, write_details, write_json,
                                         write_mme_eval_tool)
+from mm_llm_ros.core.llm.adapters import BUNDLED_ADAPTERS
 from mm_llm_ros.core.params import CONTEXT_KINDS
 
 logger = logging.getLogger(__name__)
@@ -61,8 +62,12 @@ class ConfigSpec:
         """Identifies the configuration's settings, so cached predictions of edited params are not reused."""
         if self.is_builtin:
             return self.label
-        digest = 'sha256:' + hashlib.sha256(Path(self.params).read_bytes()).hexdigest()[:16]
-        return CONTEXT_SEPARATOR.join((digest, *self.context))
+        content = Path(self.params).read_bytes()
+        hasher = hashlib.sha256(content)
+        for name, path in BUNDLED_ADAPTERS.items():   # a retrained bundled adapter changes the answers too
+            if name.encode() in content and path.is_file():
+                hasher.update(path.read_bytes())
+        return CONTEXT_SEPARATOR.join(('sha256:' + hasher.hexdigest()[:16], *self.context))
 
 
 def parse_config(text: str) -> ConfigSpec:

@@ -152,7 +152,9 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
           'a small random model for tests.', ('', 'embedded', 'tiny')),
     Param('llm.backbone_path', '', 'LLaMA backbone: a Meta-format directory (params.json, consolidated.*.pth, '
           'tokenizer.model) or a Hugging Face directory.'),
-    Param('llm.adapter_checkpoint', '', 'ImageBind-LLM adapter checkpoint (official 7B.pth); empty = untrained, '
+    Param('llm.adapter_checkpoint', '', 'ImageBind-LLM adapter checkpoint (official 7B.pth, or a language-side '
+          "adapter from scripts/tune_grounded_adapter.py), or 'grounded-smollm2': the embedded preset's bundled "
+          'grounded adapter (answers from the perception context; docs/evaluation.md). Empty = untrained, '
           'zero-gated bind network (the published initial state).'),
     Param('llm.cache_dir', '', 'Where one-time conversions (the embedded GGUF) are cached; empty = ~/.cache/mm_llm_ros.'),
     Param('llm.seed', 0, 'Seed for generation sampling and random initialisation.'),

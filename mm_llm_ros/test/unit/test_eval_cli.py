@@ -123,3 +123,17 @@ def test_config_fingerprint_tracks_the_params_file(tmp_path):
     assert spec.fingerprint() != before and before.startswith('sha256:')
     assert evaluate.parse_config(f'ocr={params}+ocr').fingerprint() == spec.fingerprint() + '+ocr'
     assert evaluate.parse_config('b=builtin:always-yes').fingerprint() == 'builtin:always-yes'
+
+
+def test_config_fingerprint_tracks_a_bundled_adapter_it_names(tmp_path, monkeypatch):
+    adapter = tmp_path / 'grounded.safetensors'
+    adapter.write_bytes(b'first')
+    monkeypatch.setitem(evaluate.BUNDLED_ADAPTERS, 'grounded-smollm2', adapter)
+    params = tmp_path / 'p.yaml'
+    params.write_text('llm.adapter_checkpoint: "grounded-smollm2"\n')
+    other = tmp_path / 'q.yaml'
+    other.write_text('llm.adapter_checkpoint: ""\n')
+    spec, unrelated = evaluate.parse_config(f'a={params}'), evaluate.parse_config(f'b={other}')
+    before, unrelated_before = spec.fingerprint(), unrelated.fingerprint()
+    adapter.write_bytes(b'retrained')
+    assert spec.fingerprint() != before and unrelated.fingerprint() == unrelated_before

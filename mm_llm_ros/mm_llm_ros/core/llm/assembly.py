@@ -23,6 +23,7 @@ import torch
 
 from mm_llm_ros.core.device import resolve_device, resolve_dtype
 from mm_llm_ros.core.errors import ConfigError
+from mm_llm_ros.core.llm.adapters import BUNDLED_ADAPTERS
 from mm_llm_ros.core.llm.cpu_int8 import KERNEL, apply_cpu_int8, check_cpu_int8, int8_bytes
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 from mm_llm_ros.core.llm.quantization import (check_quantization, model_dtype, parameter_bytes, preload_torchao,
@@ -90,7 +91,10 @@ def build_imagebind_llm(config: ModelConfig, architecture: Optional[ImageBindLLM
         check_quantization(config.quantization, device, dtype)
     architecture = architecture or ImageBindLLMConfig(embed_dim=config.embedding_dim)
     model, tokenizer, name = _backbone_with_adapter(config, architecture, dtype)
-    if not config.adapter_checkpoint and config.preset != 'tiny':
+    if config.adapter_checkpoint in BUNDLED_ADAPTERS:
+        logger.info("bundled adapter '%s': grounded answers; it has no bind network, so sensor embeddings stay "
+                    'zero-gated and do not change the answers', config.adapter_checkpoint)
+    elif not config.adapter_checkpoint and config.preset != 'tiny':
         logger.warning('no adapter checkpoint: the bind network is untrained and zero-gated (published initial '
                        'state), so sensor embeddings do not change the answers')
     model = model.to(device=device, dtype=dtype).eval()
@@ -135,7 +139,12 @@ def _backbone_with_adapter(config: ModelConfig, architecture: ImageBindLLMConfig
         model, name = ImageBindLLM(llama, architecture), f'ImageBind-LLM ({config.backbone_path})'
     else:
         raise ConfigError(NO_LLM_CONFIGURED)
-    if config.adapter_checkpoint:
+    if config.adapter_checkpoint in BUNDLED_ADAPTERS:
+        if config.preset != 'embedded':
+            raise ConfigError(f"llm.adapter_checkpoint '{config.adapter_checkpoint}' is the embedded preset's "
+                              f"bundled adapter; it does not fit llm.preset '{config.preset}'")
+        checkpoints.load_adapter_checkpoint(model, BUNDLED_ADAPTERS[config.adapter_checkpoint])
+    elif config.adapter_checkpoint:
         checkpoints.load_adapter_checkpoint(model, config.adapter_checkpoint)
     elif config.preset == 'tiny':
         _randomize_gates(model, config.seed)

@@ -86,6 +86,15 @@ def permute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return permuted.reshape(weight.shape)
 
 
+def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The inverse of `permute_rotary_rows`: transformers' halves back to Meta's interleaved layout."""
+    rows = weight.shape[0]
+    head_dim = rows // num_heads
+    flat = weight.reshape(rows, -1)
+    interleaved = flat.view(num_heads, 2, head_dim // 2, flat.shape[1]).transpose(1, 2).reshape(rows, -1)
+    return interleaved.reshape(weight.shape)
+
+
 # ---------------------------------------------------------------------------------------------- Meta LLaMA
 
 
@@ -366,14 +375,42 @@ def adapter_key_map(model: ImageBindLLM) -> dict[str, tuple[str, int | None]]:
     return keys
 
 
+def is_language_key(official_key: str) -> bool:
+    """Whether an adapter key belongs to the LLaMA side (LoRA, biases, norms, gates) rather than the bind network
+    or the prefix query, which only images (or other ImageBind inputs) train."""
+    return official_key.startswith('llama.')
+
+
+def adapter_state_dict(model: ImageBindLLM, language_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's adapter in the official key layout (the inverse of loading), e.g. to save a tuned adapter.
+
+    `language_only` keeps only the LLaMA-side keys (`is_language_key`): what a text-only tuning changes.
+    """
+    model.require_unmerged('save the adapter')
+    parameters = dict(model.named_parameters())
+    state = {}
+    for key, (name, heads) in adapter_key_map(model).items():
+        if language_only and not is_language_key(key):
+            continue
+        value = parameters[name].detach()
+        state[key] = (value if heads is None else unpermute_rotary_rows(value, heads)).clone()
+    return state
+
+
 def load_adapter_state_dict(model: ImageBindLLM, state: Mapping[str, torch.Tensor],
                             source: PathLike = '<state dict>') -> None:
     """Copy an official-key adapter state dict into `model` (strict: every key, exact shapes).
 
-    A model whose adapters are merged (`ImageBindLLM.merge_adapters`) raises `AdaptersMergedError`.
+    A state with none of the bind network's and prefix query's keys is a language-side adapter (a text-only
+    tuning, `adapter_state_dict(language_only=True)`): it must hold every LLaMA-side key, and the bind network
+    keeps its values. A model whose adapters are merged (`ImageBindLLM.merge_adapters`) raises
+    `AdaptersMergedError`.
     """
     model.require_unmerged(f'load the adapter {source}')
     mapping = adapter_key_map(model)
+    language_only = bool(state) and all(is_language_key(key) for key in state)
+    if language_only:
+        mapping = {key: value for key, value in mapping.items() if is_language_key(key)}
     unexpected = sorted(set(state) - set(mapping))
     missing = sorted(set(mapping) - set(state))
     if unexpected or missing:
@@ -392,11 +429,13 @@ def load_adapter_state_dict(model: ImageBindLLM, state: Mapping[str, torch.Tenso
             parameters[name].copy_(value)
     # Features set before this load used the old weights.
     model.set_visual_features(None)
-    logger.info('loaded ImageBind-LLM adapter %s (%d tensors)', source, len(mapping))
+    logger.info('loaded ImageBind-LLM adapter %s (%d tensors%s)', source, len(mapping),
+                '; language side only: the bind network keeps its initial weights' if language_only else '')
 
 
 def load_adapter_checkpoint(model: ImageBindLLM, path: PathLike) -> None:
-    """Load the official adapter file (`{'model': state_dict}` or a bare state dict) into `model`."""
+    """Load an adapter file into `model`: the official one (`{'model': state_dict}`), a bare state dict, or
+    safetensors (a tuned language-side adapter, see `load_adapter_state_dict`)."""
     path = Path(path)
     obj = load_weights(path, 'ImageBind-LLM adapter')
     if isinstance(obj, Mapping) and 'model' in obj:

@@ -264,10 +264,7 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     if config.cache_index_path:
         cache = VisualCache.from_index_file(config.cache_index_path, config.cache_size, config.cache_temperature,
                                            config.cache_weight)
-    prompt = PromptBuilder(PromptConfig(template=config.prompt_template, max_context_chars=config.context_max_chars,
-                                        system_prompt=config.prompt_system or None,
-                                        chat_user_template_with_context=config.prompt_chat_context_template),
-                           chat_tokenizer=tokenizer if config.prompt_template == 'chat' else None)
+    prompt = prompt_builder(config, tokenizer)
     batch = None
     if config.max_batch > 1:
         batch = BatchScheduler(BatchDecoder(model.backbone, config.max_batch, config.generation.context_length),
@@ -275,6 +272,14 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
         logger.info('continuous batching: up to %d answers per decode step', config.max_batch)
     return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, assembled.name,
                        decoder, batch, config.answer_mode)
+
+
+def prompt_builder(config: LLMConfig, tokenizer: TextTokenizer) -> PromptBuilder:
+    """The node's prompt (template, system message, context bound), as answers and adapter tuning build it."""
+    return PromptBuilder(PromptConfig(template=config.prompt_template, max_context_chars=config.context_max_chars,
+                                      system_prompt=config.prompt_system or None,
+                                      chat_user_template_with_context=config.prompt_chat_context_template),
+                         chat_tokenizer=tokenizer if config.prompt_template == 'chat' else None)
 
 
 def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int,
