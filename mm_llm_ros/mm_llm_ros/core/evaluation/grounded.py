@@ -72,6 +72,19 @@ _SOUND_SIBLINGS = {'Dog': ('Animal', 'Domestic animals, pets'), 'Cat': ('Animal'
                    'Train': ('Vehicle', 'Rail transport'), 'Music': ('Musical instrument',),
                    'Rain': ('Water', 'Rain on surface')}
 
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What generated scenes draw their text and sounds from (training uses another, see grounded_training.py)."""
+
+    signs: tuple[str, ...]
+    sounds: tuple[str, ...]
+    parents: Mapping[str, tuple[str, ...]]   # AudioSet parents YAMNet also scores (e.g. Dog: Animal, ...)
+
+
+BENCHMARK_VOCABULARY = Vocabulary(_SIGN_TEXTS, _SOUNDS, _SOUND_SIBLINGS)
+
 # ---- questions (paraphrases) -------------------------------------------------------------------------------
 
 _SECTOR_WORDS = {'front': ('in front', 'ahead', 'in front of the robot'), 'left': ('on the left', 'to the left'),
@@ -115,22 +128,22 @@ class Scene:
                 for kind in ('ocr', 'audio_events', 'geometry') if kind in self.results]
 
 
-def generated_scene(rng: random.Random, scene_id: str) -> Scene:
+def generated_scene(rng: random.Random, scene_id: str, vocabulary: Vocabulary = BENCHMARK_VOCABULARY) -> Scene:
     """A random scene; each sensor is present with probability ~0.85, each part varies (empty text, silence...)."""
     results: dict[str, Any] = {}
     if rng.random() < 0.85:
-        results['ocr'] = _random_ocr(rng)
+        results['ocr'] = _random_ocr(rng, vocabulary.signs)
     if rng.random() < 0.85:
-        results['audio_events'] = _random_audio(rng)
+        results['audio_events'] = _random_audio(rng, vocabulary)
     if rng.random() < 0.85:
         results['geometry'] = _random_geometry(rng)
     return Scene(scene_id, 'generated', results)
 
 
-def _random_ocr(rng: random.Random) -> OcrResult:
+def _random_ocr(rng: random.Random, signs: Sequence[str]) -> OcrResult:
     width, height = 1600, 900
     items = []
-    for text in rng.sample(_SIGN_TEXTS, rng.choice((0, 1, 1, 1, 2, 2, 3))):
+    for text in rng.sample(signs, rng.choice((0, 1, 1, 1, 2, 2, 3))):
         x, y = rng.uniform(50, width - 250), rng.uniform(50, height - 100)
         w, h = 20 * len(text) + rng.uniform(0, 40), rng.uniform(25, 60)
         box = ((round(x, 1), round(y, 1)), (round(x + w, 1), round(y, 1)), (round(x + w, 1), round(y + h, 1)),
@@ -141,14 +154,14 @@ def _random_ocr(rng: random.Random) -> OcrResult:
     return OcrResult(items, (width, height))
 
 
-def _random_audio(rng: random.Random) -> AudioEventsResult:
+def _random_audio(rng: random.Random, vocabulary: Vocabulary) -> AudioEventsResult:
     speech = rng.random() < 0.4
     events = []
     if rng.random() < 0.9:
-        top = rng.choice(_SOUNDS)
+        top = rng.choice(vocabulary.sounds)
         score = rng.uniform(0.35, 0.9)
         events.append(AudioEvent(top, round(score, 3)))
-        for sibling in _SOUND_SIBLINGS.get(top, ())[:2]:
+        for sibling in vocabulary.parents.get(top, ())[:2]:
             score *= rng.uniform(0.6, 0.95)
             events.append(AudioEvent(sibling, round(score, 3)))
     if speech:
