@@ -24,6 +24,7 @@ from mm_llm_ros.core.answering import NOTHING_PERCEIVED, context_block
 from mm_llm_ros.core.grounding.facts import prompt_text
 from mm_llm_ros.core.grounding.geometry import SECTORS, side_of
 from mm_llm_ros.core.llm.choice import CANNOT_TELL_ANSWER
+from mm_llm_ros.core.llm.tuning import Example
 
 from .grounded import Scene, Vocabulary, generated_scene
 
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
     from mm_llm_ros.core.llm.pipeline import LLMConfig
     from mm_llm_ros.core.llm.prompt import PromptBuilder
     from mm_llm_ros.core.llm.tokenizer import TextTokenizer
-    from mm_llm_ros.core.llm.tuning import Example
 
 TRAINING_SEED = 1000
 
@@ -171,8 +171,6 @@ def scene_context(scene: Scene, config: LLMConfig) -> str:
 def training_examples(pairs: Sequence[TrainingPair], config: LLMConfig, tokenizer: TextTokenizer,
                       prompt: PromptBuilder) -> list[Example]:
     """Token ids of each pair: the prompt exactly as llm_node builds it for the question, the answer with EOS."""
-    from mm_llm_ros.core.llm.tuning import Example
-
     return [Example(prompt.encode(tokenizer, pair.question, scene_context(pair.scene, config)),
                     tokenizer.encode(pair.answer, bos=False, eos=True)) for pair in pairs]
 
