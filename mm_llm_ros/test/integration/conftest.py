@@ -55,7 +55,19 @@ def node_graph(request, tmp_path):
                  and getattr(request.node, f'rep_{phase}').failed for phase in ('setup', 'call'))
     if failed:
         print(graph.logs())  # lands in the report's captured teardown output
+        print(machine_state())
     _clean_shared_memory()
+
+
+def machine_state() -> str:
+    """Load, memory and Fast DDS shared memory when a test failed: a timeout on a starved machine reads the same
+    as one on a broken transport unless the report says which."""
+    load = ' '.join(f'{value:.1f}' for value in os.getloadavg())
+    meminfo = dict(line.split(':', 1) for line in pathlib.Path('/proc/meminfo').read_text().splitlines())
+    shm = shutil.disk_usage('/dev/shm')
+    ports = sorted(p.name for p in pathlib.Path('/dev/shm').glob('fastdds_port*') if not p.name.endswith('_el'))
+    return (f'----- machine: load {load} on {os.cpu_count()} cpus; MemAvailable {meminfo["MemAvailable"].strip()}; '
+            f'/dev/shm {shm.used / 2**20:.0f} MiB used; Fast DDS ports {ports}')
 
 
 @pytest.fixture(scope='session')
