@@ -39,8 +39,10 @@ def _clean_shared_memory() -> None:
         subprocess.run([fastdds, 'shm', 'clean'], capture_output=True, timeout=30, check=False)
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module')
 def test_node(isolated_network):
+    """A DDS participant per test module: one whose transport broke under load takes down one module, not the rest
+    of the suite (CI once saw the test process stop receiving from new nodes for all later modules)."""
     node = TestNode()
     yield node
     node.close()
