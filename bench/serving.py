@@ -185,6 +185,9 @@ def start_nodes(preset: str, args: argparse.Namespace, log_dir: pathlib.Path) ->
             overrides['llm.quantization'] = args.quantization
         if preset == 'embedded':  # longer answers than the demo's one-sentence system prompt asks for
             overrides['prompt.system'] = 'You are a helpful assistant. Answer in detail.'
+            # The demo's grounded adapter answers these general questions in a few words (it answers from the
+            # perception context): the serving workload is the backbone's long answers, as before it landed.
+            overrides['llm.adapter_checkpoint'] = ''
         command = [str(executable_path('llm_node')),
                    *ros_args(parameters=[params_file, overrides], remappings=[('__ns', f'/{engine}')])]
         processes[engine] = start_process(command, log_dir / f'{preset}-{engine}.log')

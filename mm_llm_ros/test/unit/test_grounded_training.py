@@ -104,6 +104,18 @@ def test_training_pairs_are_seeded():
     assert [(p.question, p.answer) for p in training_pairs(5, seed=10)] != [(p.question, p.answer) for p in first]
 
 
+def test_training_counts_reach_the_real_scans_while_the_benchmark_keeps_its_own():
+    """Real scans hold 20-40 clusters; training on at most 12 taught the adapter to copy one digit of them."""
+    import random
+    training = [p for p in training_pairs(60, seed=5) if p.category == 'count']
+    counts = {p.scene.results['geometry'].num_clusters for p in training}
+    assert max(counts) >= 20 and min(counts) <= 3
+    assert any(f'are {n} objects' in p.answer for p in training for n in counts if n >= 20)
+    rng = random.Random(0)
+    benchmark = [grounded.generated_scene(rng, str(i)) for i in range(200)]
+    assert max(s.results['geometry'].num_clusters for s in benchmark if 'geometry' in s.results) <= 12
+
+
 def test_descriptions_state_each_sensors_facts(pairs):
     descriptions = [pair for pair in pairs if pair.category == 'describe']
     assert len(descriptions) > 40

@@ -76,11 +76,13 @@ _SOUND_SIBLINGS = {'Dog': ('Animal', 'Domestic animals, pets'), 'Cat': ('Animal'
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """What generated scenes draw their text and sounds from (training uses another, see grounded_training.py)."""
+    """What generated scenes draw their text, sounds and object counts from (training uses another, see
+    grounded_training.py)."""
 
     signs: tuple[str, ...]
     sounds: tuple[str, ...]
     parents: Mapping[str, tuple[str, ...]]   # AudioSet parents YAMNet also scores (e.g. Dog: Animal, ...)
+    object_counts: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 8, 12)   # clusters drawn (some fall in empty sectors)
 
 
 BENCHMARK_VOCABULARY = Vocabulary(_SIGN_TEXTS, _SOUNDS, _SOUND_SIBLINGS)
@@ -136,7 +138,7 @@ def generated_scene(rng: random.Random, scene_id: str, vocabulary: Vocabulary = 
     if rng.random() < 0.85:
         results['audio_events'] = _random_audio(rng, vocabulary)
     if rng.random() < 0.85:
-        results['geometry'] = _random_geometry(rng)
+        results['geometry'] = _random_geometry(rng, vocabulary.object_counts)
     return Scene(scene_id, 'generated', results)
 
 
@@ -171,10 +173,10 @@ def _random_audio(rng: random.Random, vocabulary: Vocabulary) -> AudioEventsResu
                              else 0.0, level_dbfs=round(rng.uniform(-45, -12), 1), duration_s=4.0)
 
 
-def _random_geometry(rng: random.Random) -> GeometryResult:
+def _random_geometry(rng: random.Random, object_counts: Sequence[int]) -> GeometryResult:
     clusters = []
     empty = {sector for sector in SECTORS if rng.random() < 0.3}
-    for _ in range(rng.choice((0, 1, 2, 3, 4, 5, 6, 8, 12))):
+    for _ in range(rng.choice(object_counts)):
         bearing = rng.uniform(-180, 180)
         sector = _sector(bearing)
         if sector in empty:
