@@ -222,8 +222,15 @@ def run(args) -> int:
                 _print_answer(answer, streamed=False)
             else:
                 print('  A: ', end='', flush=True)
-                answer = client.ask_stream(question, deadline, lambda t: print(t, end='', flush=True))
-                print()
+                streamed_text = []
+
+                def show(text: str) -> None:
+                    streamed_text.append(text)
+                    print(text, end='', flush=True)
+                answer = client.ask_stream(question, deadline, show)
+                # Feedback and result travel separately: the result may overtake the last feedback messages.
+                shown = ''.join(streamed_text)
+                print(answer.text[len(shown):] if answer.text.startswith(shown) else '', flush=True)
                 if not answer.success:
                     print(f'  error: {answer.error}')
                 _print_answer(answer, streamed=True)
