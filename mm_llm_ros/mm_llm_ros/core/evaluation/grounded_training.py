@@ -62,7 +62,7 @@ _PARENTS = {'Church bell': ('Bell',), 'Bicycle bell': ('Bell', 'Bicycle'),
             'Ocean': ('Waves, surf', 'Water'), 'Stream': ('Water',), 'Laughter': ('Human voice',),
             'Singing': ('Music', 'Human voice'), 'Air horn, truck horn': ('Vehicle horn, car horn, honking',)}
 # Real lidar scans hold 20 to 40 clusters; an adapter trained on at most 12 copied only the first digit of such
-# counts ("3" for 34). A third of the training scenes draw two-digit counts.
+# counts ("3" for 34). Training scenes draw 0-12 clusters or, one time in three (7 of 20 choices), 14-45.
 _OBJECT_COUNTS = tuple(range(13)) + (14, 19, 23, 28, 32, 37, 45)
 TRAINING_VOCABULARY = Vocabulary(_WORDS + _CODES, _SOUNDS, _PARENTS, _OBJECT_COUNTS)
 
