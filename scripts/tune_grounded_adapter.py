@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tune the embedded default's grounded adapter: SmolLM2-135M learns to answer from its perception context.
 
-    python scripts/tune_grounded_adapter.py                       # writes the bundled adapter (about 15 min, 2 cores)
+    python scripts/tune_grounded_adapter.py                       # writes the bundled adapter (about 25 min, 2 cores)
     python scripts/tune_grounded_adapter.py --steps 20 --out /tmp/a.safetensors
 
 Reads llm_node's settings from a parameter file (default config/demo.yaml: the prompt, the context format and
@@ -36,14 +36,13 @@ from mm_llm_ros.core.llm.pipeline import prompt_builder  # noqa: E402
 from mm_llm_ros.core.llm.tuning import TuningConfig, tune  # noqa: E402
 
 
-
 def main() -> int:
     defaults = TuningConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', default=str(REPO / 'mm_llm_ros' / 'config' / 'demo.yaml'),
                         help="parameter file whose llm_node settings the prompts follow")
     parser.add_argument('--out', default=str(BUNDLED_ADAPTERS[GROUNDED_ADAPTER]), help='adapter file to write')
-    parser.add_argument('--scenes', type=int, default=400, help='generated training scenes (about 7 pairs each)')
+    parser.add_argument('--scenes', type=int, default=800, help='generated training scenes (about 8 pairs each)')
     parser.add_argument('--seed', type=int, default=TRAINING_SEED, help='training scene seed')
     parser.add_argument('--steps', type=int, default=defaults.steps)
     parser.add_argument('--accumulate', type=int, default=defaults.accumulate)
