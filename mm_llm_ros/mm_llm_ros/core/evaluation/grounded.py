@@ -73,7 +73,6 @@ _SOUND_SIBLINGS = {'Dog': ('Animal', 'Domestic animals, pets'), 'Cat': ('Animal'
                    'Rain': ('Water', 'Rain on surface')}
 
 
-
 @dataclass(frozen=True)
 class Vocabulary:
     """What generated scenes draw their text, sounds and object counts from (training uses another, see

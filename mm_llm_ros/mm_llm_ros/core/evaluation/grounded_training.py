@@ -129,11 +129,10 @@ def scene_answers(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]
     pairs = []
     ocr, audio, geometry = (scene.results.get(kind) for kind in ('ocr', 'audio_events', 'geometry'))
     if ocr is not None:
-        quoted = ', '.join(f"'{text}'" for text in ocr.texts)
-        pairs.append(('text', rng.choice(_TEXT_Q), f'I can read {quoted}.' if ocr.texts else
+        pairs.append(('text', rng.choice(_TEXT_Q), f'I can read {_quoted(ocr.texts)}.' if ocr.texts else
                       'There is no text in view.'))
     if audio is not None:
-        labels = [event.label.lower() for event in audio.events if event.label != 'Speech']
+        labels = _sound_labels(audio)
         if labels or not audio.events:
             pairs.append(('sound', rng.choice(_SOUND_Q), f'I hear {labels[0]}.' if labels else
                           'There is no clear sound.'))
@@ -146,9 +145,7 @@ def scene_answers(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]
             question = rng.choice(_DISTANCE_Q).format(where=rng.choice(_SECTOR_WORDS[sector]))
             pairs.append(('distance', question, f'There is no obstacle {where}.' if distance is None else
                           f'The nearest obstacle {where} is {distance:.1f} m away.'))
-        count = geometry.num_clusters
-        pairs.append(('count', rng.choice(_COUNT_Q), f"There {'is' if count == 1 else 'are'} {count} "
-                      f"object{'' if count == 1 else 's'} around the robot."))
+        pairs.append(('count', rng.choice(_COUNT_Q), _objects_around(geometry.num_clusters) + '.'))
         if geometry.clusters:
             pairs.append(('direction', rng.choice(_DIRECTION_Q),
                           f'The nearest object is {side_of(geometry.clusters[0].bearing_deg)}.'))
@@ -183,17 +180,28 @@ def describe(scene: Scene) -> str:
     ocr, audio, geometry = (scene.results.get(kind) for kind in ('ocr', 'audio_events', 'geometry'))
     sentences = []
     if ocr is not None:
-        sentences.append('The camera reads ' + (', '.join(f"'{text}'" for text in ocr.texts) if ocr.texts
-                                               else 'no text') + '.')
+        sentences.append(f"The camera reads {_quoted(ocr.texts) if ocr.texts else 'no text'}.")
     if audio is not None and not audio.is_empty:
-        labels = [event.label.lower() for event in audio.events if event.label != 'Speech']
+        labels = _sound_labels(audio)
         heard = f'I hear {labels[0]}' if labels else 'There is no clear sound'
         sentences.append(heard + (', and someone is speaking.' if audio.speech else '.'))
     if geometry is not None and not geometry.is_empty:
-        count = geometry.num_clusters
-        objects = f"There {'is' if count == 1 else 'are'} {count} object{'' if count == 1 else 's'} around the robot"
+        objects = _objects_around(geometry.num_clusters)
         if geometry.clusters:
             nearest = geometry.clusters[0]
             objects += f', the nearest {nearest.distance_m:.1f} m away, {side_of(nearest.bearing_deg)}'
         sentences.append(objects + '.')
     return ' '.join(sentences) or CANNOT_TELL_ANSWER
+
+
+def _quoted(texts: Sequence[str]) -> str:
+    return ', '.join(f"'{text}'" for text in texts)
+
+
+def _sound_labels(audio) -> list[str]:
+    """The event labels other than speech, lower case, loudest first."""
+    return [event.label.lower() for event in audio.events if event.label != 'Speech']
+
+
+def _objects_around(count: int) -> str:
+    return f"There {'is' if count == 1 else 'are'} {count} object{'' if count == 1 else 's'} around the robot"

@@ -33,7 +33,7 @@ from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.grounding import OcrConfig, OcrExtractor, config_from_params
 from mm_llm_ros.core.grounding.facts import prompt_text
 from mm_llm_ros.core.imagebind.model import ImageBindConfig, get_shared_encoder
-from mm_llm_ros.core.llm.adapters import BUNDLED_ADAPTERS
+from mm_llm_ros.core.llm.adapters import adapter_path
 from mm_llm_ros.core.llm.assembly import NO_LLM_CONFIGURED, ModelConfig
 from mm_llm_ros.core.llm.pipeline import LLMAnswerer, LLMConfig, build_answerer
 from mm_llm_ros.core.params import node_params, read_params_file
@@ -150,9 +150,8 @@ def _check_weights(imagebind: ImageBindConfig, llm: ModelConfig) -> None:
                                'model.allow_random_weights')
     if not llm.preset and not llm.backbone_path:
         raise ConfigError(NO_LLM_CONFIGURED)
-    adapter = BUNDLED_ADAPTERS.get(llm.adapter_checkpoint, llm.adapter_checkpoint)
     for what, value in (('model.checkpoint', imagebind.checkpoint), ('llm.backbone_path', llm.backbone_path),
-                        ('llm.adapter_checkpoint', adapter)):
+                        ('llm.adapter_checkpoint', adapter_path(llm.adapter_checkpoint))):
         if value and not Path(value).expanduser().exists():
             raise ConfigError(f'{what} not found: {value}')
 

@@ -13,3 +13,8 @@ GROUNDED_ADAPTER = 'grounded-smollm2'
 ASSETS = Path(__file__).resolve().parents[1] / 'assets'
 # Name -> file (safetensors, official keys, language side only).
 BUNDLED_ADAPTERS = {GROUNDED_ADAPTER: ASSETS / 'grounded_smollm2.safetensors'}
+
+
+def adapter_path(value: str) -> str:
+    """`llm.adapter_checkpoint` as a file path: a bundled adapter's name resolved, any other value unchanged."""
+    return str(BUNDLED_ADAPTERS.get(value, value))

@@ -23,7 +23,7 @@ import torch
 
 from mm_llm_ros.core.device import resolve_device, resolve_dtype
 from mm_llm_ros.core.errors import ConfigError
-from mm_llm_ros.core.llm.adapters import BUNDLED_ADAPTERS
+from mm_llm_ros.core.llm.adapters import BUNDLED_ADAPTERS, adapter_path
 from mm_llm_ros.core.llm.cpu_int8 import KERNEL, apply_cpu_int8, check_cpu_int8, int8_bytes
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 from mm_llm_ros.core.llm.quantization import (check_quantization, model_dtype, parameter_bytes, preload_torchao,
@@ -139,13 +139,11 @@ def _backbone_with_adapter(config: ModelConfig, architecture: ImageBindLLMConfig
         model, name = ImageBindLLM(llama, architecture), f'ImageBind-LLM ({config.backbone_path})'
     else:
         raise ConfigError(NO_LLM_CONFIGURED)
-    if config.adapter_checkpoint in BUNDLED_ADAPTERS:
-        if config.preset != 'embedded':
-            raise ConfigError(f"llm.adapter_checkpoint '{config.adapter_checkpoint}' is the embedded preset's "
-                              f"bundled adapter; it does not fit llm.preset '{config.preset}'")
-        checkpoints.load_adapter_checkpoint(model, BUNDLED_ADAPTERS[config.adapter_checkpoint])
-    elif config.adapter_checkpoint:
-        checkpoints.load_adapter_checkpoint(model, config.adapter_checkpoint)
+    if config.adapter_checkpoint in BUNDLED_ADAPTERS and config.preset != 'embedded':
+        raise ConfigError(f"llm.adapter_checkpoint '{config.adapter_checkpoint}' is the embedded preset's "
+                          f"bundled adapter; it does not fit llm.preset '{config.preset}'")
+    if config.adapter_checkpoint:
+        checkpoints.load_adapter_checkpoint(model, adapter_path(config.adapter_checkpoint))
     elif config.preset == 'tiny':
         _randomize_gates(model, config.seed)
     return model, tokenizer, name
