@@ -34,6 +34,16 @@ def wait_until(condition: Callable[[], Any], timeout_s: float = DEFAULT_TIMEOUT_
         time.sleep(POLL_S)
 
 
+def services_by_node(graph_api, node: str, namespace: str = '/') -> list:
+    """`graph_api.get_service_names_and_types_by_node`, or [] while the graph cache does not know `node` yet: its
+    services can be matched before its node-info message arrives, and the query then raises."""
+    from rclpy.node import NodeNameNonExistentError
+    try:
+        return graph_api.get_service_names_and_types_by_node(node, namespace)
+    except NodeNameNonExistentError:
+        return []
+
+
 @dataclass
 class NodeProcess:
     name: str

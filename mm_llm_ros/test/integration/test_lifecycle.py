@@ -15,7 +15,7 @@ from mm_llm_ros.ros.qos import EMBEDDING_QOS, SENSOR_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import Embedding
 from mm_llm_ros_interfaces.srv import Ask
-from ros_harness import wait_until
+from ros_harness import services_by_node, wait_until
 
 STAMP_NS = 1_700_000_000_000_000_000
 PAUSED_STAMP_NS = STAMP_NS + 1_000_000_000   # frames sent while the encoder is inactive
@@ -59,7 +59,7 @@ class Lifecycle:
 
 
 def services_of(test_node, node: str) -> set:
-    return {name for name, _ in test_node.node.get_service_names_and_types_by_node(node, '/')}
+    return {name for name, _ in services_by_node(test_node.node, node)}
 
 
 def status_values(arrays, name: str) -> dict:

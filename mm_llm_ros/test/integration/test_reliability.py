@@ -42,7 +42,7 @@ from rclpy.action import ActionClient
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
 import hostile_msgs
-from ros_harness import NodeGraph, NodeProcess, wait_until
+from ros_harness import NodeGraph, NodeProcess, services_by_node, wait_until
 from mm_llm_ros.node_processes import executable_path
 from mm_llm_ros.ros.conversions import (audio_to_msg, compressed_image_to_msg, image_to_msg, pointcloud_to_msg,
                                         stamp_to_ns)
@@ -942,7 +942,7 @@ def policy_rules(node: str, policy: pathlib.Path = POLICY) -> dict[str, set[str]
 
 def names_used_by(graph_api, node: str) -> dict[str, set[str]]:
     """What the running `node` (root namespace) publishes, subscribes to and serves, by policy permission."""
-    services = wait_until(lambda: graph_api.get_service_names_and_types_by_node(node, '/'), 20, f"{node}'s services")
+    services = wait_until(lambda: services_by_node(graph_api, node), 20, f"{node}'s services")
     used = {'publish': graph_api.get_publisher_names_and_types_by_node(node, '/'),
             'subscribe': graph_api.get_subscriber_names_and_types_by_node(node, '/'), 'reply': services}
     return {permission: {name for name, _ in endpoints} for permission, endpoints in used.items()}

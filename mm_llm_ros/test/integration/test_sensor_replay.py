@@ -136,8 +136,10 @@ def test_mcap_bag_replays_in_order_with_recorded_timing(node_graph, test_node, s
     with lock:
         arrivals, texts = zip(*received) if received else ((), ())
     assert list(texts) == [f'Hello, world! {i}' for i in range(10)]
-    intervals = np.diff(arrivals)  # recorded every 0.5 s (the last one 0.53 s)
-    assert np.median(intervals) == pytest.approx(0.5, abs=0.05) and arrivals[-1] - arrivals[0] > 4.0
+    # Recorded every 0.5 s, 4.53 s in all. A loaded machine can deliver two at once, so the span is what is checked:
+    # a replay that ignored the recorded timing would deliver all ten within a fraction of a second.
+    assert 4.0 < arrivals[-1] - arrivals[0] < 9.0
+    assert np.median(np.diff(arrivals)) > 0.25
     assert 'published /topic 10' in process.log()
 
 
