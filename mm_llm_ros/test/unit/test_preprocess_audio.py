@@ -16,7 +16,12 @@ from mm_llm_ros.core.imagebind.preprocess import (AudioPreprocessConfig, Preproc
                                                   preprocess_audio)
 from mm_llm_ros.core.imagebind.resample import resample
 
-PARITY_ATOL = 1e-4
+# Float32 rounding differs between CPUs (MKL picks FFT and convolution code paths by instruction set), and the log of
+# a quiet frame's energy amplifies it: on an AMX machine the golden tensors (written on another) differ by up to
+# 1.5e-3 in a synthetic clip's quiet frames, 2.6e-4 in the real clips, 1e-5 or less on average. A real preprocessing
+# error (window, resampler, mel scale, normalisation) moves the mean by orders of magnitude more.
+PARITY_MEAN_ATOL = 2e-5
+PARITY_MAX_ATOL = 2e-3
 SHAPE = (3, 1, 128, 204)
 
 
@@ -38,7 +43,9 @@ def read_wav(path, frames=None):
 def assert_parity(waveform, rate, expected, key):
     ours = preprocess_audio(waveform, rate)
     assert ours.shape == SHAPE and ours.dtype == torch.float32
-    np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=PARITY_ATOL, err_msg=key)
+    difference = np.abs(ours.numpy() - expected)
+    assert difference.mean() < PARITY_MEAN_ATOL and difference.max() < PARITY_MAX_ATOL, (
+        f'{key}: mean |difference| {difference.mean():.2e}, max {difference.max():.2e}')
 
 
 def test_matches_official_loader_on_synthetic_48khz_audio(golden):
