@@ -1,7 +1,11 @@
 """Serving throughput and latency of llm_node over DDS: the serial engine against continuous batching.
 
     .venv/bin/python bench/serving.py [--presets tiny embedded] [--callers 1 2 4 8 16] [--requests 2]
-                                      [--new-tokens 48] [--max-batch 8] [--device cpu] [--out bench/results/serving.md]
+                                      [--new-tokens 48] [--max-batch 8] [--device cpu] [--dtype auto]
+                                      [--quantization none|int8|int4] [--threads N] [--no-prefix-reuse]
+                                      [--out bench/results/serving.md]
+    # what bench/results/serving.md holds (a CPU with AMX: bfloat16 batches best, docs/design.md):
+    .venv/bin/python bench/serving.py --dtype bfloat16 --quantization none --threads 1
     # on a GPU machine (the same script; the embedded SmolLM2 or your own checkpoints via --params-file):
     .venv/bin/python bench/serving.py --device cuda --presets embedded --out bench/results/serving-cuda.md
 
@@ -15,8 +19,10 @@ that a changing load on a shared machine hits both alike; the idle node only spi
 Reported per (preset, engine, N): aggregate answers/s and generated tokens/s (all answers' tokens over the wall time
 from the first request to the last answer), and p50/p95 of the latency each caller sees per request (client-side,
 request sent to response received). Goals (issue 13), checked on the embedded preset: at 8 callers the batched
-aggregate tokens/s >= 4x the serial engine's, with the batched p50 latency <= 2x the single-caller latency (the serial
-engine at N=1: what one caller alone waits).
+aggregate tokens/s >= 4x the serial engine's, with the batched p50 latency <= 2x the single-caller latency: the p50
+of the serial engine answering the same questions for one caller, each once (the `alone` run; the N=1 runs ask only
+two of the questions, whose answers may be shorter or longer than the rest). Every answer is compared with the
+same question's answer alone: greedy batched answers should be the same text.
 
 Questions differ per caller (different prompt lengths), greedy decoding as in the configs; answers may end at EOS
 before --new-tokens, so tokens/s counts the tokens actually generated. The script re-executes itself inside a
@@ -33,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -54,6 +60,7 @@ QUESTIONS = ('Describe what a mobile robot should do when it sees a closed door 
              'Describe a warehouse aisle.')
 START_TIMEOUT_S = 600.0
 ENGINES = ('serial', 'batched')
+ALONE = 'alone'  # the serial node answering every question once, one caller: each question's latency alone
 
 
 @dataclass
@@ -66,6 +73,13 @@ class Run:
     tokens: int
     wall_s: float
     latencies_s: list[float]
+    answers_to: dict[str, list[str]] = field(default_factory=dict)  # question -> the answers it got
+
+    def same_as(self, alone: 'Run') -> tuple[int, int]:
+        """How many of this run's answers equal the answer the same question got alone, and how many were compared."""
+        pairs = [(answer, alone.answers_to[question][0]) for question, answers in self.answers_to.items()
+                 for answer in answers if alone.answers_to.get(question)]
+        return sum(a == b for a, b in pairs), len(pairs)
 
     @property
     def answers_per_s(self) -> float:
@@ -99,6 +113,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument('--dtype', default='auto')
     parser.add_argument('--quantization', default=None, choices=['none', 'int8', 'int4'],
                         help="llm.quantization of both nodes (default: the preset's own)")
+    parser.add_argument('--no-prefix-reuse', action='store_true',
+                        help='generation.prefix_reuse false: every prompt prefilled whole (answers independent of '
+                             'what was asked before)')
     parser.add_argument('--threads', type=int, default=0,
                         help="torch threads of each node (its cpu_threads parameter); 0 = torch's default (one per core)")
     parser.add_argument('--answer-timeout', type=float, default=900.0)
@@ -145,6 +162,7 @@ class Callers:
 
     def run(self, preset: str, engine: str, callers: int, requests: int, new_tokens: int) -> Run:
         latencies: list[float] = []
+        answers_to: dict[str, list[str]] = {}
         counts = {'answers': 0, 'failed': 0, 'tokens': 0}
         lock = threading.Lock()
 
@@ -159,6 +177,7 @@ class Callers:
                         counts['answers'] += 1
                         counts['tokens'] += response.tokens_generated
                         latencies.append(elapsed)
+                        answers_to.setdefault(question, []).append(response.answer)
                     else:
                         counts['failed'] += 1
         threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
@@ -168,7 +187,7 @@ class Callers:
         for thread in threads:
             thread.join()
         return Run(preset, engine, callers, counts['answers'], counts['failed'], counts['tokens'],
-                   time.monotonic() - start, latencies)
+                   time.monotonic() - start, latencies, answers_to)
 
 
 def start_nodes(preset: str, args: argparse.Namespace, log_dir: pathlib.Path) -> dict:
@@ -183,6 +202,8 @@ def start_nodes(preset: str, args: argparse.Namespace, log_dir: pathlib.Path) ->
                      'generation.max_new_tokens_cap': max(1024, args.new_tokens), 'cpu_threads': args.threads}
         if args.quantization is not None:
             overrides['llm.quantization'] = args.quantization
+        if args.no_prefix_reuse:
+            overrides['generation.prefix_reuse'] = False
         if preset == 'embedded':  # longer answers than the demo's one-sentence system prompt asks for
             overrides['prompt.system'] = 'You are a helpful assistant. Answer in detail.'
             # The demo's grounded adapter answers these general questions in a few words (it answers from the
@@ -213,6 +234,10 @@ def bench(args: argparse.Namespace, log_dir: pathlib.Path) -> list[Run]:
                     raise RuntimeError(f'{preset}: /serial/ask or /batched/ask not available')
                 for engine in ENGINES:  # warm-up: first-call costs (allocation, DDS) out of the numbers
                     callers.run(preset, engine, 2, 1, 8)
+                alone = callers.run(preset, 'serial', 1, len(QUESTIONS), args.new_tokens)
+                alone.engine = ALONE
+                runs.append(alone)
+                print(f'{preset:9s} {ALONE}: p50 {alone.latency(50):.2f} s over {alone.answers} questions', flush=True)
                 for turn, n in enumerate(args.callers):
                     order = ENGINES if turn % 2 == 0 else ENGINES[::-1]
                     for engine in order:
@@ -230,15 +255,19 @@ def bench(args: argparse.Namespace, log_dir: pathlib.Path) -> list[Run]:
 
 def verdicts(runs: list[Run], preset: str, n: int = 8) -> list[str]:
     table = {(r.engine, r.callers): r for r in runs if r.preset == preset}
-    serial, batched, single = table.get(('serial', n)), table.get(('batched', n)), table.get(('serial', 1))
-    if not (serial and batched and single):
-        return [f'- {preset}: no verdict (needs the serial and batched runs at {n} callers and serial at 1)']
+    serial, batched, alone = table.get(('serial', n)), table.get(('batched', n)), table.get((ALONE, 1))
+    if not (serial and batched and alone):
+        return [f'- {preset}: no verdict (needs the serial and batched runs at {n} callers)']
     speedup = batched.tokens_per_s / serial.tokens_per_s if serial.tokens_per_s else float('nan')
-    ratio = batched.latency(50) / single.latency(50) if single.latency(50) else float('nan')
+    ratio = batched.latency(50) / alone.latency(50) if alone.latency(50) else float('nan')
+    same, compared = batched.same_as(alone)
     return [f'- {preset}: aggregate tokens/s at {n} callers, batched / serial = {batched.tokens_per_s:.1f} / '
             f'{serial.tokens_per_s:.1f} = **{speedup:.2f}x** (goal >= 4x: {"met" if speedup >= 4 else "NOT met"})',
-            f'- {preset}: p50 latency at {n} callers batched / single caller = {batched.latency(50):.2f} s / '
-            f'{single.latency(50):.2f} s = **{ratio:.2f}x** (goal <= 2x: {"met" if ratio <= 2 else "NOT met"})']
+            f'- {preset}: p50 latency at {n} callers batched / the same questions asked alone = '
+            f'{batched.latency(50):.2f} s / {alone.latency(50):.2f} s = **{ratio:.2f}x** '
+            f'(goal <= 2x: {"met" if ratio <= 2 else "NOT met"})',
+            f'- {preset}: batched answers at {n} callers identical to the same question answered alone: '
+            f'{same} of {compared}']
 
 
 def markdown(runs: list[Run], args: argparse.Namespace, elapsed_s: float) -> str:
@@ -250,16 +279,23 @@ def markdown(runs: list[Run], args: argparse.Namespace, elapsed_s: float) -> str
              f'(shared with other jobs: numbers are noisy; serial and batched are measured in the same run, '
              f'alternating per caller count), torch {torch.__version__}, device `{args.device}`, dtype '
              f'`{args.dtype}`, llm.quantization: {args.quantization or "as the preset"}, torch threads per node: '
-             f'{args.threads or "default (one per core)"}.', '',
+             f'{args.threads or "default (one per core)"}, generation.prefix_reuse: {not args.no_prefix_reuse}.', '',
              f'Settings: {args.requests} requests per caller (sequential per caller), up to {args.new_tokens} new '
              f'tokens per answer (greedy; EOS may end an answer earlier), batched engine `generation.max_batch` = '
              f'{args.max_batch}, both engines with max_queue = {max(max(args.callers), args.max_batch)} (no busy '
              'answers). Latency is per request as its caller sees it (request sent to response received).', '',
-             '| preset | engine | callers | answers/s | tokens/s | p50 latency s | p95 latency s | answers | failed |',
-             '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+             f'The `{ALONE}` row is the serial node answering each of the {len(QUESTIONS)} questions once for one '
+             'caller: the latency a caller sees alone, for the same questions the concurrent callers ask (the '
+             '1-caller rows ask only the first two). "Same as alone" counts answers identical to the answer the '
+             'same question got there.', '',
+             '| preset | engine | callers | answers/s | tokens/s | p50 latency s | p95 latency s | answers | failed '
+             '| same as alone |',
+             '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    alone = {r.preset: r for r in runs if r.engine == ALONE}
     for r in sorted(runs, key=lambda r: (r.preset, r.callers, r.engine)):
+        same = '%d / %d' % r.same_as(alone[r.preset]) if r.preset in alone and r.engine != ALONE else ''
         lines.append(f'| {r.preset} | {r.engine} | {r.callers} | {r.answers_per_s:.2f} | {r.tokens_per_s:.1f} | '
-                     f'{r.latency(50):.2f} | {r.latency(95):.2f} | {r.answers} | {r.failed} |')
+                     f'{r.latency(50):.2f} | {r.latency(95):.2f} | {r.answers} | {r.failed} | {same} |')
     lines += ['', '## Goals (issue 13)', '']
     for preset in args.presets:
         lines += verdicts(runs, preset)
