@@ -43,7 +43,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     dtype = _DTYPES[name]
     if device.type == 'cpu' and dtype == torch.float16:
         logger.warning('float16 on CPU is slow and poorly supported; consider float32 or bfloat16')
+    if device.type == 'cpu' and dtype == torch.bfloat16 and not cpu_has_native_bfloat16():
+        logger.warning('this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so bfloat16 is emulated and '
+                       'slower than float32; consider float32')
     return dtype
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 products natively here (AVX512-BF16 or AMX), where batches of rows decode in
+    about the time of one (docs/design.md, "bfloat16 batches on AMX CPUs")."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:
