@@ -68,7 +68,8 @@ DEVICE_PARAMS = (
     Param('diagnostics_period_s', 1.0, 'Period of /diagnostics status messages in seconds (0 disables).'),
     Param('cpu_threads', 0, "Torch's CPU threads in this node's process (0: torch's default, one per core). Set on "
           'configure. On a robot whose cores other processes share, fewer threads avoid contention: on 2 shared '
-          'cores a batched SmolLM2 step was several times slower with 2 threads than with 1 (bench/results/serving.md).'),
+          'cores a batched SmolLM2 step was several times slower with 2 threads than with 1 (docs/design.md, '
+          '"CPU threads").'),
 )
 
 # ---- Lifecycle (managed) nodes: the encoders and llm_node ---------------------------------------
@@ -193,7 +194,13 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
           ('auto', 'eager', 'static', 'cuda_graph', 'compile')),
     Param('generation.max_batch', 1, 'Continuous batching: up to this many answers decode together, one forward '
           'per token for all of them (a newcomer joins between steps, a finished one leaves at once); 1 = one '
-          'answer at a time (the serial engine). Decoder static (batched KV cache); see docs/design.md.'),
+          'answer at a time (the serial engine). Decoder static (batched KV cache). On a CPU with AMX or '
+          'AVX512-BF16, dtype bfloat16 batches best: 8 answers decode in about the time of one, with the serial '
+          "engine's tokens; see docs/design.md."),
+    Param('generation.prefix_reuse', True, 'Prefill only what a prompt does not share with one already in the KV '
+          "cache (the previous question's in the serial engine, any row's in a batch). false: every prompt is "
+          'prefilled whole, so no answer depends, even in its last bits, on what was asked before (bfloat16 and '
+          'int8 show such bits now and then: docs/design.md), at the cost of prefill time.'),
     Param('generation.answer_mode', 'free', 'How a question with perception context is answered: free (generated '
           'token by token) or choose_from_context (the model chooses one line of its context or "I cannot tell from '
           'my sensors.": the one the question makes most likely, by its likelihood against a neutral question; '

@@ -218,9 +218,9 @@ def build_model(spec: TinySpec, meta_state: dict[str, torch.Tensor],
     return model.eval()
 
 
-def merged_tiny_imagebind_llm():
-    """A merged ImageBind-LLM over a GQA backbone with open gates and trained-like adapter values, and its
-    tokenizer: the fast decoders' and the batch decoder's reference model."""
+def merged_tiny_imagebind_llm(dtype: torch.dtype = torch.float32):
+    """A merged ImageBind-LLM over a GQA backbone with open gates and trained-like adapter values, in `dtype`, and
+    its tokenizer: the fast decoders' and the batch decoder's reference model."""
     from mm_llm_ros.core.llm.backbones import tiny_random_backbone
 
     backbone = tiny_random_backbone(seed=4)
@@ -230,5 +230,5 @@ def merged_tiny_imagebind_llm():
         for name, parameter in model.named_parameters():
             if name.endswith(('gate', 'lora_b.weight', '.bias')):
                 parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
-    model.merge_adapters()
+    model.to(dtype).merge_adapters()
     return model, backbone.tokenizer

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mm_llm_ros.core.device import cpu_has_native_bfloat16
 from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.llm.backbones import tiny_random_backbone
 from mm_llm_ros.core.llm.batching import BatchDecoder, BatchRequest, BatchScheduler
@@ -89,6 +90,18 @@ def test_batched_greedy_tokens_equal_the_serial_ones(merged, max_batch):
         assert many.n_prompt_tokens == one.n_prompt_tokens
     if max_batch > 1:  # fewer forwards than tokens: rows really shared steps
         assert scheduler.steps < sum(len(r.token_ids) - 1 for r in serial)
+
+
+@pytest.mark.skipif(not cpu_has_native_bfloat16(), reason='bfloat16 is emulated on this CPU (no AVX512-BF16/AMX)')
+@pytest.mark.parametrize('max_batch', [3, 8])  # 3: rows leave and rejoin, so steps gather scattered rows
+def test_bfloat16_batches_give_exactly_the_serial_tokens(max_batch):
+    """bfloat16 rounds every product and sum to 8 bits, so any change in summation order between the batch and the
+    serial step shows in the tokens. oneDNN's bfloat16 products give each row the same bits in any batch; the batch
+    decoder matches the rest (attention over each row's own span, o_proj's bias added inside the product)."""
+    model, tokenizer = merged_tiny_imagebind_llm(torch.bfloat16)
+    serial = [_serial(model, tokenizer, *request) for request in REQUESTS]
+    batched, _, _ = _batched(model, tokenizer, REQUESTS, max_batch, join_at=[0, 0, 3, 5, 5, 9])
+    assert [r.token_ids for r in batched] == [r.token_ids for r in serial]
 
 
 def test_the_visual_features_of_each_row_stay_its_own(merged):

@@ -13,6 +13,7 @@ import torch
 
 from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.llm.backbones import tiny_random_backbone
+from mm_llm_ros.core.llm.batching import BatchDecoder
 from mm_llm_ros.core.llm.decoding import StaticDecoder, fallback_mode, resolve_decoder_mode
 from mm_llm_ros.core.llm.generation import GenerationConfig, GenerationError, generate
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
@@ -274,3 +275,39 @@ def test_new_visual_features_or_a_failed_prefill_reuse_nothing(merged):
         handle.remove()
     decoder.prefill(ids)
     assert decoder.reused == 0  # the failed prefill may have overwritten slots: nothing is trusted
+
+
+@torch.inference_mode()
+def test_without_prefix_reuse_a_prompts_logits_do_not_depend_on_what_came_before(merged):
+    """`generation.prefix_reuse: false`. With reuse, a prompt's prefill runs its products over fewer rows, which sum
+    in another order: its logits can differ in their last bits with the previous prompt (they do here). Without,
+    every prompt is prefilled whole: the same bits after any history, in the serial and the batch decoder."""
+    model, tokenizer = merged
+    model.set_visual_features(None)
+    prompt = tokenizer.encode(SYSTEM + 'Where is the ball?', bos=True)
+    fresh = StaticDecoder(model.backbone, capacity=128).prefill(prompt)
+    histories = [[], prompt[:12] + [9], prompt[:-3] + [9]]
+
+    def after(history, reuse_prefix):
+        decoder = StaticDecoder(model.backbone, capacity=128, reuse_prefix=reuse_prefix)
+        batch = BatchDecoder(model.backbone, 2, 128, reuse_prefix=reuse_prefix)
+        if history:
+            decoder.prefill(history)
+            batch.admit(0, history)
+        logits = decoder.prefill(prompt), batch.admit(1, prompt)
+        assert decoder.reused == batch.reused == (0 if not reuse_prefix or not history else decoder.reused)
+        return logits
+
+    reused = [after(history, True) for history in histories]
+    assert not all(torch.equal(serial, fresh) for serial, _ in reused)  # the bits this switch is about
+    for serial, batched in (after(history, False) for history in histories):
+        assert torch.equal(serial, fresh) and torch.equal(batched, fresh)
+
+
+def test_prefix_reuse_is_a_parameter_of_both_engines():
+    from mm_llm_ros.core.llm.pipeline import LLMConfig, build_answerer
+
+    assert LLMConfig.from_params().prefix_reuse is True
+    answerer = build_answerer(LLMConfig.from_params({'llm.preset': 'tiny', 'device': 'cpu', 'max_queue': 4,
+                                                     'generation.max_batch': 2, 'generation.prefix_reuse': False}))
+    assert answerer.decoder.reuse_prefix is False and answerer.batch.decoder.reuse_prefix is False

@@ -281,6 +281,29 @@ def test_batched_int8_tokens_equal_the_serial_int8_tokens(pair):
 
 
 @torch.inference_mode()
+def test_a_batch_rows_logits_are_the_serial_steps_bit_for_bit(pair):
+    """Each int8 row's kernel calls are its own, and it attends over its own span as the serial step does: rows of
+    different lengths and visual features, stepped together, give exactly the serial decoder's logits (a masked
+    attention over the longest row's span did not)."""
+    _, fast, tokenizer = pair
+    batch = BatchDecoder(fast.backbone, 3, 96)
+    serial, logits = {}, {}
+    for row, prompt in enumerate(PROMPTS[:3]):
+        fast.set_visual_features(_features(row))
+        ids = tokenizer.encode(prompt, bos=True)
+        serial[row] = StaticDecoder(fast.backbone, capacity=96)
+        logits[row] = serial[row].prefill(ids)
+        assert torch.equal(batch.admit(row, ids), logits[row])
+    for _ in range(12):
+        tokens = {row: int(logits[row].argmax()) for row in serial}
+        stepped = batch.step(list(serial), [tokens[row] for row in serial])
+        for row in serial:
+            fast.set_visual_features(_features(row))  # the serial step reads the model's current query
+            logits[row] = serial[row].step(tokens[row])
+            assert torch.equal(stepped[row], logits[row]), f'row {row}'
+
+
+@torch.inference_mode()
 def test_the_batch_decoders_lean_step_gives_its_generic_steps_logits_bit_for_bit(pair):
     """The batch decoder's int8 decode step (the lean module over n rows, compiled and in Python) against its
     op-by-op layers: rows of different prompt lengths and visual features, stepped as a non-contiguous set and as a

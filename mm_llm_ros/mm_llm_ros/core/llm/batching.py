@@ -8,14 +8,15 @@ forward; a row that stops (EOS, token budget, context, cancellation) leaves at o
 Design (see docs/design.md, "Continuous batching"):
 
 - **Cache layout.** Keys and values per layer are (max_batch, nkv, capacity, hs), preallocated. Row r's token at
-  position p is written to [r, :, p] (`index_put` with per-row positions); the decode step attends over the first
-  `span = max(position) + 1` slots of the running rows with a boolean mask (n, 1, 1, span) of the slots each row
-  has written. Rows never move, so a leaving row costs nothing. We do not use transformers' dynamic cache with left
+  position p is written to [r, :, p] (`index_put` with per-row positions); in a decode step each row attends over
+  its own written slots, without a mask, as the serial step does (rows of one length in one call). Rows never
+  move, so a leaving row costs nothing. We do not use transformers' dynamic cache with left
   padding: joining a running batch would re-pad (copy) every row's cache, and a padded row's positions and masks
   must be rebuilt per join; a fixed row per sequence keeps each row's positions exactly those of the serial path.
 - **Per-row visual vector.** The merged ImageBind-LLM folds a query's visual vector into o_proj's bias (one
   (hidden,) buffer: `model.ServedOutputProjection`). Here o_proj runs as `x @ W.T + bias[rows]` with a
-  (max_batch, hidden) bias table per layer: when a sequence joins, the model's visual features are set for it and
+  (max_batch, hidden) bias table per layer, added as the serial path adds it (`ServedOutputProjection.rows`):
+  when a sequence joins, the model's visual features are set for it and
   each layer's current o_proj bias (o_proj applied to a zero vector: the tuned bias plus c_l) is copied into its row.
   The model's own single-sequence path (`StaticDecoder`, `EagerStepper`) is untouched.
 - **Prefill** runs one newcomer at a time (batch 1, causal attention over its prompt), exactly as the serial
@@ -26,8 +27,10 @@ Design (see docs/design.md, "Continuous batching"):
 - **Sampling** is per row with the row's own settings and its own seeded `torch.Generator` (`generation`'s
   `select_next_token`), so a seeded request draws the same tokens whatever else is in the batch.
 
-Greedy tokens equal the serial path's up to floating-point rounding (a batched matmul may sum in another order);
-the unit tests check token equality on the tiny model.
+Greedy tokens equal the serial path's up to the rounding of batched float32 products, which sum in another order than
+single-row ones (the unit tests check token equality on the tiny model). oneDNN's bfloat16 products give a row the
+same bits in any batch, and every other operation here is the serial step's, row by row, so in bfloat16 a batch gives
+exactly the serial tokens (tested): the lowest precision is where summation order shows most.
 """
 from __future__ import annotations
 
@@ -54,15 +57,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _output_projection(o_proj: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """o_proj's product without its bias, x W^T: a plain nn.Linear's, or a merged ImageBind-LLM projection's
-    (`ServedOutputProjection.linear_map`, which `cpu_int8` reroutes to its int8 kernel)."""
+def _output_projection(o_proj: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """o_proj for decode rows (n, 1, C), each with its own bias (n, C): a merged ImageBind-LLM projection's
+    `ServedOutputProjection.rows` (the product and the bias rounded as the serial path rounds them), or a plain
+    nn.Linear's product plus the bias."""
     from mm_llm_ros.core.llm.model import GatedOutputProjection
 
     if isinstance(o_proj, nn.Linear):
-        return lambda x, weight=o_proj.weight: F.linear(x, weight)
+        return lambda x, biases, weight=o_proj.weight: torch.addmm(biases, x.view(x.shape[0], -1),
+                                                                   weight.t()).unsqueeze(1)
     if isinstance(o_proj, GatedOutputProjection) and o_proj.served is not None:
-        return o_proj.served.linear_map
+        return o_proj.served.rows
     raise ConfigError('batched decoding needs a plain LLaMA or a merged ImageBind-LLM (call merge_adapters() '
                        f'first): o_proj is a {type(o_proj).__name__} that is not merged')
 
@@ -75,7 +80,7 @@ class BatchDecoder:
     `step(rows, tokens)` feeds one token per listed row and returns their next logits (n, vocab).
     """
 
-    def __init__(self, model: nn.Module, max_batch: int, capacity: int) -> None:
+    def __init__(self, model: nn.Module, max_batch: int, capacity: int, reuse_prefix: bool = True) -> None:
         if max_batch < 1:
             raise ConfigError(f'max_batch must be >= 1, got {max_batch}')
         base = getattr(model, 'model', None)
@@ -103,6 +108,7 @@ class BatchDecoder:
         self.lengths = [0] * max_batch  # tokens written per row
         self._prompts: list[Optional[list[int]]] = [None] * max_batch  # each row's last prompt (prefix reuse)
         self.reused = 0  # slots the last admit took over from a previous prompt
+        self.reuse_prefix = reuse_prefix  # generation.prefix_reuse
         # An int8 model on the CPU (cpu_int8): decode steps in far fewer torch calls (the prefill stays float).
         self._int8_step = Int8DecodeStep.for_model(model, capacity)
 
@@ -131,7 +137,7 @@ class BatchDecoder:
         self._prompts[row] = None  # until this prefill completes, its slots are not reusable
         input_ids = torch.tensor([list(prompt_ids[start:])], dtype=torch.long, device=self.device)
         positions = torch.arange(start, length, device=self.device).unsqueeze(0)
-        logits = self._forward([row], input_ids, positions, span=length, decode=False)
+        logits = self._prefill(row, input_ids, positions, span=length)
         self.lengths[row] = length
         self._prompts[row] = list(prompt_ids)
         self.reused = start
@@ -143,6 +149,8 @@ class BatchDecoder:
         slots hold this prompt's keys and values. Decode steps write after a prompt, so a finished row's prompt
         slots stay valid until the row is admitted again."""
         best = (0, 0)
+        if not self.reuse_prefix:
+            return best
         for row, previous in enumerate(self._prompts):
             if previous is None:
                 continue
@@ -159,79 +167,85 @@ class BatchDecoder:
                 raise ConfigError(f'row {row}: the static cache of {self.capacity} positions is full')
         input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)  # (n, 1)
         positions = torch.tensor([[self.lengths[r]] for r in rows], device=self.device)  # (n, 1)
-        span = max(self.lengths[r] for r in rows) + 1
+        index = torch.tensor(list(rows), device=self.device)
         if self._int8_step is not None:  # the lean int8 step, with each row's own o_proj biases
-            index, first, contiguous = self._row_index(rows)
-            logits = self._int8_step(input_ids.view(-1), positions.view(-1), index, first, contiguous, span,
-                                     self._decode_mask(positions, span), self._keys, self._values,
+            logits = self._int8_step(input_ids.view(-1), positions.view(-1), index, list(rows),
+                                     [self.lengths[r] + 1 for r in rows], self._keys, self._values,
                                      [table.index_select(0, index) for table in self._biases])
         else:
-            logits = self._forward(rows, input_ids, positions, span=span, decode=True)
+            hidden = self._base.embed_tokens(input_ids)  # (n, 1, C)
+            rotary = self._base.rotary_emb(hidden, positions)
+            groups = self._span_groups(rows)
+            hidden = run_decoder_layers(self._layers, hidden, lambda layer_index, layer, x: self._decode_attention(
+                layer.self_attn, layer_index, x, rotary, index, positions, groups))
+            logits = self.model.lm_head(self._base.norm(hidden))[:, -1]
         for row in rows:
             self.lengths[row] += 1
         return logits
 
     # ---- the model -----------------------------------------------------------------------------------------------
-    def _forward(self, rows: Sequence[int], input_ids: torch.Tensor, positions: torch.Tensor, span: int,
-                 decode: bool) -> torch.Tensor:
-        """(n, T) ids at (n, T) positions in cache rows `rows` (n of them), whose highest position is `span` - 1
-        -> each row's last-position logits (n, vocab). Row bookkeeping stays on the host: no device sync."""
-        hidden = self._base.embed_tokens(input_ids)  # (n, T, C)
+    def _prefill(self, row: int, input_ids: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """One row's prompt (1, T) at `positions` (1, T), the last of which is `span` - 1, exactly as the serial
+        decoder prefills it (the model holds this row's query) -> the last position's logits (1, vocab)."""
+        hidden = self._base.embed_tokens(input_ids)  # (1, T, C)
         rotary = self._base.rotary_emb(hidden, positions)
-        index, first, contiguous = self._row_index(rows)
         mask = None
-        if decode:
-            mask = self._decode_mask(positions, span)
-        elif span > input_ids.shape[1]:  # a prefill after reused slots: causal over the prefix and itself
+        if span > input_ids.shape[1]:  # after reused slots: causal over the prefix and itself
             mask = (self._slots[:span].view(1, -1) <= positions.view(-1, 1)).view(1, 1, -1, span)
-        hidden = run_decoder_layers(self._layers, hidden, lambda layer_index, layer, x: self._attention(
-            layer, layer_index, x, rotary, index, positions, mask, span, contiguous, first, decode))
+        hidden = run_decoder_layers(self._layers, hidden, lambda layer_index, layer, x: self._prefill_attention(
+            layer.self_attn, layer_index, x, rotary, row, mask, span))
         hidden = self._base.norm(hidden[:, -1:])
         return self.model.lm_head(hidden)[:, -1]
 
-    def _row_index(self, rows: Sequence[int]) -> tuple[torch.Tensor, int, bool]:
-        """`rows` as an index tensor, its first row, and whether they are consecutive (then views, not gathers)."""
-        first = rows[0]
-        return (torch.tensor(list(rows), device=self.device), first,
-                list(rows) == list(range(first, first + len(rows))))
-
-    def _decode_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
-        """(n, 1, 1, span): row i sees the slots up to its own position (`positions` (n, 1))."""
-        return self._slots[:span].view(1, 1, 1, span) <= positions.view(-1, 1, 1, 1)
-
-    def _attention(self, layer: nn.Module, index: int, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                   rows: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor], span: int,
-                   contiguous: bool, first: int, decode: bool) -> torch.Tensor:
-        attn = layer.self_attn
-        batch, length, _ = x.shape
-        query, key, value = rotated_qkv(attn, x, self.head_dim, rotary)  # (n, nh | nkv, T, hs)
+    def _prefill_attention(self, attn: nn.Module, index: int, x: torch.Tensor,
+                           rotary: tuple[torch.Tensor, torch.Tensor], row: int, mask: Optional[torch.Tensor],
+                           span: int) -> torch.Tensor:
+        length = x.shape[1]
+        query, key, value = rotated_qkv(attn, x, self.head_dim, rotary)  # (1, nh | nkv, T, hs)
         keys, values = self._keys[index], self._values[index]
-        if mask is None:  # prefill of one row: causal attention within its prompt, which starts at position 0
-            keys[first, :, :length] = key[0]
-            values[first, :, :length] = value[0]
+        keys[row, :, span - length:span] = key[0]
+        values[row, :, span - length:span] = value[0]
+        if mask is None:  # causal attention within the prompt, which starts at position 0
             out = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1, scale=attn.scaling,
                                                  enable_gqa=self.gqa)
-        elif not decode:  # prefill of one row after `span - length` reused slots (`admit`)
-            keys[first, :, span - length:span] = key[0]
-            values[first, :, span - length:span] = value[0]
-            out = F.scaled_dot_product_attention(query, keys[first:first + 1, :, :span],
-                                                 values[first:first + 1, :, :span], attn_mask=mask,
-                                                 scale=attn.scaling, enable_gqa=self.gqa)
-        else:  # decode: one token per row, written at the row's own position; attend over the written slots
-            slots = positions[:, 0]
-            keys[rows, :, slots] = key[:, :, 0]
-            values[rows, :, slots] = value[:, :, 0]
-            if contiguous:  # views, no copy
-                row_keys = keys[first:first + batch, :, :span]
-                row_values = values[first:first + batch, :, :span]
-            else:
-                row_keys = keys[:, :, :span].index_select(0, rows)
-                row_values = values[:, :, :span].index_select(0, rows)
-            out = F.scaled_dot_product_attention(query, row_keys, row_values, attn_mask=mask, scale=attn.scaling,
-                                                 enable_gqa=self.gqa)
-        out = out.transpose(1, 2).reshape(batch, length, -1)
-        bias = self._biases[index].index_select(0, rows).unsqueeze(1)  # (n, 1, C): each row's own visual vector
-        return self._products[index](out) + bias
+        else:  # after `span - length` reused slots (`admit`)
+            out = F.scaled_dot_product_attention(query, keys[row:row + 1, :, :span], values[row:row + 1, :, :span],
+                                                 attn_mask=mask, scale=attn.scaling, enable_gqa=self.gqa)
+        return attn.o_proj(out.transpose(1, 2).reshape(1, length, -1))
+
+    def _decode_attention(self, attn: nn.Module, index: int, x: torch.Tensor,
+                          rotary: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor,
+                          groups: list[tuple[Any, Any, int]]) -> torch.Tensor:
+        """One token per row, written at the row's own position. Each row attends over its own written slots,
+        without a mask, as the serial step does: a masked attention over a longer span sums in another order,
+        which in bfloat16 changes answers. Rows of one length share a call (`_span_groups`)."""
+        batch = x.shape[0]
+        query, key, value = rotated_qkv(attn, x, self.head_dim, rotary)  # (n, nh | nkv, 1, hs)
+        keys, values = self._keys[index], self._values[index]
+        slots = positions[:, 0]
+        keys[rows, :, slots] = key[:, :, 0]
+        values[rows, :, slots] = value[:, :, 0]
+        out = torch.empty_like(query)
+        for members, cache_rows, span in groups:
+            out[members] = F.scaled_dot_product_attention(query[members], keys[cache_rows, :, :span],
+                                                          values[cache_rows, :, :span], scale=attn.scaling,
+                                                          enable_gqa=self.gqa)
+        biases = self._biases[index].index_select(0, rows)  # (n, C): each row's own visual vector
+        return self._products[index](out.transpose(1, 2).reshape(batch, 1, -1), biases)
+
+    def _span_groups(self, rows: Sequence[int]) -> list[tuple[Any, Any, int]]:
+        """The step's rows grouped by attended span (their length + 1): (positions in `rows`, cache rows, span) per
+        group, each index a slice where consecutive (a view), else a tensor (a gather). Host bookkeeping only."""
+        by_span: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_span.setdefault(self.lengths[row] + 1, []).append(i)
+        return [(self._index(members), self._index([rows[i] for i in members]), span)
+                for span, members in by_span.items()]
+
+    def _index(self, items: list[int]) -> slice | torch.Tensor:
+        if items == list(range(items[0], items[0] + len(items))):
+            return slice(items[0], items[0] + len(items))
+        return torch.tensor(items, device=self.device)
 
 
 @dataclass

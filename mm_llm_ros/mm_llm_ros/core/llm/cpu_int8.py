@@ -37,7 +37,7 @@ calls:
 The other maps are rerouted through an instance attribute (`LoRALinear.merge` points `forward` at the base layer's):
 down_proj, o_proj and lm_head decode in int8 in every decoder; o_proj's per-query bias (the tuned bias plus the
 visual vector, `ServedOutputProjection.bias`) is added after the int8 product, and the batch decoder reaches
-o_proj's matmul through `ServedOutputProjection.linear_map`.
+o_proj's rows through `ServedOutputProjection.rows`.
 """
 
 import functools
@@ -146,18 +146,17 @@ class Int8DecodeStep:
             return None
         return cls(backbone, capacity)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, first: int,
-                 contiguous: bool, span: int, mask: torch.Tensor | None, keys: list[torch.Tensor],
-                 values: list[torch.Tensor], o_bias: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, row_ids: list[int],
+                 spans: list[int], keys: list[torch.Tensor], values: list[torch.Tensor],
+                 o_bias: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """One decode step of n rows of the KV cache `keys`/`values` (B, nkv, L, hs) per layer: `tokens[i]` at
-        `positions[i]` in cache row `rows[i]` (all (n,) long tensors; `first` = rows[0], `contiguous` when the rows
-        are consecutive), attending over the first `span` slots, those after a row's own position hidden by `mask`
-        (n, 1, 1, span) (None: every row sees all `span`). `o_bias`: o_proj's bias per layer, (C,) or per row
-        (n, C); None reads the model's (the current query's). Returns the next logits (n, vocab)."""
+        `positions[i]` in cache row `rows[i]` ((n,) long tensors; `row_ids` the same rows as ints), each row
+        attending over its first `spans[i]` slots (its position + 1). `o_bias`: o_proj's bias per layer, (C,) or
+        per row (n, C); None reads the model's (the current query's). Returns the next logits (n, vocab)."""
         if o_bias is None:
             o_bias = [product.bias() for product in self.o_products]
         step = self.scripted if self.scripted is not None else self.python
-        return step(tokens, positions, rows, first, contiguous, span, mask, keys, values, o_bias)
+        return step(tokens, positions, rows, row_ids, spans, keys, values, o_bias)
 
 
 class _Int8Step(nn.Module):
@@ -209,9 +208,9 @@ class _Int8Step(nn.Module):
             cos, sin = base.rotary_emb(self.embed[:1].view(1, 1, -1), torch.arange(capacity).unsqueeze(0))
         self.cos, self.sin = cos[0], sin[0]  # (capacity, head_dim)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, first: int,
-                contiguous: bool, span: int, mask: Optional[torch.Tensor], keys: List[torch.Tensor],
-                values: List[torch.Tensor], o_bias: List[Optional[torch.Tensor]]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, row_ids: List[int],
+                spans: List[int], keys: List[torch.Tensor], values: List[torch.Tensor],
+                o_bias: List[Optional[torch.Tensor]]) -> torch.Tensor:
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         n = tokens.shape[0]
         shape = [self.hidden]
@@ -224,19 +223,21 @@ class _Int8Step(nn.Module):
             qk = heads[:, :nh + nkv]
             qk = qk * cos + torch.matmul(qk, self.rotate) * sin
             if n == 1:  # the serial decoder's step: index_copy_ costs a third of an index_put_
-                keys[i].narrow(0, first, 1).index_copy_(2, positions, qk[:, nh:].view(1, nkv, 1, hd))
-                values[i].narrow(0, first, 1).index_copy_(2, positions, heads[:, nh + nkv:].view(1, nkv, 1, hd))
+                keys[i].narrow(0, row_ids[0], 1).index_copy_(2, positions, qk[:, nh:].view(1, nkv, 1, hd))
+                values[i].narrow(0, row_ids[0], 1).index_copy_(2, positions, heads[:, nh + nkv:].view(1, nkv, 1, hd))
             else:
                 keys[i][rows, :, positions] = qk[:, nh:]
                 values[i][rows, :, positions] = heads[:, nh + nkv:]
-            if contiguous:  # views, no copy
-                row_keys = keys[i].narrow(0, first, n).narrow(2, 0, span)
-                row_values = values[i].narrow(0, first, n).narrow(2, 0, span)
-            else:
-                row_keys = keys[i].narrow(2, 0, span).index_select(0, rows)
-                row_values = values[i].narrow(2, 0, span).index_select(0, rows)
-            out = F.scaled_dot_product_attention(qk[:, :nh].reshape(n, nh, 1, hd), row_keys, row_values,
-                                                 attn_mask=mask, scale=self.scaling, enable_gqa=self.gqa)
+            query = qk[:, :nh].reshape(n, nh, 1, hd)
+            # Each row over its own written slots, without a mask, as the serial step attends (a masked attention
+            # over a longer span sums in another order: BatchDecoder).
+            outs: List[torch.Tensor] = []
+            for r in range(n):
+                outs.append(F.scaled_dot_product_attention(
+                    query.narrow(0, r, 1), keys[i].narrow(0, row_ids[r], 1).narrow(2, 0, spans[r]),
+                    values[i].narrow(0, row_ids[r], 1).narrow(2, 0, spans[r]), scale=self.scaling,
+                    enable_gqa=self.gqa))
+            out = outs[0] if n == 1 else torch.cat(outs)
             h = h + _with_bias(_rows(out.view(n, nh * hd), self.o[i]), o_bias[i])
             x = F.rms_norm(h, shape, self.norm2[i], self.eps2[i])
             gate_up = _with_bias(_rows(x, self.gate_up[i]), self.gate_up_bias[i])
@@ -314,7 +315,7 @@ def apply_cpu_int8(model: nn.Module) -> int:
     Adds one fused int8 product per layer for q, k and v (`self_attn.decode_qkv`) and one for gate and up
     (`mlp.decode_gate_up`), which the decoders call for decode rows (`decoding.rotated_qkv`, `decoding.mlp_output`);
     those projections' own forwards stay float. Reroutes down_proj, o_proj (its `GatedOutputProjection` and
-    `ServedOutputProjection.linear_map`) and `lm_head` (an int8 copy: the tied embedding stays float for the token
+    `ServedOutputProjection.rows`) and `lm_head` (an int8 copy: the tied embedding stays float for the token
     lookup). Idempotent per model. Call `check_cpu_int8` first for a clear refusal.
     """
     from mm_llm_ros.core.llm.model import GatedOutputProjection
@@ -336,7 +337,8 @@ def apply_cpu_int8(model: nn.Module) -> int:
         if isinstance(module, GatedOutputProjection):
             served = module.served
             matmul = Int8Rows(served.weight, lambda: None)
-            served.linear_map = matmul  # the batch decoder's o_proj product (its own per-row biases follow)
+            # The batch decoder's o_proj rows: the int8 product, then each row's bias, as `forward` adds it.
+            served.rows = lambda x, biases, matmul=matmul: matmul(x) + biases.unsqueeze(1)
             module.forward = Int8Rows(served.weight, functools.partial(getattr, served, 'bias'))
             module.forward.packed = matmul.packed  # one int8 copy per weight
             count += 1

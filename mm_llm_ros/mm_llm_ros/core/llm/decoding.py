@@ -183,7 +183,8 @@ class StaticDecoder:
     position's logits (vocab,), in the model dtype, as the eager path does.
     """
 
-    def __init__(self, model: nn.Module, capacity: int, mode: DecoderMode = 'static') -> None:
+    def __init__(self, model: nn.Module, capacity: int, mode: DecoderMode = 'static',
+                 reuse_prefix: bool = True) -> None:
         if mode not in ('static', 'cuda_graph', 'compile'):
             raise ConfigError(f"StaticDecoder runs 'static', 'cuda_graph' or 'compile', not '{mode}'")
         base = getattr(model, 'model', None)
@@ -218,6 +219,7 @@ class StaticDecoder:
         self._prompt: list[int] = []  # the last completed prefill's prompt: its slots are reusable (prefix reuse)
         self._state: list[torch.Tensor | None] = []
         self.reused = 0  # slots the last prefill reused
+        self.reuse_prefix = reuse_prefix  # generation.prefix_reuse
         self._step_fn = self._static_step if mode == 'static' else self._decode_step
         # An int8 model on the CPU (cpu_int8): the same step in far fewer torch calls.
         self._int8_step = Int8DecodeStep.for_model(model, capacity) if mode == 'static' else None
@@ -272,7 +274,7 @@ class StaticDecoder:
         """How many leading cache slots already hold this prompt's keys and values: the previous prompt's common
         prefix (decode steps only write after it) if the per-query state is unchanged."""
         previous = self._prompt
-        if not previous or len(state) != len(self._state) or any(
+        if not self.reuse_prefix or not previous or len(state) != len(self._state) or any(
                 (a is None) != (b is None) or (a is not None and not torch.equal(a, b))
                 for a, b in zip(state, self._state, strict=True)):
             return 0
@@ -303,8 +305,8 @@ class StaticDecoder:
         knows. On the CPU with the default 1024-slot context this is most of the attention time (SmolLM2: about
         300 us per layer and token masked over the whole cache, 60 us over 300 written slots)."""
         if self._int8_step is not None:
-            return self._int8_step(self._token.view(1), self._position, self._first_row, 0, True, self._length,
-                                   None, self._keys, self._values)
+            return self._int8_step(self._token.view(1), self._position, self._first_row, [0], [self._length],
+                                   self._keys, self._values)
         return self._forward(self._token, self._position, decode=True, span=self._length)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, decode: bool,

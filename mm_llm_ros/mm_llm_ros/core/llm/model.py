@@ -244,9 +244,11 @@ class ServedOutputProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def linear_map(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T without the bias (the batch decoder adds per-row biases); `cpu_int8` may replace it."""
-        return F.linear(x, self.weight)
+    def rows(self, x: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+        """Decode rows (n, 1, C), each with its own bias (n, C) (the batch decoder's per-row visual vectors):
+        x W^T + biases in one addmm, rounded once as `forward`'s `F.linear(x, W, bias)` rounds it (a product and a
+        separate add round twice, which in bfloat16 changes answers). `cpu_int8` replaces it."""
+        return torch.addmm(biases, x.view(x.shape[0], -1), self.weight.t()).unsqueeze(1)
 
 
 class GatedOutputProjection(nn.Module):

@@ -51,6 +51,7 @@ class LLMConfig:
     max_age_s: float
     max_queue: int
     max_batch: int
+    prefix_reuse: bool
     max_question_chars: int
     generation: GenerationConfig
     answer_mode: str             # free | choose_from_context (core/llm/choice.py)
@@ -97,7 +98,7 @@ class LLMConfig:
                    context_format=p['context.format'],
                    context_max_chars=int(p['context.max_chars']),
                    max_age_s=float(p['max_age_s']), max_queue=int(p['max_queue']),
-                   max_batch=int(p['generation.max_batch']),
+                   max_batch=int(p['generation.max_batch']), prefix_reuse=bool(p['generation.prefix_reuse']),
                    max_question_chars=int(p['max_question_chars']), generation=generation,
                    answer_mode=p['generation.answer_mode'],
                    max_new_tokens_cap=int(p['generation.max_new_tokens_cap']),
@@ -257,7 +258,7 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     assembled = build_imagebind_llm(config.model)
     model, tokenizer = assembled.model, assembled.tokenizer
     decoder = _static_decoder(model, decoder_mode, config.generation.context_length,
-                              fallback_mode(config.decoder, decoder_mode))
+                              fallback_mode(config.decoder, decoder_mode), config.prefix_reuse)
     if config.model.preset == 'tiny':  # armed after the warm-up
         inject_faults(model)
     cache = None
@@ -267,8 +268,8 @@ def build_answerer(config: LLMConfig) -> LLMAnswerer:
     prompt = prompt_builder(config, tokenizer)
     batch = None
     if config.max_batch > 1:
-        batch = BatchScheduler(BatchDecoder(model.backbone, config.max_batch, config.generation.context_length),
-                               tokenizer)
+        batch = BatchScheduler(BatchDecoder(model.backbone, config.max_batch, config.generation.context_length,
+                                            reuse_prefix=config.prefix_reuse), tokenizer)
         logger.info('continuous batching: up to %d answers per decode step', config.max_batch)
     return LLMAnswerer(model, tokenizer, prompt, config.generation, config.fusion_weights, cache, assembled.name,
                        decoder, batch, config.answer_mode)
@@ -283,12 +284,12 @@ def prompt_builder(config: LLMConfig, tokenizer: TextTokenizer) -> PromptBuilder
 
 
 def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int,
-                    fallback: Optional[DecoderMode] = None) -> Optional[StaticDecoder]:
+                    fallback: Optional[DecoderMode] = None, reuse_prefix: bool = True) -> Optional[StaticDecoder]:
     """The `generation.decoder` stepper for the merged model (None: eager), its KV cache sized to the context and
     warmed up (graph captured, step compiled). If that fails, `fallback` is used, else a `ConfigError` names why."""
     if mode == 'eager':
         return None
-    decoder = StaticDecoder(model.backbone, capacity=capacity, mode=mode)
+    decoder = StaticDecoder(model.backbone, capacity=capacity, mode=mode, reuse_prefix=reuse_prefix)
     try:
         decoder.warm_up()
     except Exception as exc:  # torch.compile can fail in many ways (no Triton, no C compiler, an unsupported op)
@@ -296,6 +297,6 @@ def _static_decoder(model: ImageBindLLM, mode: DecoderMode, capacity: int,
         if fallback is None:
             raise ConfigError(f"generation.decoder '{mode}' cannot start: {reason}") from exc
         logger.warning("generation.decoder auto: '%s' cannot start (%s); decoding with '%s'", mode, reason, fallback)
-        return _static_decoder(model, fallback, capacity)
+        return _static_decoder(model, fallback, capacity, reuse_prefix=reuse_prefix)
     logger.info("generation.decoder '%s': static KV cache of %d positions, warmed up", mode, capacity)
     return decoder
