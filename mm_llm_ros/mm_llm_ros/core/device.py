@@ -51,7 +51,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def cpu_has_native_bfloat16() -> bool:
     """Whether oneDNN runs bfloat16 products natively here (AVX512-BF16 or AMX), where batches of rows decode in
-    about the time of one (docs/design.md, "bfloat16 batches on AMX CPUs")."""
+    about the time of one (docs/design.md, "bfloat16 batches best on CPUs with AMX or AVX512-BF16")."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
