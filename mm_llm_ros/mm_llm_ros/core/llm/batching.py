@@ -10,14 +10,14 @@ Design (see docs/design.md, "Continuous batching"):
 - **Cache layout.** Keys and values per layer are (max_batch, nkv, capacity, hs), preallocated. Row r's token at
   position p is written to [r, :, p] (`index_put` with per-row positions); in a decode step each row attends over
   its own written slots, without a mask, as the serial step does (rows of one length in one call). Rows never
-  move, so a leaving row costs nothing. We do not use transformers' dynamic cache with left
-  padding: joining a running batch would re-pad (copy) every row's cache, and a padded row's positions and masks
+  move, so a leaving row costs nothing. We do not use transformers' dynamic cache with left padding: joining a
+  running batch would re-pad (copy) every row's cache, and a padded row's positions and masks
   must be rebuilt per join; a fixed row per sequence keeps each row's positions exactly those of the serial path.
 - **Per-row visual vector.** The merged ImageBind-LLM folds a query's visual vector into o_proj's bias (one
   (hidden,) buffer: `model.ServedOutputProjection`). Here o_proj runs as `x @ W.T + bias[rows]` with a
-  (max_batch, hidden) bias table per layer, added as the serial path adds it (`ServedOutputProjection.rows`):
-  when a sequence joins, the model's visual features are set for it and
-  each layer's current o_proj bias (o_proj applied to a zero vector: the tuned bias plus c_l) is copied into its row.
+  (max_batch, hidden) bias table per layer, the bias added as the serial path adds it
+  (`ServedOutputProjection.rows`): when a sequence joins, the model's visual features are set for it and each
+  layer's current o_proj bias (o_proj applied to a zero vector: the tuned bias plus c_l) is copied into its row.
   The model's own single-sequence path (`StaticDecoder`, `EagerStepper`) is untouched.
 - **Prefill** runs one newcomer at a time (batch 1, causal attention over its prompt), exactly as the serial
   decoder; running rows wait for it (no chunked prefill: prompts here are a few hundred tokens at most). Concurrent
@@ -27,10 +27,11 @@ Design (see docs/design.md, "Continuous batching"):
 - **Sampling** is per row with the row's own settings and its own seeded `torch.Generator` (`generation`'s
   `select_next_token`), so a seeded request draws the same tokens whatever else is in the batch.
 
-Greedy tokens equal the serial path's up to the rounding of batched float32 products, which sum in another order than
-single-row ones (the unit tests check token equality on the tiny model). oneDNN's bfloat16 products give a row the
-same bits in any batch, and every other operation here is the serial step's, row by row, so in bfloat16 a batch gives
-exactly the serial tokens (tested): the lowest precision is where summation order shows most.
+Every operation of a decode row is the serial step's; only the products differ. oneDNN's bfloat16 products give a
+row the same bits in any batch of up to 16 rows, and int8 runs each row as its own kernel call, so in bfloat16 and
+int8 a batch row's logits are the serial ones bit for bit (tested). float32 products over several rows sum in
+another order than over one, so float32 rows equal the serial ones up to that rounding (the unit tests check token
+equality on the tiny model).
 """
 from __future__ import annotations
 
