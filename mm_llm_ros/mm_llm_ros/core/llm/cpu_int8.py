@@ -162,7 +162,7 @@ class Int8DecodeStep:
 class _Int8Step(nn.Module):
     """The lean int8 decode step. Differences from the generic step, none in the arithmetic: hidden states are
     (n, C), one row per sequence; rotary cos/sin are read from a table computed once by the model's own rotary
-    embedding; rotate_half is a product with a signed permutation matrix (exact: one nonzero term per output); the
+    embedding; RMSNorm is transformers' formula in five calls (`_rms_norm`); the
     kernel is called without its Python wrapper. Written in the TorchScript subset: torch.compile cannot take the
     kernel's prepacked weights (a TorchScript class)."""
 
@@ -199,11 +199,7 @@ class _Int8Step(nn.Module):
         self.norm, self.norm_eps = base.norm.weight, float(base.norm.variance_epsilon)
         head: Int8Rows = backbone.lm_head.forward
         self.head, self.head_bias = head.packed, _nonzero(head.bias())
-        half = self.head_dim // 2
-        rotate = torch.zeros(self.head_dim, self.head_dim)  # x @ rotate == transformers' rotate_half(x)
-        rotate[torch.arange(half) + half, torch.arange(half)] = -1.0
-        rotate[torch.arange(half), torch.arange(half) + half] = 1.0
-        self.rotate = rotate
+        self.half: int = self.head_dim // 2
         with torch.inference_mode():
             cos, sin = base.rotary_emb(self.embed[:1].view(1, 1, -1), torch.arange(capacity).unsqueeze(0))
         self.cos, self.sin = cos[0], sin[0]  # (capacity, head_dim)
@@ -213,15 +209,15 @@ class _Int8Step(nn.Module):
                 o_bias: List[Optional[torch.Tensor]]) -> torch.Tensor:
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         n = tokens.shape[0]
-        shape = [self.hidden]
         cos = self.cos.index_select(0, positions).unsqueeze(1)  # (n, 1, hs)
         sin = self.sin.index_select(0, positions).unsqueeze(1)
         h = self.embed.index_select(0, tokens)  # (n, C)
         for i in range(len(self.qkv)):
-            x = F.rms_norm(h, shape, self.norm1[i], self.eps1[i])
+            x = _rms_norm(h, self.norm1[i], self.eps1[i])
             heads = _with_bias(_rows(x, self.qkv[i]), self.qkv_bias[i]).view(n, nh + 2 * nkv, hd)
             qk = heads[:, :nh + nkv]
-            qk = qk * cos + torch.matmul(qk, self.rotate) * sin
+            rotated = torch.cat((-qk[:, :, self.half:], qk[:, :, :self.half]), dim=-1)  # transformers' rotate_half
+            qk = qk * cos + rotated * sin
             if n == 1:  # the serial decoder's step: index_copy_ costs a third of an index_put_
                 keys[i].narrow(0, row_ids[0], 1).index_copy_(2, positions, qk[:, nh:].view(1, nkv, 1, hd))
                 values[i].narrow(0, row_ids[0], 1).index_copy_(2, positions, heads[:, nh + nkv:].view(1, nkv, 1, hd))
@@ -239,13 +235,19 @@ class _Int8Step(nn.Module):
                     enable_gqa=self.gqa))
             out = outs[0] if n == 1 else torch.cat(outs)
             h = h + _with_bias(_rows(out.view(n, nh * hd), self.o[i]), o_bias[i])
-            x = F.rms_norm(h, shape, self.norm2[i], self.eps2[i])
+            x = _rms_norm(h, self.norm2[i], self.eps2[i])
             gate_up = _with_bias(_rows(x, self.gate_up[i]), self.gate_up_bias[i])
             width = self.gate_width[i]
             y = _rows(F.silu(gate_up[:, :width]) * gate_up[:, width:], self.down[i])
             h = h + _with_bias(y, self.down_bias[i])
-        h = F.rms_norm(h, shape, self.norm, self.norm_eps)
+        h = _rms_norm(h, self.norm, self.norm_eps)
         return _with_bias(_rows(h, self.head), self.head_bias)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm on float32 rows, op for op (so bit for bit). `F.rms_norm` gives the same numbers
+    through a composite of about a dozen calls: 30 us a row here against about 8."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 def _rows(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
