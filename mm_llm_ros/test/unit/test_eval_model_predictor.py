@@ -8,8 +8,8 @@ import yaml
 from mm_llm_ros.core.evaluation import EvalItem, load_benchmark
 from mm_llm_ros.core.evaluation import model_predictor
 from mm_llm_ros.core.evaluation.model_predictor import (MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX,
-                                                        ConfigError, ModelPredictor, ModelPredictorConfig,
-                                                        instruction, release_shared_models)
+                                                        ModelPredictor, ModelPredictorConfig, instruction,
+                                                        release_shared_models)
 from mm_llm_ros.core.grounding import OcrExtractor
 from mm_llm_ros.core.imagebind.model import release_shared_encoders
 from mm_llm_ros.core.params import ParamsFileError

@@ -162,8 +162,8 @@ class Int8DecodeStep:
 class _Int8Step(nn.Module):
     """The lean int8 decode step. Differences from the generic step, none in the arithmetic: hidden states are
     (n, C), one row per sequence; rotary cos/sin are read from a table computed once by the model's own rotary
-    embedding; RMSNorm is transformers' formula in five calls (`_rms_norm`); the
-    kernel is called without its Python wrapper. Written in the TorchScript subset: torch.compile cannot take the
+    embedding; RMSNorm and rotate_half are transformers' formulas in a few calls each (`_rms_norm`); the kernel is
+    called without its Python wrapper. Written in the TorchScript subset: torch.compile cannot take the
     kernel's prepacked weights (a TorchScript class)."""
 
     qkv_bias: List[Optional[torch.Tensor]]
@@ -179,7 +179,6 @@ class _Int8Step(nn.Module):
         self.num_heads: int = config.num_attention_heads
         self.num_kv_heads: int = config.num_key_value_heads or config.num_attention_heads
         self.head_dim: int = first.head_dim
-        self.hidden: int = config.hidden_size
         self.scaling, self.gqa = float(first.scaling), self.num_kv_heads != self.num_heads
         self.embed = base.embed_tokens.weight
         self.norm1 = [layer.input_layernorm.weight for layer in layers]
