@@ -62,11 +62,10 @@ def _output_projection(o_proj: nn.Module) -> Callable[[torch.Tensor, torch.Tenso
     """o_proj for decode rows (n, 1, C), each with its own bias (n, C): a merged ImageBind-LLM projection's
     `ServedOutputProjection.rows` (the product and the bias rounded as the serial path rounds them), or a plain
     nn.Linear's product plus the bias."""
-    from mm_llm_ros.core.llm.model import GatedOutputProjection
+    from mm_llm_ros.core.llm.model import GatedOutputProjection, linear_rows
 
     if isinstance(o_proj, nn.Linear):
-        return lambda x, biases, weight=o_proj.weight: torch.addmm(biases, x.view(x.shape[0], -1),
-                                                                   weight.t()).unsqueeze(1)
+        return lambda x, biases, weight=o_proj.weight: linear_rows(x, weight, biases)
     if isinstance(o_proj, GatedOutputProjection) and o_proj.served is not None:
         return o_proj.served.rows
     raise ConfigError('batched decoding needs a plain LLaMA or a merged ImageBind-LLM (call merge_adapters() '

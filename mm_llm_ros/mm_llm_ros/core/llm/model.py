@@ -229,6 +229,11 @@ def _refuse_if_merged(module: LoRALinear, *_: Any) -> None:
         raise _adapters_merged('save or load weights')
 
 
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+    """(n, 1, C) rows through `weight`, each plus its own bias (n, out): one addmm, rounded once."""
+    return torch.addmm(biases, x.view(x.shape[0], -1), weight.t()).unsqueeze(1)
+
+
 class ServedOutputProjection(nn.Module):
     """wo as a merged model runs it per token: the merged weight (shared, not copied) and a bias buffer that holds
     the tuned bias plus the layer's visual vector c_l. The bias is per-query state, not a parameter."""
@@ -248,7 +253,7 @@ class ServedOutputProjection(nn.Module):
         """Decode rows (n, 1, C), each with its own bias (n, C) (the batch decoder's per-row visual vectors):
         x W^T + biases in one addmm, rounded once as `forward`'s `F.linear(x, W, bias)` rounds it (a product and a
         separate add round twice, which in bfloat16 changes answers). `cpu_int8` replaces it."""
-        return torch.addmm(biases, x.view(x.shape[0], -1), self.weight.t()).unsqueeze(1)
+        return linear_rows(x, self.weight, biases)
 
 
 class GatedOutputProjection(nn.Module):
