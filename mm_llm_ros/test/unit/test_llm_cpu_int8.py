@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from mm_llm_ros.core.llm import cpu_int8
 from mm_llm_ros.core.llm.batching import BatchDecoder, BatchRequest, BatchScheduler
 from mm_llm_ros.core.errors import ConfigError
-from mm_llm_ros.core.llm.cpu_int8 import (FusedInt8Rows, Int8DecodeStep, Int8Rows, apply_cpu_int8, check_cpu_int8,
-                                          int8_bytes)
+from mm_llm_ros.core.llm.cpu_int8 import FusedInt8Rows, Int8Rows, apply_cpu_int8, check_cpu_int8, int8_bytes
 from mm_llm_ros.core.llm.decoding import StaticDecoder
+from mm_llm_ros.core.llm.lean_step import LeanDecodeStep
 from mm_llm_ros.core.llm.generation import GenerationConfig, generate
 
 from llm_factories import merged_tiny_imagebind_llm
@@ -121,7 +121,7 @@ def test_every_decode_product_and_the_head_are_rerouted_once(pair):
 
 @torch.inference_mode()
 def test_the_lean_decode_step_gives_the_generic_steps_logits_bit_for_bit(pair):
-    """`Int8DecodeStep` (the static decoder's int8 step on the CPU), compiled by TorchScript and in Python, against
+    """`LeanDecodeStep` (the static decoder's int8 step on the CPU), compiled by TorchScript and in Python, against
     the op-by-op layers it replaces: with adapter biases, with and without visual features, over 30 greedy tokens
     after a prompt."""
     _, fast, tokenizer = pair
@@ -129,10 +129,10 @@ def test_the_lean_decode_step_gives_the_generic_steps_logits_bit_for_bit(pair):
     for seed in (None, 4):
         fast.set_visual_features(_features(seed))
         scripted, python, generic = (StaticDecoder(fast.backbone, capacity=128) for _ in range(3))
-        assert isinstance(scripted._int8_step, Int8DecodeStep)
-        assert isinstance(scripted._int8_step.scripted, torch.jit.ScriptModule)
-        python._int8_step.scripted = None
-        generic._int8_step = None
+        assert isinstance(scripted._lean_step, LeanDecodeStep)
+        assert isinstance(scripted._lean_step.scripted, torch.jit.ScriptModule)
+        python._lean_step.scripted = None
+        generic._lean_step = None
         decoders = (scripted, python, generic)
         logits = [decoder.prefill(ids) for decoder in decoders]
         for _ in range(30):
@@ -155,9 +155,9 @@ def test_all_zero_biases_are_skipped_without_changing_a_logit(pair):
             fused.bias.zero_()
         layer.mlp.down_proj.forward.bias().zero_()
     lean, generic = (StaticDecoder(zeroed.backbone, capacity=64) for _ in range(2))
-    step = lean._int8_step.python
+    step = lean._lean_step.python
     assert step.qkv_bias == step.gate_up_bias == step.down_bias == [None] * len(zeroed.layers)
-    generic._int8_step = None
+    generic._lean_step = None
     ids = tokenizer.encode(PROMPTS[3], bos=True)
     logits = [lean.prefill(ids), generic.prefill(ids)]
     for _ in range(10):
@@ -174,7 +174,7 @@ def test_the_python_step_runs_where_torchscript_fails(pair, monkeypatch, caplog)
 
     monkeypatch.setattr(torch.jit, 'script', fail)
     decoder = StaticDecoder(fast.backbone, capacity=64)
-    assert decoder._int8_step.scripted is None
+    assert decoder._lean_step.scripted is None
     assert 'TorchScript failed (RuntimeError: no TorchScript here)' in caplog.text
     monkeypatch.undo()
     reference = StaticDecoder(fast.backbone, capacity=64)
@@ -184,10 +184,10 @@ def test_the_python_step_runs_where_torchscript_fails(pair, monkeypatch, caplog)
         assert torch.equal(decoder.step(7), reference.step(7))
 
 
-def test_the_lean_step_is_only_for_int8_models(pair):
-    model, _, _ = pair
-    assert Int8DecodeStep.for_model(model.backbone, 64) is None  # float weights: the generic step
-    assert StaticDecoder(model.backbone, capacity=64)._int8_step is None
+def test_the_lean_step_runs_the_int8_products_of_an_int8_model_only(pair):
+    model, fast, _ = pair
+    assert LeanDecodeStep.for_model(fast.backbone, 64).int8
+    assert not StaticDecoder(model.backbone, capacity=64)._lean_step.int8  # float weights: float products
 
 
 def test_an_unmerged_model_is_refused():
@@ -310,9 +310,9 @@ def test_the_batch_decoders_lean_step_gives_its_generic_steps_logits_bit_for_bit
     contiguous one."""
     _, fast, tokenizer = pair
     lean, python, generic = (BatchDecoder(fast.backbone, 4, 96) for _ in range(3))
-    assert isinstance(lean._int8_step.scripted, torch.jit.ScriptModule)
-    python._int8_step.scripted = None
-    generic._int8_step = None
+    assert isinstance(lean._lean_step.scripted, torch.jit.ScriptModule)
+    python._lean_step.scripted = None
+    generic._lean_step = None
     decoders = (lean, python, generic)
     tokens = {}
     for row, prompt in zip((0, 2, 3), PROMPTS[:3], strict=True):
@@ -356,7 +356,7 @@ def test_build_answerer_serves_int8_through_the_cpu_kernel():
     answerer = build_answerer(replace(config, generation=replace(config.generation, stop_on_eos=False)))
     assert isinstance(answerer.model.backbone.lm_head.forward, Int8Rows)
     assert answerer.decoder is not None and answerer.decoder.mode == 'static'
-    assert isinstance(answerer.decoder._int8_step, Int8DecodeStep)  # the served step is the lean one
+    assert isinstance(answerer.decoder._lean_step, LeanDecodeStep)  # the served step is the lean one
     pieces: list[str] = []
     generated = answerer.answer('What is ahead?', [], 4, pieces.append, lambda: False)
     assert generated.n_tokens == 4 and ''.join(pieces) == generated.text

@@ -47,7 +47,7 @@ from torch import nn
 
 from mm_llm_ros.core.errors import ConfigError
 
-from .cpu_int8 import Int8DecodeStep
+from .lean_step import LeanDecodeStep
 from .decoding import model_device, reusable_prefix, rotated_qkv, run_decoder_layers
 from .generation import (GenerationConfig, GenerationError, GenerationResult, IncrementalDecoder, StopReason,
                          TokenEvent, _check_prompt, _fit_prompt, _sampling_generator, select_next_token)
@@ -109,8 +109,8 @@ class BatchDecoder:
         self._prompts: list[Optional[list[int]]] = [None] * max_batch  # each row's last prompt (prefix reuse)
         self.reused = 0  # slots the last admit took over from a previous prompt
         self.reuse_prefix = reuse_prefix  # generation.prefix_reuse
-        # An int8 model on the CPU (cpu_int8): decode steps in far fewer torch calls (the prefill stays float).
-        self._int8_step = Int8DecodeStep.for_model(model, capacity)
+        # On the CPU (float32, or int8 from cpu_int8): decode steps in far fewer torch calls (lean_step).
+        self._lean_step = LeanDecodeStep.for_model(model, capacity)
 
     # ---- rows ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -168,8 +168,8 @@ class BatchDecoder:
         input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)  # (n, 1)
         positions = torch.tensor([[self.lengths[r]] for r in rows], device=self.device)  # (n, 1)
         index = torch.tensor(list(rows), device=self.device)
-        if self._int8_step is not None:  # the lean int8 step, with each row's own o_proj biases
-            logits = self._int8_step(input_ids.view(-1), positions.view(-1), index, list(rows),
+        if self._lean_step is not None:  # the lean step, with each row's own o_proj biases
+            logits = self._lean_step(input_ids.view(-1), positions.view(-1), index, list(rows),
                                      [self.lengths[r] + 1 for r in rows], self._keys, self._values,
                                      [table.index_select(0, index) for table in self._biases])
         else:

@@ -27,12 +27,12 @@ calls:
   calls per token instead of 211. The decoders reach them through `decoding.rotated_qkv` and
   `decoding.mlp_output`; q/k/v/gate/up's own forwards stay float (the prefill, and `generation.decoder: eager`,
   which calls transformers' layers and so decodes those five in float);
-- `StaticDecoder` (mode `static`, the CPU default) runs the decode step as `Int8DecodeStep`: the same kernels on
-  the same inputs in about 33 calls per layer, compiled by TorchScript, bit-equal logits (tested). Measured in one
-  process, one thread, variants interleaved: 49 tokens/s with a kernel call per projection, 57 fused, 69 with the
-  lean step in Python, 96 with it in TorchScript. `BatchDecoder` runs its decode rows through the same step (n
-  rows, one kernel call per row and product, each row's own o_proj biases): 191 tokens/s for 8 rows at one thread,
-  124 op by op.
+- `StaticDecoder` (mode `static`, the CPU default) runs the decode step as `lean_step.LeanDecodeStep`: the same
+  kernels on the same inputs in about 33 calls per layer, compiled by TorchScript, bit-equal logits (tested).
+  Measured in one process, one thread, variants interleaved: 49 tokens/s with a kernel call per projection, 57
+  fused, 69 with the lean step in Python, 96 with it in TorchScript. `BatchDecoder` runs its decode rows through
+  the same step (n rows, one kernel call per row and product, each row's own o_proj biases): 191 tokens/s for 8
+  rows at one thread, 124 op by op.
 
 The other maps are rerouted through an instance attribute (`LoRALinear.merge` points `forward` at the base layer's):
 down_proj, o_proj and lm_head decode in int8 in every decoder; o_proj's per-query bias (the tuned bias plus the
@@ -44,7 +44,6 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +109,7 @@ class FusedInt8Rows:
 def _int8_rows(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(B, 1, C) decode rows through the int8 kernel, one call per row."""
     rows = x.reshape(x.shape[0], x.shape[2])
-    y = _rows(rows if x.dtype == torch.float32 else rows.float(), packed)
+    y = int8_product(rows if x.dtype == torch.float32 else rows.float(), packed)
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
     if bias is not None:
@@ -118,165 +117,12 @@ def _int8_rows(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None)
     return y.view(x.shape[0], 1, y.shape[-1])
 
 
-class Int8DecodeStep:
-    """The decode step of `StaticDecoder` (mode `static`) and of `BatchDecoder` for a model that `apply_cpu_int8`
-    rerouted: the same kernels on the same inputs as the generic step, in about 33 torch calls per layer instead of
-    about 70 plus ten module calls, run by TorchScript (`_Int8Step`). At SmolLM2's size the int8 products take about
-    5 ms of a token and Python and dispatch most of the rest, so the number of calls and the cost of each set the
-    speed.
-
-    Built by `for_model`, which returns None for anything else (float weights, another dtype, an activation other
-    than SiLU), where the generic step runs. Where TorchScript cannot compile the step, the same module runs in
-    Python (`python`): the same numbers, about 30% slower."""
-
-    def __init__(self, backbone: nn.Module, capacity: int) -> None:
-        self.python = _Int8Step(backbone, capacity)
-        self.scripted = _script(self.python)
-        # o_proj's biases hold the query's visual vector (ServedOutputProjection.bias): read at every step.
-        self.o_products: list[Int8Rows] = [layer.self_attn.o_proj.forward for layer in backbone.model.layers]
-
-    @classmethod
-    def for_model(cls, backbone: nn.Module, capacity: int) -> 'Int8DecodeStep | None':
-        layers = getattr(getattr(backbone, 'model', None), 'layers', None)
-        if not layers or not isinstance(getattr(getattr(backbone, 'lm_head', None), 'forward', None), Int8Rows):
-            return None
-        if backbone.model.embed_tokens.weight.dtype != torch.float32 or not all(
-                isinstance(getattr(layer.self_attn, 'decode_qkv', None), FusedInt8Rows)
-                and type(layer.mlp.act_fn).__name__ in ('SiLU', 'SiLUActivation') for layer in layers):
-            return None
-        return cls(backbone, capacity)
-
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, row_ids: list[int],
-                 spans: list[int], keys: list[torch.Tensor], values: list[torch.Tensor],
-                 o_bias: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-        """One decode step of n rows of the KV cache `keys`/`values` (B, nkv, L, hs) per layer: `tokens[i]` at
-        `positions[i]` in cache row `rows[i]` ((n,) long tensors; `row_ids` the same rows as ints), each row
-        attending over its first `spans[i]` slots (its position + 1). `o_bias`: o_proj's bias per layer, (C,) or
-        per row (n, C); None reads the model's (the current query's). Returns the next logits (n, vocab)."""
-        if o_bias is None:
-            o_bias = [product.bias() for product in self.o_products]
-        step = self.scripted if self.scripted is not None else self.python
-        return step(tokens, positions, rows, row_ids, spans, keys, values, o_bias)
-
-
-class _Int8Step(nn.Module):
-    """The lean int8 decode step. Differences from the generic step, none in the arithmetic: hidden states are
-    (n, C), one row per sequence; rotary cos/sin are read from a table computed once by the model's own rotary
-    embedding; RMSNorm and rotate_half are transformers' formulas in a few calls each (`_rms_norm`); the kernel is
-    called without its Python wrapper. Written in the TorchScript subset: torch.compile cannot take the
-    kernel's prepacked weights (a TorchScript class)."""
-
-    qkv_bias: List[Optional[torch.Tensor]]
-    gate_up_bias: List[Optional[torch.Tensor]]
-    down_bias: List[Optional[torch.Tensor]]
-    head_bias: Optional[torch.Tensor]
-
-    def __init__(self, backbone: nn.Module, capacity: int) -> None:
-        super().__init__()
-        base, config = backbone.model, backbone.config
-        layers = base.layers
-        first = layers[0].self_attn
-        self.num_heads: int = config.num_attention_heads
-        self.num_kv_heads: int = config.num_key_value_heads or config.num_attention_heads
-        self.head_dim: int = first.head_dim
-        self.scaling, self.gqa = float(first.scaling), self.num_kv_heads != self.num_heads
-        self.embed = base.embed_tokens.weight
-        self.norm1 = [layer.input_layernorm.weight for layer in layers]
-        self.eps1 = [float(layer.input_layernorm.variance_epsilon) for layer in layers]
-        self.norm2 = [layer.post_attention_layernorm.weight for layer in layers]
-        self.eps2 = [float(layer.post_attention_layernorm.variance_epsilon) for layer in layers]
-        qkv: list[FusedInt8Rows] = [layer.self_attn.decode_qkv for layer in layers]
-        gate_up: list[FusedInt8Rows] = [layer.mlp.decode_gate_up for layer in layers]
-        down: list[Int8Rows] = [layer.mlp.down_proj.forward for layer in layers]
-        # Merged biases are fixed; all-zero ones (bias tuning without a checkpoint) are skipped: adding +0 changes
-        # no value. o_proj's biases hold the query's visual vector: passed per step.
-        self.qkv, self.qkv_bias = [p.packed for p in qkv], [_nonzero(p.bias) for p in qkv]
-        self.o = [layer.self_attn.o_proj.forward.packed for layer in layers]
-        self.gate_up, self.gate_up_bias = [p.packed for p in gate_up], [_nonzero(p.bias) for p in gate_up]
-        self.gate_width = [p.sizes[0] for p in gate_up]
-        self.down, self.down_bias = [p.packed for p in down], [_nonzero(p.bias()) for p in down]
-        self.norm, self.norm_eps = base.norm.weight, float(base.norm.variance_epsilon)
-        head: Int8Rows = backbone.lm_head.forward
-        self.head, self.head_bias = head.packed, _nonzero(head.bias())
-        self.half: int = self.head_dim // 2
-        with torch.inference_mode():
-            cos, sin = base.rotary_emb(self.embed[:1].view(1, 1, -1), torch.arange(capacity).unsqueeze(0))
-        self.cos, self.sin = cos[0], sin[0]  # (capacity, head_dim)
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, row_ids: List[int],
-                spans: List[int], keys: List[torch.Tensor], values: List[torch.Tensor],
-                o_bias: List[Optional[torch.Tensor]]) -> torch.Tensor:
-        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        n = tokens.shape[0]
-        cos = self.cos.index_select(0, positions).unsqueeze(1)  # (n, 1, hs)
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
-        h = self.embed.index_select(0, tokens)  # (n, C)
-        for i in range(len(self.qkv)):
-            x = _rms_norm(h, self.norm1[i], self.eps1[i])
-            heads = _with_bias(_rows(x, self.qkv[i]), self.qkv_bias[i]).view(n, nh + 2 * nkv, hd)
-            qk = heads[:, :nh + nkv]
-            rotated = torch.cat((-qk[:, :, self.half:], qk[:, :, :self.half]), dim=-1)  # transformers' rotate_half
-            qk = qk * cos + rotated * sin
-            if n == 1:  # the serial decoder's step: index_copy_ costs a third of an index_put_
-                keys[i].narrow(0, row_ids[0], 1).index_copy_(2, positions, qk[:, nh:].view(1, nkv, 1, hd))
-                values[i].narrow(0, row_ids[0], 1).index_copy_(2, positions, heads[:, nh + nkv:].view(1, nkv, 1, hd))
-            else:
-                keys[i][rows, :, positions] = qk[:, nh:]
-                values[i][rows, :, positions] = heads[:, nh + nkv:]
-            query = qk[:, :nh].reshape(n, nh, 1, hd)
-            # Each row over its own written slots, without a mask, as the serial step attends (a masked attention
-            # over a longer span sums in another order: BatchDecoder).
-            outs: List[torch.Tensor] = []
-            for r in range(n):
-                outs.append(F.scaled_dot_product_attention(
-                    query.narrow(0, r, 1), keys[i].narrow(0, row_ids[r], 1).narrow(2, 0, spans[r]),
-                    values[i].narrow(0, row_ids[r], 1).narrow(2, 0, spans[r]), scale=self.scaling,
-                    enable_gqa=self.gqa))
-            out = outs[0] if n == 1 else torch.cat(outs)
-            h = h + _with_bias(_rows(out.view(n, nh * hd), self.o[i]), o_bias[i])
-            x = _rms_norm(h, self.norm2[i], self.eps2[i])
-            gate_up = _with_bias(_rows(x, self.gate_up[i]), self.gate_up_bias[i])
-            width = self.gate_width[i]
-            y = _rows(F.silu(gate_up[:, :width]) * gate_up[:, width:], self.down[i])
-            h = h + _with_bias(y, self.down_bias[i])
-        h = _rms_norm(h, self.norm, self.norm_eps)
-        return _with_bias(_rows(h, self.head), self.head_bias)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm on float32 rows, op for op (so bit for bit). `F.rms_norm` gives the same numbers
-    through a composite of about a dozen calls: 30 us a row here against about 8."""
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _rows(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
-    """(n, C) rows through the int8 kernel, one call per row: each row's activations get their own scale, so a
-    row's tokens do not depend on the rest of the batch."""
+def int8_product(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
+    """(n, C) float32 rows through the int8 kernel, one call per row: each row's activations get their own scale,
+    so a row's tokens do not depend on the rest of the batch."""
     if x.shape[0] == 1:
         return torch.ops.quantized.linear_dynamic(x, packed, False)
     return torch.cat([torch.ops.quantized.linear_dynamic(row, packed, False) for row in x.split(1)])
-
-
-def _nonzero(bias: torch.Tensor | None) -> torch.Tensor | None:
-    return None if bias is None or not bool(bias.any()) else bias
-
-
-def _with_bias(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if bias is None:
-        return y
-    return y + bias
-
-
-def _script(step: _Int8Step) -> torch.jit.ScriptModule | None:
-    """`step` compiled by TorchScript, or None where this torch cannot (the Python module runs instead)."""
-    try:
-        with warnings.catch_warnings():  # torch 2.13 marks torch.jit.script deprecated; it still runs this step
-            warnings.simplefilter('ignore', DeprecationWarning)
-            return torch.jit.script(step)
-    except Exception as exc:  # noqa: BLE001 - any TorchScript failure leaves the slower Python step
-        logger.warning('int8 decode step: TorchScript failed (%s: %s); decoding through the Python step',
-                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else '')
-        return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm_llm_ros.core.errors import ConfigError
-from mm_llm_ros.core.llm.cpu_int8 import Int8DecodeStep
+from mm_llm_ros.core.llm.lean_step import LeanDecodeStep
 
 logger = logging.getLogger(__name__)
 
@@ -221,9 +221,9 @@ class StaticDecoder:
         self.reused = 0  # slots the last prefill reused
         self.reuse_prefix = reuse_prefix  # generation.prefix_reuse
         self._step_fn = self._static_step if mode == 'static' else self._decode_step
-        # An int8 model on the CPU (cpu_int8): the same step in far fewer torch calls.
-        self._int8_step = Int8DecodeStep.for_model(model, capacity) if mode == 'static' else None
-        self._first_row = torch.zeros(1, dtype=torch.long)  # the int8 step's cache row (this cache has one)
+        # On the CPU (float32, or int8 from cpu_int8): the same step in far fewer torch calls (lean_step).
+        self._lean_step = LeanDecodeStep.for_model(model, capacity) if mode == 'static' else None
+        self._first_row = torch.zeros(1, dtype=torch.long)  # the lean step's cache row (this cache has one)
         if mode == 'compile':
             self._step_fn = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -232,7 +232,7 @@ class StaticDecoder:
     # ---- the public stepper interface --------------------------------------------------------------------------
     def warm_up(self) -> None:
         """One prefill and two steps: captures the CUDA graph (and compiles) now, not during the first question.
-        The second step is for TorchScript (the CPU int8 step), which profiles its first run and optimises on the
+        The second step is for TorchScript (the CPU lean step), which profiles its first run and optimises on the
         second (42 and 16 ms for SmolLM2, then 10)."""
         self.prefill([0])
         self.step(0)
@@ -304,8 +304,8 @@ class StaticDecoder:
         """The step launched op by op: attention over the written slots only (a view, no mask), whose count the host
         knows. On the CPU with the default 1024-slot context this is most of the attention time (SmolLM2: about
         300 us per layer and token masked over the whole cache, 60 us over 300 written slots)."""
-        if self._int8_step is not None:
-            return self._int8_step(self._token.view(1), self._position, self._first_row, [0], [self._length],
+        if self._lean_step is not None:
+            return self._lean_step(self._token.view(1), self._position, self._first_row, [0], [self._length],
                                    self._keys, self._values)
         return self._forward(self._token, self._position, decode=True, span=self._length)
 
