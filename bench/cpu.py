@@ -9,7 +9,9 @@ without an adapter checkpoint), greedy decoding through the static decoder:
 
 - `fp32, whole-cache attention (before issue 18)`: the static step as it was, attention over every slot of the KV
   cache with a mask (the node's context is 1024 slots);
-- `fp32 (llm.quantization none)`: today's static step, attention over the written slots only;
+- `fp32, op-by-op step`: the static step with attention over the written slots only, through transformers'
+  modules and one torch call per operation (what `none` ran before the lean float32 step);
+- `fp32 (llm.quantization none)`: today's static step, the same operations in `lean_step.LeanDecodeStep`;
 - `int8 (llm.quantization int8)`: the same plus `cpu_int8` (decode rows through torch's VNNI int8 kernel).
 
 Per thread count the variants take turns, `--repeats` times each after one warm-up, so that other jobs on a shared
@@ -22,7 +24,10 @@ llama.cpp, the baseline of the issue, runs in the same loop when `llama_cpp` (ll
 dependency, never a test one: `pip install llama-cpp-python`) is importable: the shipped Q4_1 GGUF, and Q8_0 and
 F32 files that llama.cpp's own quantiser writes from it into a temporary folder (the F32 weights are exactly the
 ones our fp32 model loads). It is timed through the same `_run` on the same prompt ids. Without it, the issue's
-numbers (same weights, same machine type) are quoted beside the table, labelled as such.
+numbers (same weights, same machine type) are quoted beside the table, labelled as such. Each llama.cpp file is
+first loaded and run on three tokens in a child process: where that crashes (llama.cpp's repacked Q8_0 kernels
+segfault on the AMX machine of 2026-12-05), the file is loaded without repacked weight buffers (`use_extra_bufts`
+off) and its row says so.
 
 Demo latency (`--answers N`): seconds per answer of `config/demo.yaml`'s llm_node on the first N grounded-benchmark
 questions, before issue 18 (fp32, whole-cache attention, no prompt-prefix reuse), `none` and `int8` now.
@@ -39,6 +44,7 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,9 +86,12 @@ def _decoders(model, capacity: int) -> dict[str, object]:
 
     before = StaticDecoder(model.backbone, capacity)
     _before_issue_18(before)  # the fixed-shape step: the whole cache, masked (what 'static' ran)
+    op_by_op = StaticDecoder(model.backbone, capacity)
+    op_by_op._lean_step = None  # the generic step: transformers' modules, one torch call per operation
     fast = copy.deepcopy(model)
     apply_cpu_int8(fast)
     return {'fp32, whole-cache attention (before issue 18)': before,
+            'fp32, op-by-op step': op_by_op,
             'fp32 (llm.quantization none)': StaticDecoder(model.backbone, capacity),
             'int8 (llm.quantization int8)': StaticDecoder(fast.backbone, capacity)}
 
@@ -135,11 +144,12 @@ class LlamaCppDecoder:
     """llama.cpp (llama-cpp-python) behind the static decoder's prefill/step interface, so that `_run` times it
     exactly as it times ours: the same prompt ids, greedy argmax on the host, logits of the last position only."""
 
-    def __init__(self, gguf, threads: int, capacity: int) -> None:
+    def __init__(self, gguf, threads: int, capacity: int, repack: bool = True) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(gguf), n_ctx=capacity, n_threads=threads, n_threads_batch=threads,
-                         n_batch=capacity, logits_all=False, verbose=False)
+        with contextlib.nullcontext() if repack else _without_repacking():
+            self.llm = Llama(model_path=str(gguf), n_ctx=capacity, n_threads=threads, n_threads_batch=threads,
+                             n_batch=capacity, logits_all=False, verbose=False)
         self.vocab_size = self.llm.n_vocab()
         self._prompt: list[int] = []  # what `_run` resets; llama.cpp keeps no prefix between our runs
 
@@ -160,6 +170,41 @@ class LlamaCppDecoder:
     def step(self, token: int):
         self.llm.eval([token])
         return self._logits()
+
+
+@contextlib.contextmanager
+def _without_repacking():
+    """Load llama.cpp models without repacked weight buffers. llama-cpp-python's `Llama` has no argument for
+    `use_extra_bufts` and reads its model parameters from `llama_model_default_params()`, so that is swapped for
+    the duration."""
+    import llama_cpp.llama_cpp as native
+
+    default = native.llama_model_default_params
+
+    def without():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    native.llama_model_default_params = without
+    try:
+        yield
+    finally:
+        native.llama_model_default_params = default
+
+
+_PROBE = ('import sys; from llama_cpp import Llama; '
+          'Llama(model_path=sys.argv[1], n_ctx=64, verbose=False).eval([1, 2, 3])')
+
+
+def repacking_runs(gguf: pathlib.Path) -> bool:
+    """Whether llama.cpp, as built here, runs `gguf` with its default repacked weight buffers: a child process loads
+    it and evaluates three tokens (a crash there would take this process down)."""
+    try:
+        return subprocess.run([sys.executable, '-c', _PROBE, str(gguf)], capture_output=True, timeout=300,
+                              check=False).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 @contextlib.contextmanager
@@ -220,12 +265,14 @@ def measure(threads: Sequence[int], repeats: int, new_tokens: int, prompts: int,
     bandwidth: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix='bench-cpu-') as folder:
         ggufs = llama_cpp_models(pathlib.Path(folder))
+        no_repack = [name for name, path in ggufs.items() if not repacking_runs(path)]
         bytes_per_step.update({name: path.stat().st_size for name, path in ggufs.items()})  # tied head: all read
         for count in threads:
             torch.set_num_threads(count)
             bandwidth[count] = read_bandwidth()
             contenders = dict(decoders)
-            contenders.update({name: LlamaCppDecoder(path, count, capacity) for name, path in ggufs.items()})
+            contenders.update({name: LlamaCppDecoder(path, count, capacity, repack=name not in no_repack)
+                               for name, path in ggufs.items()})
             for name, decoder in contenders.items():
                 _run(decoder, long_prompt, 8)  # warm-up
                 speed[(count, name)] = []
@@ -235,7 +282,8 @@ def measure(threads: Sequence[int], repeats: int, new_tokens: int, prompts: int,
                     speed[(count, name)].append((ttft, rate))
         torch.set_num_threads(max(threads))
         reference, fast = decoders['fp32 (llm.quantization none)'], decoders['int8 (llm.quantization int8)']
-        llama_f32 = LlamaCppDecoder(ggufs['llama.cpp F32'], max(threads), capacity) if ggufs else None
+        llama_f32 = LlamaCppDecoder(ggufs['llama.cpp F32'], max(threads), capacity,
+                                    repack='llama.cpp F32' not in no_repack) if ggufs else None
         first_divergent, identical, llama_identical = [], 0, 0
         for instruction in (INSTRUCTIONS * 2)[:prompts]:
             ids = builder.encode(tokenizer, instruction)
@@ -245,7 +293,7 @@ def measure(threads: Sequence[int], repeats: int, new_tokens: int, prompts: int,
             if llama_f32 is not None:
                 llama_identical += _run(llama_f32, ids, agreement_tokens)[2] == tokens[0]
     return {'speed': speed, 'bandwidth': bandwidth, 'bytes': bytes_per_step, 'prompt_tokens': len(long_prompt),
-            'llama_cpp': list(ggufs), 'llama_f32_identical': llama_identical,
+            'llama_cpp': list(ggufs), 'llama_cpp_no_repack': no_repack, 'llama_f32_identical': llama_identical,
             'first_divergent': first_divergent, 'identical': identical, 'names': list(decoders)}
 
 
@@ -332,7 +380,8 @@ def markdown(result: dict, threads: Sequence[int], repeats: int, new_tokens: int
             rate, ttft = median(count, name, 1), median(count, name, 0)
             fmt = name if name in llama_cpp else 'int8' if name.startswith('int8') else 'fp32'
             limit = result['bandwidth'][count] * 1e9 / result['bytes'][fmt]
-            lines.append(f'| {name} | {count} | {rate:.1f} | {rate / median(count, base, 1):.2f}x | '
+            shown = f'{name}, no repacking' if name in result.get('llama_cpp_no_repack', []) else name
+            lines.append(f'| {shown} | {count} | {rate:.1f} | {rate / median(count, base, 1):.2f}x | '
                          f'{1000 * ttft:.0f} | {ttft / median(count, base, 0):.2f}x | {limit:.0f} |')
     lines += ['', 'Read bandwidth measured in this run: '
               + ', '.join(f'{result["bandwidth"][c]:.1f} GB/s at {c} thread(s)' for c in threads)
@@ -343,6 +392,10 @@ def markdown(result: dict, threads: Sequence[int], repeats: int, new_tokens: int
         lines += [f'llama.cpp (llama-cpp-python, same run, same prompt ids, greedy on the host as ours): its F32 '
                   f'gave our fp32 greedy tokens on {result["llama_f32_identical"]} of '
                   f'{len(result["first_divergent"])} agreement prompts.']
+        if result.get('llama_cpp_no_repack'):
+            lines += ['', '"no repacking": with its default repacked weight buffers this llama.cpp build crashed on '
+                      'that file here (a child process probes each file first), so it ran with `use_extra_bufts` '
+                      'off. The repacked kernels are llama.cpp\'s faster path where they work.']
     else:
         lines += ['**llama.cpp, quoted from issue 18 (not this run; llama_cpp is not installed here):**', '',
                   '| contender | decode tokens/s 1 / 2 threads | TTFT ms 1 / 2 threads |', '|---|---:|---:|']

@@ -19,7 +19,10 @@ def test_the_variants_decode_and_the_fp32_ones_agree(bench):
     prompt = tokenizer.encode('Where is the door?', bos=True)
     tokens = {name: bench._run(decoder, prompt, 6)[2] for name, decoder in decoders.items()}
     fp32 = [tokens[name] for name in decoders if name.startswith('fp32')]
-    assert len(fp32) == 2 and fp32[0] == fp32[1]  # whole-cache masked and written-slots attention: same tokens
+    # Whole-cache masked attention, written-slots attention op by op and in the lean step: the same tokens.
+    assert len(fp32) == 3 and fp32[0] == fp32[1] == fp32[2]
+    assert decoders['fp32 (llm.quantization none)']._lean_step is not None
+    assert decoders['fp32, op-by-op step']._lean_step is None
     assert all(len(t) == 6 for t in tokens.values())
 
 
@@ -59,4 +62,8 @@ def test_llama_cpp_rows_join_the_table_when_it_ran(bench):
     text = bench.markdown(result, [1], 1, 64)
     assert '| llama.cpp Q8_0 | 1 | 40.0 | 4.00x | 500 | 1.00x | 80000000 |' in text  # limit from the file size
     assert 'its F32 gave our fp32 greedy tokens on 19 of 20' in text
-    assert 'quoted from issue 18' not in text
+    assert 'quoted from issue 18' not in text and 'no repacking' not in text
+    result['llama_cpp_no_repack'] = ['llama.cpp Q8_0']  # its probe crashed: loaded without repacked buffers
+    text = bench.markdown(result, [1], 1, 64)
+    assert '| llama.cpp Q8_0, no repacking | 1 | 40.0 |' in text and '`use_extra_bufts` off' in text
+    assert '| llama.cpp F32 | 1 |' in text
