@@ -133,7 +133,8 @@ def step_bytes(model) -> dict[str, int]:
     shapes = [module.weight.shape for name, module in model.backbone.model.layers.named_modules()
               if isinstance(module, nn.Linear) and not name.endswith(('lora_a', 'lora_b'))]
     shapes.append(model.backbone.lm_head.weight.shape)
-    return {'fp32': sum(4 * rows * cols for rows, cols in shapes), 'int8': sum(rows * (cols + 4) for rows, cols in shapes)}
+    return {'fp32': sum(4 * rows * cols for rows, cols in shapes),
+            'int8': sum(rows * (cols + 4) for rows, cols in shapes)}
 
 
 # Contender -> the llama_cpp file type its quantiser writes from the shipped Q4_1 GGUF.
