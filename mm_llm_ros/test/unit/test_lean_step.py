@@ -107,3 +107,16 @@ def test_the_generic_step_runs_where_the_lean_one_would_not_be_exact():
         layer.mlp.act_fn = torch.nn.GELU()
     assert LeanDecodeStep.for_model(gelu, 64) is None
     assert StaticDecoder(gelu, capacity=64, mode='static')._lean_step is None
+
+
+def test_torchao_quantised_weights_keep_the_generic_step():
+    """A float32 model whose projections torchao quantised (tensor subclasses) is not the lean step's to run."""
+    from mm_llm_ros.core.llm.quantization import quantize_linear_weights
+
+    backbone = tiny_random_backbone(seed=1)
+    quantize_linear_weights(backbone.model, 'int8')
+    decoder = StaticDecoder(backbone.model, capacity=64)
+    assert decoder._lean_step is None
+    with torch.inference_mode():
+        decoder.prefill(backbone.tokenizer.encode('Hi', bos=True))
+        assert torch.isfinite(decoder.step(5)).all()

@@ -84,25 +84,29 @@ class LeanDecodeStep:
 
 
 def _float_linear(module: nn.Module) -> nn.Linear | None:
-    """The float nn.Linear a (merged) projection computes with its own forward, or None."""
+    """The plain float nn.Linear a (merged) projection computes with its own forward, or None (another module, or
+    a weight that torchao quantised: a tensor subclass)."""
     from mm_llm_ros.core.llm.model import LoRALinear
+    from mm_llm_ros.core.llm.quantization import is_plain
 
     if isinstance(module, LoRALinear):  # merged: its forward is the base layer's (`LoRALinear.merge`)
         if module.merged and module.__dict__.get('forward') == module.base.forward:
             module = module.base
         else:
             return None
-    return module if type(module) is nn.Linear and 'forward' not in module.__dict__ else None
+    plain = type(module) is nn.Linear and 'forward' not in module.__dict__ and is_plain(module.weight)
+    return module if plain else None
 
 
 def _o_weight(o_proj: nn.Module) -> torch.Tensor | None:
     """o_proj's float weight: a merged ImageBind-LLM's served projection or a plain nn.Linear; None otherwise."""
     from mm_llm_ros.core.llm.model import GatedOutputProjection
+    from mm_llm_ros.core.llm.quantization import is_plain
 
     if isinstance(o_proj, GatedOutputProjection):
         served = o_proj.served
         merged = served is not None and o_proj.__dict__.get('forward') == served.forward
-        return served.weight if merged else None
+        return served.weight if merged and is_plain(served.weight) else None
     linear = _float_linear(o_proj)
     return None if linear is None else linear.weight
 
