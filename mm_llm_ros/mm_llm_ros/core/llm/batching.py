@@ -47,10 +47,10 @@ from torch import nn
 
 from mm_llm_ros.core.errors import ConfigError
 
-from .lean_step import LeanDecodeStep
 from .decoding import model_device, reusable_prefix, rotated_qkv, run_decoder_layers
 from .generation import (GenerationConfig, GenerationError, GenerationResult, IncrementalDecoder, StopReason,
                          TokenEvent, _check_prompt, _fit_prompt, _sampling_generator, select_next_token)
+from .lean_step import LeanDecodeStep
 
 if TYPE_CHECKING:
     from .tokenizer import TextTokenizer

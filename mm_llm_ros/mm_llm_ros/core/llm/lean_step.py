@@ -15,8 +15,9 @@ compiled once by TorchScript, and gives the generic step's logits bit for bit (t
 
 `StaticDecoder` (mode `static`, the CPU default) and `BatchDecoder` build it with `for_model`, which returns None
 for anything it does not reproduce exactly (another dtype or device, an unmerged ImageBind-LLM, an activation
-other than SiLU); the generic step runs there. Measured on SmolLM2, one thread (`bench/cpu.py`, docs/cpu.md): int8
-69 tokens/s with the lean step in Python, 96 in TorchScript; float32 16.6 with the generic step, 19.4 lean.
+other than SiLU, torchao-quantised weights); the generic step runs there. Measured on SmolLM2, one thread
+(docs/cpu.md): int8 69 tokens/s with the lean step in Python, 96 in TorchScript (the host of 2026-12-04); float32
+16.8 with the generic step, 19.2 lean (`bench/cpu.py`, the host of 2026-12-05).
 """
 
 import functools
