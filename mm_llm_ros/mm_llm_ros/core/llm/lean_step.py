@@ -41,11 +41,15 @@ class LeanDecodeStep:
     module runs in Python (`python`): the same numbers, about 30% slower."""
 
     def __init__(self, backbone: nn.Module, capacity: int, int8: bool) -> None:
-        self.int8 = int8
         self.python = _LeanStep(backbone, capacity, int8)
         self.scripted = _script(self.python)
         # o_proj's biases hold the query's visual vector (ServedOutputProjection.bias): read at every step.
         self.o_biases = [_o_bias(layer.self_attn.o_proj) for layer in backbone.model.layers]
+
+    @property
+    def int8(self) -> bool:
+        """Whether the step runs `cpu_int8`'s products (else the float32 weights)."""
+        return self.python.int8
 
     @classmethod
     def for_model(cls, backbone: nn.Module, capacity: int) -> 'LeanDecodeStep | None':
@@ -113,9 +117,8 @@ def _o_weight(o_proj: nn.Module) -> torch.Tensor | None:
 
 
 def _o_bias(o_proj: nn.Module) -> Callable[[], torch.Tensor | None]:
-    """Reads o_proj's current bias: the int8 product's, the served projection's buffer, or the linear's."""
-    if isinstance(getattr(o_proj, 'forward', None), Int8Rows):
-        return o_proj.forward.bias
+    """Reads o_proj's current bias: a merged ImageBind-LLM's served buffer (which the int8 product adds too,
+    `apply_cpu_int8`), or a plain linear's."""
     served = getattr(o_proj, 'served', None)
     return functools.partial(getattr, served if served is not None else o_proj, 'bias')
 
