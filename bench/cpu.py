@@ -11,7 +11,10 @@ without an adapter checkpoint), greedy decoding through the static decoder:
   cache with a mask (the node's context is 1024 slots);
 - `fp32, op-by-op step`: the static step with attention over the written slots only, through transformers'
   modules and one torch call per operation (what `none` ran before the lean float32 step);
-- `fp32 (llm.quantization none)`: today's static step, the same operations in `lean_step.LeanDecodeStep`;
+- `fp32, lean step, row-major weights`: the same operations in `lean_step.LeanDecodeStep`, on the weights as loaded
+  (what `none` ran before the column-major layout);
+- `fp32 (llm.quantization none)`: today's static step: the lean step on the weights as `build_imagebind_llm` stores
+  them for a float32 CPU model (`lean_step.store_column_major`: column-major, q/k/v and gate/up joined);
 - `int8 (llm.quantization int8)`: the same plus `cpu_int8` (decode rows through torch's VNNI int8 kernel).
 
 Per thread count the variants take turns, `--repeats` times each after one warm-up, so that other jobs on a shared
@@ -33,7 +36,8 @@ Demo latency (`--answers N`): seconds per answer of `config/demo.yaml`'s llm_nod
 questions, before issue 18 (fp32, whole-cache attention, no prompt-prefix reuse), `none` and `int8` now.
 
 Agreement: `--prompts` instructions, `--agreement-tokens` greedy tokens each, int8 against fp32: the index of the
-first token that differs (the length when none does) and how many continuations are identical.
+first token that differs (the length when none does) and how many continuations are identical; and how many of
+fp32's continuations are those of the row-major weights (the layout changes the summation order only).
 """
 from __future__ import annotations
 
@@ -80,19 +84,23 @@ def _merged_smollm2(cache_dir):
 
 
 def _decoders(model, capacity: int) -> dict[str, object]:
-    """The three variants over copies of the same merged model."""
+    """The variants over copies of the same merged model (`model` keeps its row-major weights)."""
     from mm_llm_ros.core.llm.cpu_int8 import apply_cpu_int8
     from mm_llm_ros.core.llm.decoding import StaticDecoder
+    from mm_llm_ros.core.llm.lean_step import store_column_major
 
     before = StaticDecoder(model.backbone, capacity)
     _before_issue_18(before)  # the fixed-shape step: the whole cache, masked (what 'static' ran)
     op_by_op = StaticDecoder(model.backbone, capacity)
     op_by_op._lean_step = None  # the generic step: transformers' modules, one torch call per operation
+    column_major = copy.deepcopy(model)
+    store_column_major(column_major.backbone)
     fast = copy.deepcopy(model)
     apply_cpu_int8(fast)
     return {'fp32, whole-cache attention (before issue 18)': before,
             'fp32, op-by-op step': op_by_op,
-            'fp32 (llm.quantization none)': StaticDecoder(model.backbone, capacity),
+            'fp32, lean step, row-major weights': StaticDecoder(model.backbone, capacity),
+            'fp32 (llm.quantization none)': StaticDecoder(column_major.backbone, capacity),
             'int8 (llm.quantization int8)': StaticDecoder(fast.backbone, capacity)}
 
 
@@ -283,25 +291,37 @@ def measure(threads: Sequence[int], repeats: int, new_tokens: int, prompts: int,
                     speed[(count, name)].append((ttft, rate))
         torch.set_num_threads(max(threads))
         reference, fast = decoders['fp32 (llm.quantization none)'], decoders['int8 (llm.quantization int8)']
+        row_major = decoders['fp32, lean step, row-major weights']
         llama_f32 = LlamaCppDecoder(ggufs['llama.cpp F32'], max(threads), capacity,
                                     repack='llama.cpp F32' not in no_repack) if ggufs else None
-        first_divergent, identical, llama_identical = [], 0, 0
+        first_divergent, identical, layout_identical, llama_identical = [], 0, 0, 0
         for instruction in (INSTRUCTIONS * 2)[:prompts]:
             ids = builder.encode(tokenizer, instruction)
             tokens = [_run(decoder, ids, agreement_tokens)[2] for decoder in (reference, fast)]
             identical += tokens[0] == tokens[1]
+            layout_identical += _run(row_major, ids, agreement_tokens)[2] == tokens[0]
             first_divergent.append(next((i for i, (a, b) in enumerate(zip(*tokens)) if a != b), agreement_tokens))
             if llama_f32 is not None:
                 llama_identical += _run(llama_f32, ids, agreement_tokens)[2] == tokens[0]
     return {'speed': speed, 'bandwidth': bandwidth, 'bytes': bytes_per_step, 'prompt_tokens': len(long_prompt),
             'llama_cpp': list(ggufs), 'llama_cpp_no_repack': no_repack, 'llama_f32_identical': llama_identical,
-            'first_divergent': first_divergent, 'identical': identical, 'names': list(decoders)}
+            'first_divergent': first_divergent, 'identical': identical, 'layout_identical': layout_identical,
+            'names': list(decoders)}
 
 
 def _before_issue_18(decoder) -> None:
     """Make a static decoder decode as before issue 18: the whole cache masked, no prompt-prefix reuse."""
     decoder._step_fn = decoder._decode_step
     decoder._reusable = lambda *_args: 0
+
+
+def _row_major(model) -> None:
+    """Undo `store_column_major`: every parameter contiguous again, as loaded."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data.contiguous()
 
 
 def answer_latency(questions: int, data_dir: pathlib.Path) -> dict[str, list[float]]:
@@ -322,6 +342,7 @@ def answer_latency(questions: int, data_dir: pathlib.Path) -> dict[str, list[flo
         answerer = build_answerer(llm)
         if name.endswith('before issue 18'):
             _before_issue_18(answerer.decoder)
+            _row_major(answerer.model)  # the weights as loaded, not as the lean step stores them now
         predictor = ModelPredictor(replace(config, llm=llm))
         predictor._answerer = lambda answerer=answerer: answerer  # this variant's own model and decoder
         predictors[name] = predictor
@@ -406,7 +427,9 @@ def markdown(result: dict, threads: Sequence[int], repeats: int, new_tokens: int
     lines += ['', f'**Greedy agreement, int8 vs fp32** ({len(divergent)} prompts, '
               f'{max(divergent) if divergent else 0} tokens at most): {result["identical"]} identical continuations; '
               f'first divergent token median {statistics.median(divergent):.0f}, min {divergent[0]} '
-              f'(per prompt: {", ".join(map(str, result["first_divergent"]))}).', '']
+              f'(per prompt: {", ".join(map(str, result["first_divergent"]))}).', '',
+              f'**fp32 column-major vs row-major weights** (the same maps summed in another order): '
+              f'{result["layout_identical"]} of {len(divergent)} continuations identical.', '']
     return '\n'.join(lines)
 
 

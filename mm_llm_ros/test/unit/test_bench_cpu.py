@@ -19,9 +19,14 @@ def test_the_variants_decode_and_the_fp32_ones_agree(bench):
     prompt = tokenizer.encode('Where is the door?', bos=True)
     tokens = {name: bench._run(decoder, prompt, 6)[2] for name, decoder in decoders.items()}
     fp32 = [tokens[name] for name in decoders if name.startswith('fp32')]
-    # Whole-cache masked attention, written-slots attention op by op and in the lean step: the same tokens.
-    assert len(fp32) == 3 and fp32[0] == fp32[1] == fp32[2]
+    # Whole-cache masked attention, written-slots attention op by op and in the lean step, row- and column-major:
+    # the same tokens.
+    assert len(fp32) == 4 and fp32[0] == fp32[1] == fp32[2] == fp32[3]
     assert decoders['fp32 (llm.quantization none)']._lean_step is not None
+    served = decoders['fp32 (llm.quantization none)']._lean_step.python
+    assert len(served.qkv_weights[0]) == 1 and served.qkv_weights[0][0].stride(0) == 1  # stored as a node stores it
+    assert len(decoders['fp32, lean step, row-major weights']._lean_step.python.qkv_weights[0]) == 3
+    assert model.backbone.lm_head.weight.is_contiguous()  # the model passed in keeps its layout
     assert decoders['fp32, op-by-op step']._lean_step is None
     assert all(len(t) == 6 for t in tokens.values())
 
@@ -41,7 +46,7 @@ def test_the_table_has_every_variant_and_thread_count(bench):
     names = ['fp32, whole-cache attention (before issue 18)', 'fp32 (llm.quantization none)',
              'int8 (llm.quantization int8)']
     result = {'names': names, 'bandwidth': {1: 10.0, 2: 12.0}, 'bytes': {'fp32': 400, 'int8': 100},
-              'prompt_tokens': 220, 'first_divergent': [32, 5, 32], 'identical': 2,
+              'prompt_tokens': 220, 'first_divergent': [32, 5, 32], 'identical': 2, 'layout_identical': 3,
               'speed': {(t, n): [(0.5, 10.0 * (i + 1)), (0.7, 10.0 * (i + 1))] for t in (1, 2)
                         for i, n in enumerate(names)}}
     text = bench.markdown(result, [1, 2], 2, 64)
@@ -49,6 +54,7 @@ def test_the_table_has_every_variant_and_thread_count(bench):
     assert len(rows) == 6
     assert '| int8 (llm.quantization int8) | 2 | 30.0 | 3.00x | 600 | 1.00x | 120000000 |' in text
     assert 'quoted from issue 18' in text and '2 identical continuations' in text
+    assert 'row-major weights** (the same maps summed in another order): 3 of 3 continuations identical' in text
 
 
 def test_llama_cpp_rows_join_the_table_when_it_ran(bench):
@@ -57,7 +63,7 @@ def test_llama_cpp_rows_join_the_table_when_it_ran(bench):
     llama = ['llama.cpp Q8_0', 'llama.cpp F32']
     result = {'names': names, 'llama_cpp': llama, 'llama_f32_identical': 19, 'bandwidth': {1: 10.0},
               'bytes': {'fp32': 400, 'int8': 100, 'llama.cpp Q8_0': 125, 'llama.cpp F32': 500},
-              'prompt_tokens': 220, 'first_divergent': [32] * 20, 'identical': 2,
+              'prompt_tokens': 220, 'first_divergent': [32] * 20, 'identical': 2, 'layout_identical': 20,
               'speed': {(1, n): [(0.5, 10.0 * (i + 1))] for i, n in enumerate(names + llama)}}
     text = bench.markdown(result, [1], 1, 64)
     assert '| llama.cpp Q8_0 | 1 | 40.0 | 4.00x | 500 | 1.00x | 80000000 |' in text  # limit from the file size

@@ -1,7 +1,9 @@
 """The lean CPU decode step (`core/llm/lean_step.py`) on float32 weights: the generic step's logits and KV cache bit
-for bit, serial and batched, compiled and in Python, and the generic step wherever it could not be exact. The int8
-products through the same step are tested in test_llm_cpu_int8.py."""
+for bit, serial and batched, compiled and in Python, as loaded and stored column-major, and the generic step wherever
+it could not be exact. The int8 products through the same step are tested in test_llm_cpu_int8.py."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from mm_llm_ros.core.llm.backbones import tiny_random_backbone
 from mm_llm_ros.core.llm.batching import BatchDecoder
 from mm_llm_ros.core.llm.decoding import StaticDecoder
-from mm_llm_ros.core.llm.lean_step import LeanDecodeStep
+from mm_llm_ros.core.llm.lean_step import LeanDecodeStep, store_column_major
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 
 from llm_factories import merged_tiny_imagebind_llm
@@ -21,6 +23,20 @@ PROMPTS = ['Describe the scene in front of the robot.', 'x', 'Is anyone speaking
 def merged():
     """A merged float32 ImageBind-LLM with open gates and nonzero tuned biases, and its tokenizer."""
     return merged_tiny_imagebind_llm()
+
+
+@pytest.fixture(scope='module')
+def column_major(merged):
+    """The same model with its weights stored column-major, as a float32 CPU node serves it."""
+    model, tokenizer = merged
+    model = copy.deepcopy(model)
+    assert store_column_major(model.backbone) > 0
+    return model, tokenizer
+
+
+@pytest.fixture(params=['merged', 'column_major'])
+def float32_model(request):
+    return request.getfixturevalue(request.param)
 
 
 def _features(seed):
@@ -55,10 +71,10 @@ def _greedy_in_step(decoders, ids, steps=30):
     assert all(torch.equal(other, logits[-1]) for other in logits[:-1])
 
 
-def test_float32_steps_give_the_generic_steps_logits_bit_for_bit(merged):
+def test_float32_steps_give_the_generic_steps_logits_bit_for_bit(float32_model):
     """Merged ImageBind-LLM, with and without visual features (o_proj's per-query bias), twice per decoder so that
     the second prefill reuses the first one's prefix."""
-    model, tokenizer = merged
+    model, tokenizer = float32_model
     for seed in (None, 4):
         model.set_visual_features(_features(seed))
         decoders = _serial_triple(model.backbone, capacity=128)
@@ -67,17 +83,23 @@ def test_float32_steps_give_the_generic_steps_logits_bit_for_bit(merged):
         _assert_same_caches(decoders[:2], decoders[2])
 
 
-def test_a_plain_backbone_gets_the_float32_step_too():
-    """transformers' LlamaForCausalLM as loaded (no ImageBind-LLM, no biases, tied head)."""
+@pytest.mark.parametrize('column_major', [False, True])
+def test_a_plain_backbone_gets_the_float32_step_too(column_major):
+    """transformers' LlamaForCausalLM as loaded (no ImageBind-LLM, no biases)."""
     backbone = tiny_random_backbone(seed=2)
+    if column_major:  # tied, as SmolLM2 is: lm_head's and the embedding's one weight is stored column-major
+        backbone.model.lm_head.weight = backbone.model.model.embed_tokens.weight
+        assert store_column_major(backbone.model) > 0
+        head = backbone.model.lm_head.weight
+        assert head is backbone.model.model.embed_tokens.weight and head.stride() == (1, head.shape[0])  # still tied
     decoders = _serial_triple(backbone.model, capacity=128)
     _greedy_in_step(decoders, backbone.tokenizer.encode(PROMPTS[2], bos=True), steps=20)
 
 
 @torch.inference_mode()
-def test_batched_float32_rows_give_the_generic_batch_steps_logits(merged):
+def test_batched_float32_rows_give_the_generic_batch_steps_logits(float32_model):
     """Rows of different lengths and visual features, stepped as non-contiguous and contiguous sets."""
-    model, tokenizer = merged
+    model, tokenizer = float32_model
     lean, python, generic = (BatchDecoder(model.backbone, 4, 96) for _ in range(3))
     assert not lean._lean_step.int8 and isinstance(lean._lean_step.scripted, torch.jit.ScriptModule)
     python._lean_step.scripted = None
@@ -95,6 +117,67 @@ def test_batched_float32_rows_give_the_generic_batch_steps_logits(merged):
         assert torch.equal(logits[0], logits[2]) and torch.equal(logits[1], logits[2])
         tokens.update({row: int(logits[2][i].argmax()) for i, row in enumerate(rows)})
     _assert_same_caches((lean, python), generic)
+
+
+def test_column_major_storage_joins_the_products_in_place(merged, column_major):
+    """q, k and v (and gate and up) become views of one column-major tensor each, which the lean step multiplies in
+    one call; no weight is copied, and storing again changes nothing."""
+    backbone = column_major[0].backbone
+    attn, mlp = backbone.model.layers[0].self_attn, backbone.model.layers[0].mlp
+    q, k, v = (projection.base.weight for projection in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert q.stride() == (1, q.shape[0] + k.shape[0] + v.shape[0])
+    assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert backbone.lm_head.weight.stride() == (1, backbone.lm_head.weight.shape[0])
+    for before, after in zip(merged[0].parameters(), column_major[0].parameters(), strict=True):
+        assert torch.equal(before, after)
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in column_major[0].parameters()}
+    assert sum(storages.values()) == sum(p.numel() * p.element_size() for p in column_major[0].parameters())
+    step = StaticDecoder(backbone, capacity=32)._lean_step
+    assert len(step.python.qkv_weights[0]) == 1 and len(step.python.gate_up_weights[0]) == 1
+    assert len(StaticDecoder(merged[0].backbone, capacity=32)._lean_step.python.qkv_weights[0]) == 3
+    assert store_column_major(backbone) == 0
+
+
+@torch.inference_mode()
+def test_column_major_storage_changes_the_logits_by_rounding_only(merged, column_major):
+    """The same maps summed in another order: logits within float32 rounding, the same greedy tokens."""
+    tokenizer = merged[1]
+    for seed in (None, 4):
+        tokens = []
+        for model, _ in (merged, column_major):
+            model.set_visual_features(_features(seed))
+            decoder = StaticDecoder(model.backbone, capacity=128)
+            logits = [decoder.prefill(tokenizer.encode(PROMPTS[0], bos=True))]
+            for _ in range(30):
+                logits.append(decoder.step(int(logits[-1].argmax())))
+            tokens.append(torch.stack(logits))
+        torch.testing.assert_close(tokens[1], tokens[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(tokens[1].argmax(-1), tokens[0].argmax(-1))
+
+
+@pytest.mark.parametrize('dtype, quantization, stored', [('float32', 'none', True), ('bfloat16', 'none', False),
+                                                         ('float32', 'int8', False)])
+def test_the_assembled_model_is_stored_column_major_where_the_float32_step_runs(dtype, quantization, stored):
+    """`build_imagebind_llm` stores a float32 CPU model's weights for the lean step; others keep the loaded layout
+    (int8 decodes through its own packed copies)."""
+    from mm_llm_ros.core.llm.assembly import ModelConfig, build_imagebind_llm
+    from mm_llm_ros.core.params import defaults
+
+    params = {**defaults('llm_node'), 'llm.preset': 'tiny', 'device': 'cpu', 'dtype': dtype,
+              'llm.quantization': quantization}
+    model = build_imagebind_llm(ModelConfig.from_params(params)).model
+    head = model.backbone.lm_head.weight
+    assert (head.stride() == (1, head.shape[0])) == stored and head.is_contiguous() != stored
+    if stored:
+        assert len(StaticDecoder(model.backbone, capacity=32)._lean_step.python.qkv_weights[0]) == 1
+
+
+def test_only_plain_float32_cpu_weights_are_stored_column_major():
+    bfloat16, _ = merged_tiny_imagebind_llm(torch.bfloat16)
+    assert store_column_major(bfloat16.backbone) == 0
+    unmerged = ImageBindLLM(tiny_random_backbone(seed=0).model, ImageBindLLMConfig(embed_dim=16, lora_rank=2))
+    assert store_column_major(unmerged.backbone) == 0
+    assert unmerged.backbone.lm_head.weight.is_contiguous()
 
 
 def test_the_generic_step_runs_where_the_lean_one_would_not_be_exact():

@@ -25,6 +25,7 @@ from mm_llm_ros.core.device import resolve_device, resolve_dtype
 from mm_llm_ros.core.errors import ConfigError
 from mm_llm_ros.core.llm.adapters import BUNDLED_ADAPTERS, adapter_path
 from mm_llm_ros.core.llm.cpu_int8 import KERNEL, apply_cpu_int8, check_cpu_int8, int8_bytes
+from mm_llm_ros.core.llm.lean_step import store_column_major
 from mm_llm_ros.core.llm.model import ImageBindLLM, ImageBindLLMConfig
 from mm_llm_ros.core.llm.quantization import (check_quantization, model_dtype, parameter_bytes, preload_torchao,
                                               quantize_linear_weights)
@@ -106,6 +107,10 @@ def build_imagebind_llm(config: ModelConfig, architecture: Optional[ImageBindLLM
         count = apply_cpu_int8(model)
         logger.info('int8 decode kernels for %d linear maps (CPU, %s): parameters %.1f MB + %.1f MB of int8 copies',
                     count, KERNEL, parameter_bytes(model) / 1e6, int8_bytes(model) / 1e6)
+    elif config.quantization == 'none' and device.type == 'cpu' and dtype == torch.float32:
+        # The lean float32 decode step's layout (lean_step.py): the same maps, MKL's faster single-row product.
+        count = store_column_major(model.backbone)
+        logger.info('float32 on the CPU: %d weights stored column-major for the decode step', count)
     elif config.quantization != 'none':  # after the merge, which writes W + B A into the base weights
         before = parameter_bytes(model)
         group = EMBEDDED_INT4_GROUP if config.preset == 'embedded' else None

@@ -67,11 +67,7 @@ class LeanDecodeStep:
             return cls(backbone, capacity, int8=True)
         if any(getattr(layer.self_attn, 'decode_qkv', None) is not None for layer in layers):
             return None  # int8 products on some maps only: not a layout this step knows
-        projections = [_float_linear(module) for layer in layers for module in (
-            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
-            layer.mlp.up_proj, layer.mlp.down_proj)]
-        if None in projections or _float_linear(backbone.lm_head) is None or None in (
-                _o_weight(layer.self_attn.o_proj) for layer in layers):
+        if _float_weights(backbone) is None:
             return None
         return cls(backbone, capacity, int8=False)
 
@@ -86,6 +82,82 @@ class LeanDecodeStep:
             o_bias = [bias() for bias in self.o_biases]
         step = self.scripted if self.scripted is not None else self.python
         return step(tokens, positions, rows, row_ids, spans, keys, values, o_bias)
+
+
+@torch.no_grad()
+def store_column_major(backbone: nn.Module) -> int:
+    """Store a float32 CPU backbone's projection and lm_head weights column-major; return how many were stored
+    anew (0 where a projection is not a plain float32 CPU linear, or where they are stored so already).
+
+    Each weight W (out, in) becomes the transposed view of a contiguous W^T, and a layer's q, k and v (and its
+    gate and up) become views of one such tensor, so that `LeanDecodeStep` multiplies each group in one call. MKL's
+    single-row product streams this layout at the read bandwidth of one core, the row-major one at about 90% of it
+    (a sum of row dot products against column updates). The model computes the same maps in float32, only each
+    product sums in another order: logits move by rounding (greedy tokens of the embedded SmolLM2 identical on 20
+    of 20 prompts, `bench/cpu.py`); prefill, generic step and lean step read the same tensors, so the lean step
+    stays bit-equal to the generic one. Memory stays as it was (each tensor is replaced, not copied); the tied
+    embedding is stored with lm_head, and a token lookup gathers its row from the columns.
+    """
+    layers = _float_weights(backbone)
+    if layers is None or layers[-1][0].dtype != torch.float32 or layers[-1][0].device.type != 'cpu':
+        return 0
+    count = 0
+    for q, k, v, o, gate, up, down in layers[:-1]:
+        for group in ((q, k, v), (gate, up), (o,), (down,)):
+            count += _store_column_major(group)
+    return count + _store_column_major(layers[-1])
+
+
+def _store_column_major(weights: tuple[nn.Parameter, ...]) -> int:
+    """Make `weights` ((out_i, in) each) consecutive row blocks of one column-major tensor, in place."""
+    if weights[0].stride(0) == 1 and _joined(weights) is not None:
+        return 0
+    columns = torch.cat([weight.detach().t() for weight in weights], dim=1)  # (in, sum of out_i), contiguous
+    start = 0
+    for weight in weights:
+        weight.data = columns[:, start:start + weight.shape[0]].t()
+        start += weight.shape[0]
+    return len(weights)
+
+
+def _joined(weights: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The one tensor (sum of out_i, in) whose consecutive row blocks `weights` are, or None."""
+    first = weights[0]
+    offset = first.storage_offset()
+    for weight in weights:
+        if (weight.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or weight.dim() != 2
+                or weight.stride() != first.stride() or weight.shape[1] != first.shape[1]
+                or weight.storage_offset() != offset):
+            return None
+        offset += weight.shape[0] * weight.stride(0)
+    return first.as_strided((sum(weight.shape[0] for weight in weights), first.shape[1]), first.stride(),
+                            first.storage_offset())
+
+
+def _float_weights(backbone: nn.Module) -> list[tuple[nn.Parameter, ...]] | None:
+    """Per layer the float weights of q, k, v, o, gate, up and down, then (lm_head's,); None where a projection is
+    not a plain float linear (`_float_linear`, `_o_weight`)."""
+    layers = []
+    for layer in backbone.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [_float_linear(module) for module in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj,
+                                                         mlp.up_proj, mlp.down_proj)]
+        o_weight = _o_weight(attn.o_proj)
+        if None in linears or o_weight is None:
+            return None
+        q, k, v, gate, up, down = (linear.weight for linear in linears)
+        layers.append((q, k, v, o_weight, gate, up, down))
+    head = _float_linear(backbone.lm_head)
+    return None if head is None else layers + [(head.weight,)]
+
+
+def _joined_bias(linears: list[nn.Linear]) -> torch.Tensor | None:
+    """The biases of `linears` side by side, zeros for a map without one (the product plus zero is the product, bit
+    for bit: an ImageBind-LLM tunes q's bias, not k's and v's); None where none has a bias."""
+    if all(linear.bias is None for linear in linears):
+        return None
+    return torch.cat([linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+                      for linear in linears]).detach()
 
 
 def _float_linear(module: nn.Module) -> nn.Linear | None:
@@ -138,7 +210,8 @@ class _LeanStep(nn.Module):
     down_bias: List[Optional[torch.Tensor]]
     head: List[torch.classes.quantized.LinearPackedParamsBase]
     head_bias: Optional[torch.Tensor]
-    # float32: the model's own weights and biases, per layer [q, k, v] and [gate, up] (not copied).
+    # float32: the model's own weights and biases, per layer [q, k, v] and [gate, up] (not copied), or [the
+    # joined weight] where they are views of one tensor (`store_column_major`).
     qkv_weights: List[List[torch.Tensor]]
     qkv_biases: List[List[Optional[torch.Tensor]]]
     gate_up_weights: List[List[torch.Tensor]]
@@ -183,12 +256,18 @@ class _LeanStep(nn.Module):
         else:
             for layer in layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                qkv_linears = [_float_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
-                gate_up_linears = [_float_linear(p) for p in (mlp.gate_proj, mlp.up_proj)]
-                self.qkv_weights.append([linear.weight for linear in qkv_linears])
-                self.qkv_biases.append([linear.bias for linear in qkv_linears])
-                self.gate_up_weights.append([linear.weight for linear in gate_up_linears])
-                self.gate_up_biases.append([linear.bias for linear in gate_up_linears])
+                for linears, weights, biases in (
+                        ([_float_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], self.qkv_weights,
+                         self.qkv_biases),
+                        ([_float_linear(p) for p in (mlp.gate_proj, mlp.up_proj)], self.gate_up_weights,
+                         self.gate_up_biases)):
+                    joined = _joined([linear.weight for linear in linears])
+                    if joined is not None:
+                        weights.append([joined])  # one product (store_column_major)
+                        biases.append([_joined_bias(linears)])
+                    else:
+                        weights.append([linear.weight for linear in linears])
+                        biases.append([linear.bias for linear in linears])
                 self.o_weights.append(_o_weight(attn.o_proj))
                 down_linear = _float_linear(mlp.down_proj)
                 self.down_weights.append(down_linear.weight)
@@ -244,6 +323,8 @@ class _LeanStep(nn.Module):
         if self.int8:
             return _with_bias(int8_product(x, self.qkv[i]), self.qkv_bias[i])
         weights, biases = self.qkv_weights[i], self.qkv_biases[i]
+        if len(weights) == 1:  # q, k and v joined
+            return F.linear(x, weights[0], biases[0])
         return torch.cat([F.linear(x, weights[0], biases[0]), F.linear(x, weights[1], biases[1]),
                           F.linear(x, weights[2], biases[2])], dim=1)
 
@@ -261,7 +342,11 @@ class _LeanStep(nn.Module):
             return _with_bias(int8_product(F.silu(gate_up[:, :width]) * gate_up[:, width:], self.down[i]),
                               self.down_bias[i])
         weights, biases = self.gate_up_weights[i], self.gate_up_biases[i]
-        gated = F.silu(F.linear(x, weights[0], biases[0])) * F.linear(x, weights[1], biases[1])
+        if len(weights) == 1:  # gate and up joined
+            gate_up = F.linear(x, weights[0], biases[0])
+            gated = F.silu(gate_up[:, :self.gate_width]) * gate_up[:, self.gate_width:]
+        else:
+            gated = F.silu(F.linear(x, weights[0], biases[0])) * F.linear(x, weights[1], biases[1])
         return F.linear(gated, self.down_weights[i], self.down_biases[i])
 
 
