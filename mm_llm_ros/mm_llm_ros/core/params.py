@@ -161,7 +161,7 @@ LLM_PARAMS = DEVICE_PARAMS + LIFECYCLE_PARAMS + (
     Param('llm.seed', 0, 'Seed for generation sampling and random initialisation.'),
     Param('llm.quantization', 'none', 'Quantisation of the merged backbone: none, int8 or int4. On CUDA weight-only '
           '(torchao; int4 needs compute capability >= 8.0). On the CPU int8 decodes through torch\'s VNNI int8 kernel '
-          '(prefill stays float; 3-5x the decode tokens/s of none by machine, docs/cpu.md) and int4 needs dtype '
+          '(prefill stays float; 2.7-5x the decode tokens/s of none by machine, docs/cpu.md) and int4 needs dtype '
           'auto/bfloat16; see docs/quantization.md.',
           ('none', 'int8', 'int4')),
     Param('embedding_dim', 1024, 'Width of the ImageBind embeddings (1024 for imagebind_huge).'),

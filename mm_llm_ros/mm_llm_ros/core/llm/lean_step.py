@@ -18,7 +18,8 @@ compiled once by TorchScript, and gives the generic step's logits bit for bit (t
 for anything it does not reproduce exactly (another dtype or device, an unmerged ImageBind-LLM, an activation
 other than SiLU, torchao-quantised weights); the generic step runs there. Measured on SmolLM2, one thread
 (docs/cpu.md): int8 69 tokens/s with the lean step in Python, 96 in TorchScript (the host of 2026-12-04); float32
-16.8 with the generic step, 19.2 lean (`bench/cpu.py`, the host of 2026-12-05).
+16.7 with the generic step, 19.0 lean on the weights as loaded, 20.6 lean on `store_column_major`'s (`bench/cpu.py`,
+the host of 2026-12-05).
 """
 
 import functools
