@@ -127,6 +127,10 @@ def test_column_major_storage_joins_the_products_in_place(merged, column_major):
     q, k, v = (projection.base.weight for projection in (attn.q_proj, attn.k_proj, attn.v_proj))
     assert q.stride() == (1, q.shape[0] + k.shape[0] + v.shape[0])
     assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    gate, up = mlp.gate_proj.base.weight, mlp.up_proj.base.weight
+    assert up.storage_offset() == gate.shape[0] and up.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr()
+    down = mlp.down_proj.base.weight
+    assert down.stride() == (1, down.shape[0])
     assert backbone.lm_head.weight.stride() == (1, backbone.lm_head.weight.shape[0])
     for before, after in zip(merged[0].parameters(), column_major[0].parameters(), strict=True):
         assert torch.equal(before, after)
