@@ -280,7 +280,8 @@ class _LeanStep(nn.Module):
         self.half: int = self.head_dim // 2
         with torch.inference_mode():
             cos, sin = base.rotary_emb(self.embed[:1].view(1, 1, -1), torch.arange(capacity).unsqueeze(0))
-        self.cos, self.sin = cos[0], sin[0]  # (capacity, head_dim)
+        # (capacity, head_dim); sin with its first half negated, for the rotation in `forward`
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :self.half], sin[0, :, self.half:]), dim=-1)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, row_ids: List[int],
                 spans: List[int], keys: List[torch.Tensor], values: List[torch.Tensor],
@@ -294,11 +295,12 @@ class _LeanStep(nn.Module):
             x = _rms_norm(h, self.norm1[i], self.eps1[i])
             heads = self._qkv(x, i).view(n, nh + 2 * nkv, hd)
             qk = heads[:, :nh + nkv]
-            rotated = torch.cat((-qk[:, :, self.half:], qk[:, :, :self.half]), dim=-1)  # transformers' rotate_half
-            qk = qk * cos + rotated * sin
-            if n == 1:  # the serial decoder's step: index_copy_ costs a third of an index_put_
-                keys[i].narrow(0, row_ids[0], 1).index_copy_(2, positions, qk[:, nh:].view(1, nkv, 1, hd))
-                values[i].narrow(0, row_ids[0], 1).index_copy_(2, positions, heads[:, nh + nkv:].view(1, nkv, 1, hd))
+            # transformers' q * cos + rotate_half(q) * sin with rotate_half(q) = (-q2, q1), as (q2, q1) times the
+            # signed table (-sin1, sin2): the same products bit for bit (a sign flip is exact), in one call.
+            qk = qk * cos + torch.roll(qk, self.half, -1) * sin
+            if n == 1:  # the serial decoder's step: its one slot (position spans[0] - 1), no index tensors
+                keys[i].select(0, row_ids[0]).select(1, spans[0] - 1).copy_(qk[0, nh:])
+                values[i].select(0, row_ids[0]).select(1, spans[0] - 1).copy_(heads[0, nh + nkv:])
             else:
                 keys[i][rows, :, positions] = qk[:, nh:]
                 values[i][rows, :, positions] = heads[:, nh + nkv:]
