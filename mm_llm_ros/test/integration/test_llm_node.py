@@ -68,13 +68,21 @@ def test_answers_use_fresh_encoder_embeddings_with_their_stamps(node_graph, llm_
     test_node.wait_for_subscribers(pub)
     frame = sample_msgs.image_msg(sample_msgs.read_rgb(shared_data / sample_msgs.NUSCENES_FRONT), STAMP_NS, 'CAM_FRONT')
     # Keep the camera running until llm_node itself has used an embedding (its subscription may match later than
-    # any other subscriber's); every iteration is a real frame and a real request, bounded in count.
+    # any other subscriber's); every iteration is a real frame and a real request, bounded in count. Paced by the
+    # encoder, not by how fast a 12-token answer comes back: each round waits (at most 1 s) until the frame has
+    # been embedded at least once, so the rounds cannot run out while the encoder warms up.
+    embedded = test_node.collect(Embedding, '/' + EMBEDDING_TOPIC.format(source='camera'), EMBEDDING_QOS)
     response = None
-    for _ in range(100):
-        pub.publish(frame)
-        response = ask('Describe the scene.', modalities=['vision'], max_new_tokens=12)
-        if response.modalities_used:
-            break
+    try:
+        for _ in range(100):
+            pub.publish(frame)
+            with contextlib.suppress(TimeoutError):
+                embedded.wait_for(timeout_s=1.0, what='an embedding')
+            response = ask('Describe the scene.', modalities=['vision'], max_new_tokens=12)
+            if response.modalities_used:
+                break
+    finally:
+        embedded.close()
     assert response.success and response.modalities_used == ['camera']
     assert [(s.sec, s.nanosec) for s in response.source_stamps] == [divmod(STAMP_NS, 10**9)]
     assert response.answer != text_only.answer  # the tiny model's open gates inject the image features
