@@ -33,8 +33,11 @@ def test_replay_thermal_and_imu_reach_the_answer(node_graph, test_node, config_d
     frame = thermal_frames.messages[0]
     assert frame.encoding == 'mono16' and frame.header.frame_id == specs.SENSORS['thermal_camera'].default_frame
     assert 250 < np.median(thermal_from_msg(frame).values / 100.0) < 300  # centikelvin of a cool night street
+    # A best-effort subscriber on a loaded machine drops samples in bursts: wait for 200 rather than count them at
+    # the moment of the first IMU embedding (95 had arrived then in one CI rehearsal).
+    imu_samples.wait_for(lambda msgs: len(msgs) > 200, timeout_s=60, what='200 IMU samples')
     stamps = np.array([stamp_to_ns(m.header.stamp) for m in imu_samples.messages]) / 1e9
-    assert len(stamps) > 200 and np.median(np.diff(np.sort(stamps))) == pytest.approx(1 / 200, rel=0.01)
+    assert np.median(np.diff(np.sort(stamps))) == pytest.approx(1 / 200, rel=0.01)  # published at 200 Hz
 
     client = test_node.node.create_client(Ask, '/ask')
     try:
