@@ -4,6 +4,8 @@ it could not be exact. The int8 products through the same step are tested in tes
 from __future__ import annotations
 
 import copy
+import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +176,26 @@ def test_the_assembled_model_is_stored_column_major_where_the_float32_step_runs(
     assert (head.stride() == (1, head.shape[0])) == stored and head.is_contiguous() != stored
     if stored:
         assert len(StaticDecoder(model.backbone, capacity=32)._lean_step.python.qkv_weights[0]) == 1
+
+
+def test_storing_column_major_releases_the_loaded_files_map(tmp_path):
+    """transformers maps a safetensors file privately, and the map (every weight in it) stays while any tensor of it
+    lives: after storing, none may (the norms are copied out too)."""
+    from transformers import LlamaForCausalLM
+
+    tiny_random_backbone(seed=3).model.save_pretrained(tmp_path)
+    backbone = LlamaForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    weights = str(tmp_path / 'model.safetensors')
+
+    def mapped():
+        gc.collect()
+        return weights in Path('/proc/self/maps').read_text()
+    if not mapped():
+        pytest.skip('this transformers copies the weights out of the file: no map to release')
+    norm = backbone.model.norm.weight.detach().clone()
+    assert store_column_major(backbone) > 0
+    assert not mapped()
+    assert torch.equal(backbone.model.norm.weight, norm)
 
 
 def test_only_plain_float32_cpu_weights_are_stored_column_major():
