@@ -97,13 +97,19 @@ class FusedInt8Rows:
         self.packed = _pack(weight)
         self.shape = tuple(weight.shape)
         # Merged q/k/v and gate/up biases are fixed (only o_proj's changes per query), so they are joined once.
-        self.bias = None
-        if any(linear.bias is not None for linear in linears):
-            self.bias = torch.cat([linear.bias if linear.bias is not None else weight.new_zeros(linear.out_features)
-                                   for linear in linears]).detach()
+        self.bias = joined_bias(linears)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _int8_rows(x, self.packed, self.bias).split(self.sizes, dim=-1)
+
+
+def joined_bias(linears: list[nn.Linear]) -> torch.Tensor | None:
+    """The biases of `linears` side by side for one joined product, zeros for a map without one (the product plus
+    zero is the product, bit for bit: an ImageBind-LLM tunes q's bias, not k's and v's); None where none has one."""
+    if all(linear.bias is None for linear in linears):
+        return None
+    return torch.cat([linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+                      for linear in linears]).detach()
 
 
 def _int8_rows(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

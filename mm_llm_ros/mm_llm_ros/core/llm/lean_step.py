@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm_llm_ros.core.llm.cpu_int8 import FusedInt8Rows, Int8Rows, int8_product
+from mm_llm_ros.core.llm.cpu_int8 import FusedInt8Rows, Int8Rows, int8_product, joined_bias
 
 logger = logging.getLogger(__name__)
 
@@ -164,15 +164,6 @@ def _float_weights(backbone: nn.Module) -> list[tuple[nn.Parameter, ...]] | None
     return None if head is None else layers + [(head.weight,)]
 
 
-def _joined_bias(linears: list[nn.Linear]) -> torch.Tensor | None:
-    """The biases of `linears` side by side, zeros for a map without one (the product plus zero is the product, bit
-    for bit: an ImageBind-LLM tunes q's bias, not k's and v's); None where none has a bias."""
-    if all(linear.bias is None for linear in linears):
-        return None
-    return torch.cat([linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
-                      for linear in linears]).detach()
-
-
 def _float_linear(module: nn.Module) -> nn.Linear | None:
     """The plain float nn.Linear a (merged) projection computes with its own forward, or None (another module, or
     a weight that torchao quantised: a tensor subclass)."""
@@ -277,7 +268,7 @@ class _LeanStep(nn.Module):
                     joined = _joined([linear.weight for linear in linears])
                     if joined is not None:
                         weights.append([joined])  # one product (store_column_major)
-                        biases.append([_joined_bias(linears)])
+                        biases.append([joined_bias(linears)])
                     else:
                         weights.append([linear.weight for linear in linears])
                         biases.append([linear.bias for linear in linears])
