@@ -138,9 +138,11 @@ class TestNode:
     def close(self) -> None:
         import rclpy
         self.executor.shutdown()
+        # The spin thread leaves its wait once the executor is shut down; destroying the node while it still waits
+        # on the node's entities segfaulted the test process in a CI rehearsal.
+        self._thread.join(5.0)
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
-        self._thread.join(5.0)
 
     # ---- graph waits -------------------------------------------------------------------------
     def wait_for_service(self, client, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
