@@ -243,9 +243,15 @@ def _run_row(rows: list[LLMRow], row: LLMRow, budget: Budget, device: torch.devi
 def _our_loop(model, tokenizer, decoder_mode: str, device: torch.device, repeats: int,
               new_tokens: int) -> Callable[[LLMRow], None]:
     def measure(row: LLMRow) -> None:
-        decoder = None if decoder_mode == 'eager' else StaticDecoder(model, CONTEXT_LENGTH, decoder_mode)
+        decoder = None if decoder_mode == 'eager' else fresh_prompt_decoder(model, decoder_mode)
         time_our_loop(model, tokenizer, decoder, device, repeats, new_tokens, row)
     return measure
+
+
+def fresh_prompt_decoder(model, decoder_mode: str) -> StaticDecoder:
+    """A static-cache decoder that prefills every prompt whole: the timed runs repeat one prompt, and with prefix
+    reuse (the node's default) TTFT would time a one-token prefill."""
+    return StaticDecoder(model, CONTEXT_LENGTH, decoder_mode, reuse_prefix=False)
 
 
 def parse_int4_kernels(text: str) -> list[str]:

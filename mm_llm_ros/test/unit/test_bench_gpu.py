@@ -122,3 +122,19 @@ def test_each_int4_kernel_gets_its_goal_line_against_the_same_fp16_row(bench):
     assert 'not met' in verdicts['int4 decode >= 1.8x fp16'] and 'int4 decode >= 1.8x fp16 (gemlite)' not in verdicts
     assert ('- imagebind-llm merged int4 bf16 fbgemm: `compile` vs the unquantised `compile`: 2/3 greedy tokens equal, '
             'first difference at token 2') in bench.row_agreement(report.llm)
+
+
+def test_ttft_rows_prefill_each_repeated_prompt_whole(bench):
+    """The timed runs repeat one prompt: with the node's prefix reuse, TTFT would time a one-token prefill."""
+    from mm_llm_ros.core.llm.backbones import tiny_random_backbone
+
+    backbone = tiny_random_backbone(seed=0)
+    model, tokenizer = backbone.model, backbone.tokenizer
+    fresh = bench.fresh_prompt_decoder(model, 'static')
+    bench.time_our_loop(model, tokenizer, fresh, torch.device('cpu'), 2, 4, bench.LLMRow('m', 'w', 'static'))
+    assert fresh.reused == 0
+    reusing = bench.StaticDecoder(model, bench.CONTEXT_LENGTH, 'static')  # what the rows used before
+    row = bench.LLMRow('m', 'w', 'static')
+    bench.time_our_loop(model, tokenizer, reusing, torch.device('cpu'), 2, 4, row)
+    assert reusing.reused > 0
+    assert set(row.ttft_ms) == set(bench.PROMPT_LENGTHS) and row.tokens_per_s > 0
