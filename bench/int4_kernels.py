@@ -106,7 +106,7 @@ def measure(device: torch.device, kernels: Sequence[str], shapes: Sequence[tuple
 def markdown(rows: Sequence[dict], device: torch.device, argv: Sequence[str]) -> str:
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'CPU'
     dense = {row['shape']: row['us'] for row in rows if row['kernel'] == 'dense' and 'us' in row}
-    lines = [f'# Batch-1 int4 products per kernel (`bench/int4_kernels.py`)', '',
+    lines = ['# Batch-1 int4 products per kernel (`bench/int4_kernels.py`)', '',
              f'{name}; torch {torch.__version__}. Command: `python bench/int4_kernels.py {" ".join(argv)}`. '
              f'bfloat16 activations, {COPIES} distinct weights per shape replayed as one graph, mean over the '
              'replays. "vs dense" = the kernel\'s time / the dense bfloat16 product\'s, same shape, same run.', '',

@@ -22,8 +22,10 @@ other than SiLU, torchao-quantised weights); the generic step runs there. Measur
 the host of 2026-12-05).
 """
 
+import contextlib
 import functools
 import logging
+import mmap
 import warnings
 from collections.abc import Callable
 from typing import Final, List, Optional
@@ -108,11 +110,15 @@ def store_column_major(backbone: nn.Module) -> int:
     layers = _float_weights(backbone)
     if layers is None or layers[-1][0].dtype != torch.float32 or layers[-1][0].device.type != 'cpu':
         return 0
-    count = 0
-    for q, k, v, o, gate, up, down in layers[:-1]:
-        for group in ((q, k, v), (gate, up), (o,), (down,)):
-            count += _store_column_major(group)
-    count += _store_column_major(layers[-1])
+    groups = [group for q, k, v, o, gate, up, down in layers[:-1]
+              for group in ((q, k, v), (gate, up), (o,), (down,))] + [layers[-1]]
+    groups = [group for group in groups if not (group[0].stride(0) == 1 and _joined(group) is not None)]
+    sizes = [_aligned(sum(weight.numel() for weight in group)) for group in groups]
+    arena = _huge_page_floats(sum(sizes))
+    count, start = 0, 0
+    for group, size in zip(groups, sizes):
+        count += _store_column_major(group, arena[start:start + size])
+        start += size
     if count:
         stored = {id(weight) for group in layers for weight in group}
         for tensor in (*backbone.parameters(), *backbone.buffers()):
@@ -121,16 +127,40 @@ def store_column_major(backbone: nn.Module) -> int:
     return count
 
 
-def _store_column_major(weights: tuple[nn.Parameter, ...]) -> int:
-    """Make `weights` ((out_i, in) each) consecutive row blocks of one column-major tensor, in place."""
-    if weights[0].stride(0) == 1 and _joined(weights) is not None:
-        return 0
-    columns = torch.cat([weight.detach().t() for weight in weights], dim=1)  # (in, sum of out_i), contiguous
+def _store_column_major(weights: tuple[nn.Parameter, ...], memory: torch.Tensor) -> int:
+    """Make `weights` ((out_i, in) each) consecutive row blocks of one column-major tensor, in place, in the front
+    of the 1-D float tensor `memory`."""
+    inputs, outputs = weights[0].shape[1], sum(weight.shape[0] for weight in weights)
+    columns = memory[:inputs * outputs].view(inputs, outputs)  # (in, sum of out_i), contiguous
     start = 0
     for weight in weights:
-        weight.data = columns[:, start:start + weight.shape[0]].t()
+        block = columns[:, start:start + weight.shape[0]]
+        block.copy_(weight.detach().t())
+        weight.data = block.t()
         start += weight.shape[0]
     return len(weights)
+
+
+def _aligned(count: int, floats: int = 16) -> int:
+    """`count` rounded up to whole 64-byte lines of float32, so that each stored group starts on one."""
+    return -(-count // floats) * floats
+
+
+def _huge_page_floats(count: int) -> torch.Tensor:
+    """A 1-D float32 CPU tensor of `count` elements in memory that the kernel backs with 2 MB pages if it can.
+
+    A decode step streams every weight once, so on 4 kB pages it walks the page tables for each of some 130,000
+    pages per token. Linux gives anonymous memory transparent huge pages on request (`MADV_HUGEPAGE`; Ubuntu's
+    default THP mode, `madvise`, gives them on request only), and torch's allocator asks only when
+    THP_MEM_ALLOC_ENABLE is set at start-up. Measured on SmolLM2's weights at two threads: all products of a token
+    1.5-3% faster. Where the platform has no such call, ordinary memory.
+    """
+    if count == 0 or not hasattr(mmap, 'MADV_HUGEPAGE'):
+        return torch.empty(count)
+    memory = mmap.mmap(-1, count * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # THP disabled or unsupported: 4 kB pages, same numbers
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=torch.float32, count=count)  # the tensor keeps the map alive
 
 
 def _joined(weights: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor | None:
@@ -299,7 +329,7 @@ class _LeanStep(nn.Module):
             qk = heads[:, :nh + nkv]
             # transformers' q * cos + rotate_half(q) * sin with rotate_half(q) = (-q2, q1), as (q2, q1) times the
             # signed table (-sin1, sin2): the same products bit for bit (a sign flip is exact), in one call.
-            qk = qk * cos + torch.roll(qk, self.half, -1) * sin
+            qk = torch.roll(qk, self.half, -1).mul_(sin).add_(qk * cos)  # (in place: fewer allocations)
             if n == 1:  # the serial decoder's step: its one slot (position spans[0] - 1), no index tensors
                 keys[i].select(0, row_ids[0]).select(1, spans[0] - 1).copy_(qk[0, nh:])
                 values[i].select(0, row_ids[0]).select(1, spans[0] - 1).copy_(heads[0, nh + nkv:])
@@ -309,16 +339,21 @@ class _LeanStep(nn.Module):
             query = qk[:, :nh].reshape(n, nh, 1, hd)
             # Each row over its own written slots, without a mask, as the serial step attends (a masked attention
             # over a longer span sums in another order: BatchDecoder).
-            outs: List[torch.Tensor] = []
-            for r in range(n):
-                outs.append(F.scaled_dot_product_attention(
-                    query.narrow(0, r, 1), keys[i].narrow(0, row_ids[r], 1).narrow(2, 0, spans[r]),
-                    values[i].narrow(0, row_ids[r], 1).narrow(2, 0, spans[r]), scale=self.scaling,
-                    enable_gqa=self.gqa))
-            out = outs[0] if n == 1 else torch.cat(outs)
-            h = h + self._o(out.view(n, nh * hd), i, o_bias[i])
+            if keys[i].size(0) == 1:  # the serial decoder's one-row cache
+                out = F.scaled_dot_product_attention(query, keys[i].narrow(2, 0, spans[0]),
+                                                     values[i].narrow(2, 0, spans[0]), scale=self.scaling,
+                                                     enable_gqa=self.gqa)
+            else:
+                outs: List[torch.Tensor] = []
+                for r in range(n):
+                    outs.append(F.scaled_dot_product_attention(
+                        query.narrow(0, r, 1), keys[i].narrow(0, row_ids[r], 1).narrow(2, 0, spans[r]),
+                        values[i].narrow(0, row_ids[r], 1).narrow(2, 0, spans[r]), scale=self.scaling,
+                        enable_gqa=self.gqa))
+                out = outs[0] if n == 1 else torch.cat(outs)
+            h.add_(self._o(out.view(n, nh * hd), i, o_bias[i]))  # h is this step's own tensor
             x = _rms_norm(h, self.norm2[i], self.eps2[i])
-            h = h + self._mlp(x, i)
+            h.add_(self._mlp(x, i))
         h = _rms_norm(h, self.norm, self.norm_eps)
         if self.int8:
             return _with_bias(int8_product(h, self.head[0]), self.head_bias)
@@ -345,21 +380,22 @@ class _LeanStep(nn.Module):
         if self.int8:
             gate_up = _with_bias(int8_product(x, self.gate_up[i]), self.gate_up_bias[i])
             width = self.gate_width
-            return _with_bias(int8_product(F.silu(gate_up[:, :width]) * gate_up[:, width:], self.down[i]),
+            return _with_bias(int8_product(F.silu(gate_up[:, :width]).mul_(gate_up[:, width:]), self.down[i]),
                               self.down_bias[i])
         weights, biases = self.gate_up_weights[i], self.gate_up_biases[i]
         if len(weights) == 1:  # gate and up joined
             gate_up = F.linear(x, weights[0], biases[0])
-            gated = F.silu(gate_up[:, :self.gate_width]) * gate_up[:, self.gate_width:]
+            gated = F.silu(gate_up[:, :self.gate_width]).mul_(gate_up[:, self.gate_width:])
         else:
-            gated = F.silu(F.linear(x, weights[0], biases[0])) * F.linear(x, weights[1], biases[1])
+            gated = F.silu(F.linear(x, weights[0], biases[0])).mul_(F.linear(x, weights[1], biases[1]))
         return F.linear(gated, self.down_weights[i], self.down_biases[i])
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm on float32 rows, op for op (so bit for bit). `F.rms_norm` gives the same numbers
-    through a composite of about a dozen calls: 30 us a row here against about 8."""
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    through a composite of about a dozen calls: 30 us a row here against about 8. In place where the tensor is
+    this function's own (the same kernels, fewer allocations); a product commutes exactly."""
+    return (x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).mul_(weight)
 
 
 def _nonzero(bias: torch.Tensor | None) -> torch.Tensor | None:
