@@ -87,6 +87,26 @@ def test_float32_steps_give_the_generic_steps_logits_bit_for_bit(float32_model):
         _assert_same_caches(decoders[:2], decoders[2])
 
 
+def test_all_zero_float32_biases_are_left_out_without_changing_a_logit(merged):
+    """Bias tuning without an adapter checkpoint (the embedded default) merges zero biases: the lean step multiplies
+    without them (`torch.mm`), the generic step adds them inside the product (`addmm`), to the same bits."""
+    model, tokenizer = copy.deepcopy(merged)
+    layers = model.backbone.model.layers
+    with torch.no_grad():
+        for layer in layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                               layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                if lean_step._float_linear(projection).bias is not None:
+                    lean_step._float_linear(projection).bias.zero_()
+    assert store_column_major(model.backbone) > 0
+    model.set_visual_features(_features(4))  # o_proj keeps a nonzero bias: the product with one still matches
+    decoders = _serial_triple(model.backbone, capacity=128)
+    step = decoders[0]._lean_step.python
+    assert step.qkv_biases == step.gate_up_biases == [[None]] * len(layers)
+    assert step.down_biases == [None] * len(layers)
+    _greedy_in_step(decoders, tokenizer.encode(PROMPTS[0], bos=True))
+
+
 @pytest.mark.parametrize('column_major', [False, True])
 def test_a_plain_backbone_gets_the_float32_step_too(column_major):
     """transformers' LlamaForCausalLM as loaded (no ImageBind-LLM, no biases)."""

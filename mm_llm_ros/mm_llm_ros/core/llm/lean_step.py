@@ -9,9 +9,10 @@ compiled once by TorchScript, and gives the generic step's logits bit for bit (t
 - hidden states are (n, C), one row per sequence; rotary cos/sin come from a table computed once by the model's
   own rotary embedding; RMSNorm and rotate_half are transformers' formulas in a few calls each (`_rms_norm`);
 - each row attends over its own written slots without a mask, as the serial step does;
-- the products are the model's own: float32 weights through `F.linear` (bias inside the product, as
-  `nn.Linear` adds it; q+k+v and gate+up in one product each where `store_column_major` stored them as views of
-  one tensor), or, for a model that `cpu_int8.apply_cpu_int8` rerouted, the prepacked int8 products (fused q+k+v
+- the products are the model's own: float32 weights through the `torch.mm`/`torch.addmm` call that `F.linear`
+  makes (x @ W^T, the bias inside the product as `nn.Linear` adds it; an all-zero bias left out, which changes no
+  value; q+k+v and gate+up in one product each where `store_column_major` stored them as views of one tensor),
+  or, for a model that `cpu_int8.apply_cpu_int8` rerouted, the prepacked int8 products (fused q+k+v
   and gate+up, one kernel call per row) with the biases added after, as `Int8Rows` adds them.
 
 `StaticDecoder` (mode `static`, the CPU default) and `BatchDecoder` build it with `for_model`, which returns None
@@ -244,8 +245,9 @@ class _LeanStep(nn.Module):
     down_bias: List[Optional[torch.Tensor]]
     head: List[torch.classes.quantized.LinearPackedParamsBase]
     head_bias: Optional[torch.Tensor]
-    # float32: the model's own weights and biases, per layer [q, k, v] and [gate, up] (not copied), or [the
-    # joined weight] where they are views of one tensor (`store_column_major`).
+    # float32: the model's own weights seen as W^T (in, out) views and their biases (None where all zero), per
+    # layer [q, k, v] and [gate, up] (not copied), or [the joined weight] where they are views of one tensor
+    # (`store_column_major`).
     qkv_weights: List[List[torch.Tensor]]
     qkv_biases: List[List[Optional[torch.Tensor]]]
     gate_up_weights: List[List[torch.Tensor]]
@@ -297,17 +299,17 @@ class _LeanStep(nn.Module):
                          self.gate_up_biases)):
                     joined = _joined([linear.weight for linear in linears])
                     if joined is not None:
-                        weights.append([joined])  # one product (store_column_major)
-                        biases.append([joined_bias(linears)])
+                        weights.append([joined.t()])  # one product (store_column_major)
+                        biases.append([_nonzero(joined_bias(linears))])
                     else:
-                        weights.append([linear.weight for linear in linears])
-                        biases.append([linear.bias for linear in linears])
-                self.o_weights.append(_o_weight(attn.o_proj))
+                        weights.append([linear.weight.t() for linear in linears])
+                        biases.append([_nonzero(linear.bias) for linear in linears])
+                self.o_weights.append(_o_weight(attn.o_proj).t())
                 down_linear = _float_linear(mlp.down_proj)
-                self.down_weights.append(down_linear.weight)
-                self.down_biases.append(down_linear.bias)
+                self.down_weights.append(down_linear.weight.t())
+                self.down_biases.append(_nonzero(down_linear.bias))
             head_linear = _float_linear(backbone.lm_head)
-            self.head_weights, self.head_bias = [head_linear.weight], head_linear.bias
+            self.head_weights, self.head_bias = [head_linear.weight.t()], _nonzero(head_linear.bias)
         self.gate_width: int = layers[0].mlp.gate_proj.out_features
         self.half: int = self.head_dim // 2
         with torch.inference_mode():
@@ -357,7 +359,7 @@ class _LeanStep(nn.Module):
         h = _rms_norm(h, self.norm, self.norm_eps)
         if self.int8:
             return _with_bias(int8_product(h, self.head[0]), self.head_bias)
-        return F.linear(h, self.head_weights[0], self.head_bias)
+        return _product(h, self.head_weights[0], self.head_bias)
 
     def _qkv(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """q, k and v of rows x (n, C), side by side (n, (nh + 2 nkv) hs)."""
@@ -365,15 +367,15 @@ class _LeanStep(nn.Module):
             return _with_bias(int8_product(x, self.qkv[i]), self.qkv_bias[i])
         weights, biases = self.qkv_weights[i], self.qkv_biases[i]
         if len(weights) == 1:  # q, k and v joined
-            return F.linear(x, weights[0], biases[0])
-        return torch.cat([F.linear(x, weights[0], biases[0]), F.linear(x, weights[1], biases[1]),
-                          F.linear(x, weights[2], biases[2])], dim=1)
+            return _product(x, weights[0], biases[0])
+        return torch.cat([_product(x, weights[0], biases[0]), _product(x, weights[1], biases[1]),
+                          _product(x, weights[2], biases[2])], dim=1)
 
     def _o(self, x: torch.Tensor, i: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """o_proj of rows x (n, C) with this query's bias, (C,) or per row (n, C)."""
         if self.int8:
             return _with_bias(int8_product(x, self.o[i]), bias)
-        return F.linear(x, self.o_weights[i], bias)
+        return _product(x, self.o_weights[i], bias)
 
     def _mlp(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """LLaMA's MLP, down(silu(gate(x)) * up(x))."""
@@ -384,11 +386,11 @@ class _LeanStep(nn.Module):
                               self.down_bias[i])
         weights, biases = self.gate_up_weights[i], self.gate_up_biases[i]
         if len(weights) == 1:  # gate and up joined
-            gate_up = F.linear(x, weights[0], biases[0])
+            gate_up = _product(x, weights[0], biases[0])
             gated = F.silu(gate_up[:, :self.gate_width]).mul_(gate_up[:, self.gate_width:])
         else:
-            gated = F.silu(F.linear(x, weights[0], biases[0])).mul_(F.linear(x, weights[1], biases[1]))
-        return F.linear(gated, self.down_weights[i], self.down_biases[i])
+            gated = F.silu(_product(x, weights[0], biases[0])).mul_(_product(x, weights[1], biases[1]))
+        return _product(gated, self.down_weights[i], self.down_biases[i])
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -396,6 +398,16 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     through a composite of about a dozen calls: 30 us a row here against about 8. In place where the tensor is
     this function's own (the same kernels, fewer allocations); a product commutes exactly."""
     return (x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).mul_(weight)
+
+
+def _product(x: torch.Tensor, transposed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ W^T (+ bias) for rows x (n, in) and `transposed` the (in, out) view W^T. Without a bias (all-zero ones
+    are dropped: 0 + s is s) the `mm` that `F.linear(x, W)` calls, less its transposes and the zero bias's copy and
+    add: about 3 us a product, 2% of a float32 token at two threads. With one, `F.linear` itself: TorchScript
+    splits an `addmm` written out into `mm` + `add`, which rounds otherwise than the bias inside the product."""
+    if bias is None:
+        return torch.mm(x, transposed)
+    return F.linear(x, transposed.t(), bias)
 
 
 def _nonzero(bias: torch.Tensor | None) -> torch.Tensor | None:
