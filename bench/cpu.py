@@ -378,6 +378,28 @@ LLAMA_CPP_FROM_THE_ISSUE = {'llama.cpp Q4_1 (as shipped)': ((62, 98), (1417, 847
                             'llama.cpp F32': ((36, 46), (890, 454))}
 
 
+HEAD_TO_HEAD = {'fp32 (llm.quantization none)': 'llama.cpp F32', 'int8 (llm.quantization int8)': 'llama.cpp Q8_0'}
+
+
+def head_to_head(result: dict, threads: Sequence[int]) -> list[str]:
+    """Markdown lines: per round, each of our paths' decode tokens/s over its llama.cpp counterpart's from the same
+    round (the two ran a few seconds apart): the median ratio, its range, and the rounds ours was ahead. Medians of
+    each side alone can cross over on a shared host where one side's slow round is the other's fast one."""
+    lines = ['', '**Head to head, round by round** (decode tokens/s, ours over llama.cpp in the same round):', '',
+             '| ours | llama.cpp | threads | median ratio | lowest | highest | rounds ours ahead |',
+             '|---|---|---:|---:|---:|---:|---:|']
+    for ours, theirs in HEAD_TO_HEAD.items():
+        if (threads[0], theirs) not in result['speed']:
+            continue
+        shown = f'{theirs}, no repacking' if theirs in result.get('llama_cpp_no_repack', []) else theirs
+        for count in threads:
+            ratios = [a[1] / b[1] for a, b in zip(result['speed'][(count, ours)], result['speed'][(count, theirs)],
+                                                  strict=True)]
+            lines.append(f'| {ours} | {shown} | {count} | {statistics.median(ratios):.3f}x | {min(ratios):.3f}x | '
+                         f'{max(ratios):.3f}x | {sum(r > 1 for r in ratios)} of {len(ratios)} |')
+    return lines + ['']
+
+
 def markdown(result: dict, threads: Sequence[int], repeats: int, new_tokens: int) -> str:
     import torch
 
@@ -411,6 +433,7 @@ def markdown(result: dict, threads: Sequence[int], repeats: int, new_tokens: int
               f'int8 {result["bytes"]["int8"] / 1e6:.0f} MB (projections and lm_head)'
               + ('; llama.cpp: the GGUF file (its tied output matrix is read whole).' if llama_cpp else '.'), '']
     if llama_cpp:
+        lines += head_to_head(result, threads)
         lines += [f'llama.cpp (llama-cpp-python, same run, same prompt ids, greedy on the host as ours): its F32 '
                   f'gave our fp32 greedy tokens on {result["llama_f32_identical"]} of '
                   f'{len(result["first_divergent"])} agreement prompts.']

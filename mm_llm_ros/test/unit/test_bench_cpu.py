@@ -24,7 +24,7 @@ def test_the_variants_decode_and_the_fp32_ones_agree(bench):
     assert len(fp32) == 4 and fp32[0] == fp32[1] == fp32[2] == fp32[3]
     assert decoders['fp32 (llm.quantization none)']._lean_step is not None
     served = decoders['fp32 (llm.quantization none)']._lean_step.python
-    assert len(served.qkv_weights[0]) == 1 and served.qkv_weights[0][0].stride(0) == 1  # stored as a node stores it
+    assert len(served.qkv_weights[0]) == 1 and served.qkv_weights[0][0].is_contiguous()  # W^T: stored as a node does
     assert len(decoders['fp32, lean step, row-major weights']._lean_step.python.qkv_weights[0]) == 3
     assert model.backbone.lm_head.weight.is_contiguous()  # the model passed in keeps its layout
     assert decoders['fp32, op-by-op step']._lean_step is None
@@ -73,3 +73,15 @@ def test_llama_cpp_rows_join_the_table_when_it_ran(bench):
     text = bench.markdown(result, [1], 1, 64)
     assert '| llama.cpp Q8_0, no repacking | 1 | 40.0 |' in text and '`use_extra_bufts` off' in text
     assert '| llama.cpp F32 | 1 |' in text
+
+
+def test_head_to_head_pairs_each_round_with_llama_cpps(bench):
+    """Ratios per round, not of medians: ours 10, 12, 9 against llama.cpp 11, 10, 10 is ahead in one round of
+    three (medians alone, 10 against 10, would call it level)."""
+    ours, theirs = 'fp32 (llm.quantization none)', 'llama.cpp F32'
+    result = {'speed': {(2, ours): [(0.5, 10.0), (0.5, 12.0), (0.5, 9.0)],
+                        (2, theirs): [(0.4, 11.0), (0.4, 10.0), (0.4, 10.0)]},
+              'llama_cpp_no_repack': []}
+    lines = bench.head_to_head(result, [2])
+    assert f'| {ours} | {theirs} | 2 | 0.909x | 0.900x | 1.200x | 1 of 3 |' in lines
+    assert not any('int8' in line for line in lines)  # no Q8_0 in this run: no row for it
