@@ -18,10 +18,11 @@ without an adapter checkpoint), greedy decoding through the static decoder:
 - `int8 (llm.quantization int8)`: the same plus `cpu_int8` (decode rows through torch's VNNI int8 kernel).
 
 Per thread count the variants take turns, `--repeats` times each after one warm-up, so that other jobs on a shared
-machine slow them alike; the table gives medians of wall-clock time. TTFT is the prefill of a long (about 220-token)
-prompt plus the first token; tokens/s the `--new-tokens` greedy tokens after it. The bandwidth limit is the bytes a
-decode step must read (every projection and lm_head weight, at the variant's bytes per weight) divided by the read
-bandwidth measured here (a sum over a 256 MB tensor, same thread count).
+machine slow them alike (in the listed order, reversed every other round); the table gives medians of wall-clock
+time. TTFT is the prefill of a long (about 220-token) prompt plus the first token; tokens/s the `--new-tokens`
+greedy tokens after it. The bandwidth limit is the bytes a decode step must read (every projection and lm_head
+weight, at the variant's bytes per weight) divided by the read bandwidth measured here (a sum over a 256 MB tensor,
+same thread count).
 
 llama.cpp, the baseline of the issue, runs in the same loop when `llama_cpp` (llama-cpp-python, an optional bench
 dependency, never a test one: `pip install llama-cpp-python`) is importable: the shipped Q4_1 GGUF, and Q8_0 and
@@ -258,6 +259,12 @@ def llama_cpp_models(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     return models
 
 
+def turns(names: list[str], round_: int) -> list[str]:
+    """The order the contenders run in round `round_`: as listed, reversed every other round, so that no contender
+    always runs right after the same one (a run leaves the caches and the memory controller to the next)."""
+    return names if round_ % 2 == 0 else names[::-1]
+
+
 def measure(threads: Sequence[int], repeats: int, new_tokens: int, prompts: int, agreement_tokens: int,
             cache_dir) -> dict:
     import torch
@@ -285,9 +292,9 @@ def measure(threads: Sequence[int], repeats: int, new_tokens: int, prompts: int,
             for name, decoder in contenders.items():
                 _run(decoder, long_prompt, 8)  # warm-up
                 speed[(count, name)] = []
-            for _ in range(repeats):
-                for name, decoder in contenders.items():
-                    ttft, rate, _ = _run(decoder, long_prompt, new_tokens)
+            for round_ in range(repeats):
+                for name in turns(list(contenders), round_):
+                    ttft, rate, _ = _run(contenders[name], long_prompt, new_tokens)
                     speed[(count, name)].append((ttft, rate))
         torch.set_num_threads(max(threads))
         reference, fast = decoders['fp32 (llm.quantization none)'], decoders['int8 (llm.quantization int8)']
@@ -414,7 +421,8 @@ def markdown(result: dict, threads: Sequence[int], repeats: int, new_tokens: int
         f'{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch '
         f'{torch.__version__}; SmolLM2-135M merged as served, greedy, static decoder with a 1024-slot cache; '
         f'{result["prompt_tokens"]}-token prompt, {new_tokens} tokens; median of {repeats} interleaved runs '
-        '(wall clock; taking turns, variants see the same machine load). Produced by `bench/cpu.py`.', '',
+        '(wall clock; taking turns, the order reversed every other round, variants see the same machine load). '
+        'Produced by `bench/cpu.py`.', '',
         '| variant | threads | decode tokens/s | vs before | TTFT (ms) | vs before | bandwidth limit (tokens/s) |',
         '|---|---:|---:|---:|---:|---:|---:|',
     ]

@@ -85,3 +85,9 @@ def test_head_to_head_pairs_each_round_with_llama_cpps(bench):
     lines = bench.head_to_head(result, [2])
     assert f'| {ours} | {theirs} | 2 | 0.909x | 0.900x | 1.200x | 1 of 3 |' in lines
     assert not any('int8' in line for line in lines)  # no Q8_0 in this run: no row for it
+
+
+def test_the_turn_order_reverses_every_other_round(bench):
+    names = ['fp32', 'int8', 'llama.cpp F32']
+    assert bench.turns(names, 0) == names and bench.turns(names, 2) == names
+    assert bench.turns(names, 1) == ['llama.cpp F32', 'int8', 'fp32']
