@@ -9,11 +9,12 @@ compiled once by TorchScript, and gives the generic step's logits bit for bit (t
 - hidden states are (n, C), one row per sequence; rotary cos/sin come from a table computed once by the model's
   own rotary embedding; RMSNorm and rotate_half are transformers' formulas in a few calls each (`_rms_norm`);
 - each row attends over its own written slots without a mask, as the serial step does;
-- the products are the model's own: float32 weights through the `torch.mm`/`torch.addmm` call that `F.linear`
-  makes (x @ W^T, the bias inside the product as `nn.Linear` adds it; an all-zero bias left out, which changes no
-  value; q+k+v and gate+up in one product each where `store_column_major` stored them as views of one tensor),
-  or, for a model that `cpu_int8.apply_cpu_int8` rerouted, the prepacked int8 products (fused q+k+v
-  and gate+up, one kernel call per row) with the biases added after, as `Int8Rows` adds them.
+- the products are the model's own: float32 weights through `torch.mm` on their W^T views, the call `F.linear`
+  makes without its transposes (a bias through `F.linear` itself, inside the product as `nn.Linear` adds it; an
+  all-zero bias left out, which changes no value; q+k+v and gate+up in one product each where
+  `store_column_major` stored them as views of one tensor), or, for a model that `cpu_int8.apply_cpu_int8`
+  rerouted, the prepacked int8 products (fused q+k+v and gate+up, one kernel call per row) with the biases added
+  after, as `Int8Rows` adds them.
 
 `StaticDecoder` (mode `static`, the CPU default) and `BatchDecoder` build it with `for_model`, which returns None
 for anything it does not reproduce exactly (another dtype or device, an unmerged ImageBind-LLM, an activation
