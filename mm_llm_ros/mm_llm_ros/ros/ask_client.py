@@ -54,6 +54,17 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+class SpinSafeActionClient(ActionClient):
+    """rclpy's ActionClient (9.1) registers with its node before it creates the lock that its wait-set methods take,
+    so an executor spinning in another thread can call them first and die ("'ActionClient' object has no attribute
+    '_lock'"; seen in a CI rehearsal, after which every wait on that executor timed out). Here the lock exists
+    before the registration; `ActionClient.__init__` then replaces it with its own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+
 def ask_service_client(node, name: str = 'ask'):
     """The /ask client of every caller in this package, with the server's reliable depth-256 QoS."""
     return node.create_client(Ask, name, qos_profile=SERVICE_QOS)
@@ -63,9 +74,9 @@ def ask_stream_client(node, name: str = 'ask_stream') -> ActionClient:
     """The /ask_stream client of every caller in this package, its goal, result and cancel services with the
     server's QoS (the default depth 10 drops requests when many callers arrive at once), and its feedback with the
     server's deep FEEDBACK_QOS (with continuous batching tokens come faster than a client drains them)."""
-    return ActionClient(node, AskStream, name, goal_service_qos_profile=SERVICE_QOS,
-                        result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS,
-                        feedback_sub_qos_profile=FEEDBACK_QOS)
+    return SpinSafeActionClient(node, AskStream, name, goal_service_qos_profile=SERVICE_QOS,
+                                result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS,
+                                feedback_sub_qos_profile=FEEDBACK_QOS)
 
 
 def _fill_request(request, args):

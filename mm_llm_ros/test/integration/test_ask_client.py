@@ -9,7 +9,7 @@ import time
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray
 
-from mm_llm_ros.ros.ask_client import EXIT_INTERRUPTED
+from mm_llm_ros.ros.ask_client import EXIT_INTERRUPTED, ask_stream_client
 
 EXIT_WITHIN_S = 5.0   # generous on a loaded 2-core machine; the cancel itself is a few ms on loopback
 
@@ -57,3 +57,24 @@ def test_stopped_stream_cancels_its_goal(node_graph, test_node, config_dir, sign
                              and _value(msgs, 'queue_length') == 0, timeout_s=10, what='the cancel to be counted')
     finally:
         diagnostics.close()
+
+
+def test_the_stream_client_can_be_created_while_an_executor_spins(test_node, monkeypatch):
+    """rclpy's ActionClient registers with its node before it creates the lock its wait-set methods take; an
+    executor spinning in another thread that polls it in between dies (seen in a CI rehearsal). Made deterministic
+    here: the registration itself polls the client, as that executor would next."""
+    import rclpy
+
+    node = rclpy.create_node('spin_race', context=test_node.context)  # not spun: a failure here stays here
+    try:
+        register = node.add_waitable
+
+        def register_and_poll(waitable):
+            register(waitable)
+            waitable.get_num_entities()
+
+        monkeypatch.setattr(node, 'add_waitable', register_and_poll)
+        client = ask_stream_client(node, 'spin_race_stream')
+        assert client.get_num_entities().num_subscriptions == 2  # feedback and status
+    finally:
+        node.destroy_node()

@@ -6,11 +6,11 @@ from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from rclpy.action import ActionClient
 from rclpy.lifecycle import TransitionCallbackReturn
 from sensor_msgs.msg import Image
 
 import sample_msgs
+from mm_llm_ros.ros.ask_client import SpinSafeActionClient
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, SENSOR_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import Embedding
@@ -78,7 +78,7 @@ def test_llm_node_pauses_resumes_releases_and_reloads(node_graph, test_node, con
                                        'generation.max_new_tokens_cap': 4000, 'generation.max_batch': max_batch})
     life = Lifecycle(test_node, 'llm_node')
     ask_client = test_node.node.create_client(Ask, '/ask', qos_profile=SERVICE_QOS)
-    stream_client = ActionClient(test_node.node, AskStream, '/ask_stream')
+    stream_client = SpinSafeActionClient(test_node.node, AskStream, '/ask_stream')
     diagnostics = test_node.collect(DiagnosticArray, '/diagnostics')
 
     def ask():
