@@ -637,9 +637,11 @@ class AskCli:
 def test_llm_node_restarts_while_clients_wait_and_a_client_started_first_still_gets_an_answer(
         graph, config_dir, tmp_path, diagnostics, record):
     name, client_timeout_s = 'llm_restart', 8.0
-    params = {'generation.context_length': 4096, 'generation.max_new_tokens_cap': 4000}
+    # A story long enough to outlast the second client's start: 4000 tokens took the faster float32 step about 5 s,
+    # and once the story ended before the queued client arrived (the queue never reached two).
+    params = {'generation.context_length': 16384, 'generation.max_new_tokens_cap': 16000}
     status = f'{name}: ImageBind-LLM'
-    long_question = ['Tell me a long story.', '--max-new-tokens', '4000', '--timeout', str(client_timeout_s)]
+    long_question = ['Tell me a long story.', '--max-new-tokens', '16000', '--timeout', str(client_timeout_s)]
     stream_args = ['--stream', '--action', f'/{name}/ask_stream']
     ask_args = ['--service', f'/{name}/ask']
     outcomes = {}
