@@ -89,7 +89,9 @@ def test_float32_steps_give_the_generic_steps_logits_bit_for_bit(float32_model):
 
 def test_all_zero_float32_biases_are_left_out_without_changing_a_logit(merged):
     """Bias tuning without an adapter checkpoint (the embedded default) merges zero biases: the lean step multiplies
-    without them (`torch.mm`), the generic step adds them inside the product (`addmm`), to the same bits."""
+    without them (`torch.mm`), the generic step adds them inside the product (`addmm`), to the same bits. o_proj's
+    bias is per-query state (tuned bias + gated visual vector): left out while a query's is all zero, added again
+    as soon as a query writes a nonzero one in place (in or out of inference mode)."""
     model, tokenizer = copy.deepcopy(merged)
     layers = model.backbone.model.layers
     with torch.no_grad():
@@ -98,13 +100,21 @@ def test_all_zero_float32_biases_are_left_out_without_changing_a_logit(merged):
                                layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
                 if lean_step._float_linear(projection).bias is not None:
                     lean_step._float_linear(projection).bias.zero_()
+            layer.self_attn.o_proj.proj.base.bias.zero_()  # o_proj's tuned bias; its gate stays open
     assert store_column_major(model.backbone) > 0
-    model.set_visual_features(_features(4))  # o_proj keeps a nonzero bias: the product with one still matches
     decoders = _serial_triple(model.backbone, capacity=128)
-    step = decoders[0]._lean_step.python
-    assert step.qkv_biases == step.gate_up_biases == [[None]] * len(layers)
-    assert step.down_biases == [None] * len(layers)
-    _greedy_in_step(decoders, tokenizer.encode(PROMPTS[0], bos=True))
+    step = decoders[0]._lean_step
+    assert step.python.qkv_biases == step.python.gate_up_biases == [[None]] * len(layers)
+    assert step.python.down_biases == [None] * len(layers)
+    for seed, inference_mode in ((None, False), (4, False), (None, True), (5, True)):
+        with torch.inference_mode(inference_mode):
+            model.set_visual_features(_features(seed))  # rewrites each o_proj bias in place
+        o_biases = [bias() for bias in step.o_biases]
+        if seed is None:
+            assert o_biases == [None] * len(layers)
+        else:  # the open gates put a nonzero visual vector into every layer's bias, which the step adds
+            assert all(bias is layer.self_attn.o_proj.served.bias for bias, layer in zip(o_biases, layers))
+        _greedy_in_step(decoders, tokenizer.encode(PROMPTS[0], bos=True))
 
 
 @pytest.mark.parametrize('column_major', [False, True])
