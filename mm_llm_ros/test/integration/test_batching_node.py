@@ -10,8 +10,8 @@ import time
 import pytest
 from action_msgs.msg import GoalStatus
 
-from mm_llm_ros.ros.ask_client import SpinSafeActionClient
-from mm_llm_ros.ros.qos import FEEDBACK_QOS, SERVICE_QOS
+from mm_llm_ros.ros.ask_client import ask_stream_client
+from mm_llm_ros.ros.qos import SERVICE_QOS
 from ros_harness import wait_until
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.srv import Ask
@@ -33,7 +33,7 @@ def batched_node(node_graph, config_dir):
 @pytest.fixture
 def clients(test_node):
     ask = test_node.node.create_client(Ask, '/ask', qos_profile=SERVICE_QOS)
-    stream = SpinSafeActionClient(test_node.node, AskStream, '/ask_stream', feedback_sub_qos_profile=FEEDBACK_QOS)
+    stream = ask_stream_client(test_node.node, '/ask_stream')
     yield ask, stream
     stream.destroy()
     test_node.node.destroy_client(ask)

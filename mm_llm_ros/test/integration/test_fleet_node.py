@@ -18,7 +18,7 @@ from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
 
 from mm_llm_ros import fleet_policy
-from mm_llm_ros.ros.ask_client import SpinSafeActionClient
+from mm_llm_ros.ros.ask_client import ask_stream_client
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import Embedding, PerceptionContext, SceneDescription
@@ -145,7 +145,7 @@ def test_each_robot_is_answered_from_its_own_data_only(node_graph, test_node, co
         assert answer.success and answer.answer == reference[robot].answer, f'{robot} in company got another answer'
 
     # /robot2/ask_stream streams robot2's answer.
-    stream = SpinSafeActionClient(test_node.node, AskStream, '/robot2/ask_stream')
+    stream = ask_stream_client(test_node.node, '/robot2/ask_stream')
     try:
         test_node.wait_for_action_server(stream)
         goal = test_node.result(stream.send_goal_async(AskStream.Goal(**ASK)))

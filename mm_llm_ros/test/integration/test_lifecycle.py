@@ -10,7 +10,7 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from sensor_msgs.msg import Image
 
 import sample_msgs
-from mm_llm_ros.ros.ask_client import SpinSafeActionClient
+from mm_llm_ros.ros.ask_client import ask_stream_client
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, SENSOR_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import Embedding
@@ -78,7 +78,7 @@ def test_llm_node_pauses_resumes_releases_and_reloads(node_graph, test_node, con
                                        'generation.max_new_tokens_cap': 4000, 'generation.max_batch': max_batch})
     life = Lifecycle(test_node, 'llm_node')
     ask_client = test_node.node.create_client(Ask, '/ask', qos_profile=SERVICE_QOS)
-    stream_client = SpinSafeActionClient(test_node.node, AskStream, '/ask_stream')
+    stream_client = ask_stream_client(test_node.node, '/ask_stream')
     diagnostics = test_node.collect(DiagnosticArray, '/diagnostics')
 
     def ask():

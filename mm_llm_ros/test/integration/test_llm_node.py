@@ -12,7 +12,7 @@ from std_msgs.msg import String
 import sample_msgs
 from mm_llm_ros.node_processes import executable_path
 from mm_llm_ros.core.specs import EMBEDDING_TOPIC
-from mm_llm_ros.ros.ask_client import SpinSafeActionClient
+from mm_llm_ros.ros.ask_client import ask_stream_client
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS, SENSOR_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import Embedding, SceneDescription
@@ -94,7 +94,7 @@ def test_answers_use_fresh_encoder_embeddings_with_their_stamps(node_graph, llm_
 
 def test_stream_feedback_and_cancel(llm_node, test_node):
     llm_node(**{'generation.context_length': 4096})
-    client = SpinSafeActionClient(test_node.node, AskStream, '/ask_stream')
+    client = ask_stream_client(test_node.node, '/ask_stream')
     test_node.wait_for_action_server(client)
     pieces = []
     first = threading.Event()

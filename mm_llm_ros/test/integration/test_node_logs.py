@@ -11,7 +11,7 @@ import pytest
 from action_msgs.msg import GoalStatus
 
 from mm_llm_ros.launch_plan import plan_nodes
-from mm_llm_ros.ros.ask_client import SpinSafeActionClient
+from mm_llm_ros.ros.ask_client import ask_stream_client
 from mm_llm_ros.ros.qos import LATCHED_QOS, SERVICE_QOS
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.msg import PerceptionContext
@@ -52,7 +52,7 @@ def test_a_normal_run_of_the_demo_graph_logs_no_warnings_bars_or_tracebacks(node
     contexts = {kind: test_node.collect(PerceptionContext, f'/mm_llm/context/{kind}', LATCHED_QOS)
                 for kind in ('ocr', 'audio_events', 'geometry')}
     ask = test_node.node.create_client(Ask, '/ask', qos_profile=SERVICE_QOS)
-    stream = SpinSafeActionClient(test_node.node, AskStream, '/ask_stream')
+    stream = ask_stream_client(test_node.node, '/ask_stream')
     try:
         test_node.wait_for_service(ask, timeout_s=START_TIMEOUT_S)
         test_node.wait_for_action_server(stream, timeout_s=START_TIMEOUT_S)

@@ -43,7 +43,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 import hostile_msgs
 from ros_harness import NodeGraph, NodeProcess, services_by_node, wait_until
 from mm_llm_ros.node_processes import executable_path
-from mm_llm_ros.ros.ask_client import SpinSafeActionClient
+from mm_llm_ros.ros.ask_client import ask_stream_client
 from mm_llm_ros.ros.conversions import (audio_to_msg, compressed_image_to_msg, image_to_msg, pointcloud_to_msg,
                                         stamp_to_ns)
 from mm_llm_ros.ros.qos import EMBEDDING_QOS, LATCHED_QOS, SENSOR_QOS, SERVICE_QOS
@@ -326,8 +326,7 @@ def test_hostile_ask_requests_get_a_reason_or_a_bounded_answer(test_node, llm, a
 
 
 def test_hostile_ask_stream_goals_end_in_a_reason_or_a_bounded_answer(test_node, llm, record):
-    client = SpinSafeActionClient(test_node.node, AskStream, '/ask_stream', goal_service_qos_profile=SERVICE_QOS,
-                                  result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS)
+    client = ask_stream_client(test_node.node, '/ask_stream')
     test_node.wait_for_action_server(client, timeout_s=START_TIMEOUT_S)
     rss_before = rss_mb(llm)
     outcomes: collections.Counter = collections.Counter()

@@ -13,7 +13,7 @@ from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
 
 from mm_llm_ros.node_processes import signal_group
-from mm_llm_ros.ros.ask_client import SpinSafeActionClient
+from mm_llm_ros.ros.ask_client import ask_stream_client
 from mm_llm_ros_interfaces.action import AskStream
 from mm_llm_ros_interfaces.srv import Ask
 
@@ -39,7 +39,7 @@ def _start_graph(node_graph, config_dir):
 
 def _generation_in_flight(test_node):
     """Start a long /ask_stream goal and return once its first tokens have streamed back."""
-    client = SpinSafeActionClient(test_node.node, AskStream, '/ask_stream')
+    client = ask_stream_client(test_node.node, '/ask_stream')
     test_node.wait_for_action_server(client)
     streamed = []
     goal = test_node.result(client.send_goal_async(
@@ -107,7 +107,7 @@ def test_requests_in_flight_end_with_the_shutdown_reason(node_graph, config_dir,
     llm.wait_for_log('serving', timeout_s=60)
     diagnostics = test_node.collect(DiagnosticArray, '/diagnostics')
     ask = test_node.node.create_client(Ask, '/ask')
-    stream = SpinSafeActionClient(test_node.node, AskStream, '/ask_stream')
+    stream = ask_stream_client(test_node.node, '/ask_stream')
     try:
         test_node.wait_for_service(ask)
         test_node.wait_for_action_server(stream)
